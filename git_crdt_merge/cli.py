@@ -1,0 +1,358 @@
+"""The ``git crdt`` command line: parse, call the core, render.
+
+Human output and progress go to stderr; ``--json`` output goes to stdout.  Every
+:class:`~git_crdt_merge.errors.CrdtError` becomes one line on stderr and its exit code
+(table in docs/errors.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from . import __version__, contributions, history
+from . import install as installer
+from .errors import CrdtError
+from .repo import Repo
+from .store import DEFAULT_CHUNK_SIZE, ObjectStore
+
+err = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="git-crdt",
+    help="Order-free git merges of fine-tuned models (git-crdt-merge).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes.")]
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fail(exc: CrdtError) -> typer.Exit:
+    err.print(f"git-crdt: error: {exc}", markup=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def handle_errors() -> Iterator[None]:
+    try:
+        yield
+    except CrdtError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("git-crdt: interrupted")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def byte_progress(
+    label: str, enabled: bool
+) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(on_start(total), advance(n)) callbacks drawing a bar with throughput on stderr."""
+    if not enabled or not err.is_terminal:
+        yield (lambda total: None), (lambda n: None)
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+def open_repo() -> Repo:
+    return Repo.open(Path.cwd())
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# -- set-up ------------------------------------------------------------------------------------
+@app.command()
+def init(quiet: QuietOpt = False) -> None:
+    """Set up this repository: .crdt/, the .gitattributes binding, driver and hooks."""
+    with handle_errors():
+        notes = installer.init(Path.cwd())
+    if not quiet:
+        for note in notes:
+            err.print(note, markup=False)
+        err.print("initialised git-crdt in this repository")
+
+
+@app.command()
+def install(
+    global_: Annotated[
+        bool, typer.Option("--global", help="Register the driver for the user.")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Register the merge driver and the hooks in this clone (idempotent)."""
+    with handle_errors():
+        notes = installer.install(Path.cwd(), global_=global_)
+    if not quiet:
+        for note in notes:
+            err.print(note, markup=False)
+        err.print("git-crdt installed")
+
+
+@app.command()
+def uninstall(
+    global_: Annotated[
+        bool, typer.Option("--global", help="Remove the user-level driver.")
+    ] = False,
+) -> None:
+    """Remove the merge driver and our hooks (chained hooks are restored)."""
+    with handle_errors():
+        installer.uninstall(Path.cwd(), global_=global_)
+    err.print("git-crdt uninstalled")
+
+
+@app.command()
+def doctor(json_: JsonOpt = False) -> None:
+    """Report what is missing or broken; exit 1 if anything is."""
+    d = installer.doctor(Path.cwd())
+    if json_:
+        emit_json({"ok": d.ok, "problems": d.problems})
+    else:
+        for line in d.ok:
+            err.print(f"[green]ok[/green]      {line}")
+        for line in d.problems:
+            err.print(f"[red]problem[/red] {line}")
+    if d.problems:
+        raise typer.Exit(1)
+
+
+# -- writing the set ---------------------------------------------------------------------------
+@app.command("add-contribution")
+def add_contribution(
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or a Hugging Face directory.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Display name.")] = None,
+    weight: Annotated[float | None, typer.Option("--weight", "-w", help="Merge weight.")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Largest object in bytes.")] = DEFAULT_CHUNK_SIZE,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store a fine-tuned model as a contribution (staged, like git add)."""
+    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
+        result = contributions.add_contribution(
+            open_repo(),
+            path,
+            name=name,
+            weight=weight,
+            message=message,
+            allow_pickle=allow_pickle,
+            chunk_size=chunk_size,
+            on_start=start,
+            progress=advance,
+        )
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        what = "already present" if result.already_present else "added"
+        err.print(
+            f"{what}: {result.name} {result.id[:12]} ({result.tensors} tensors, "
+            f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
+            markup=False,
+        )
+
+
+@app.command("remove-contribution")
+def remove_contribution(
+    name_or_id: Annotated[str, typer.Argument(help="Contribution name or id prefix.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Remove a contribution (observed-remove: concurrent re-adds survive)."""
+    with handle_errors():
+        cid = contributions.remove_contribution(open_repo(), name_or_id)
+    if json_:
+        emit_json({"removed": cid})
+    else:
+        err.print(f"removed {cid[:12]}")
+
+
+@app.command("set-base")
+def set_base(
+    path: Annotated[Path, typer.Argument(help="The base model (file or directory).")],
+    allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store the base model and record it in the 'base' register."""
+    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
+        result = contributions.set_base(
+            open_repo(), path, allow_pickle=allow_pickle, on_start=start, progress=advance
+        )
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
+
+
+@app.command()
+def strategy(
+    name: Annotated[str, typer.Argument(help="Strategy name (see 'git crdt strategies').")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE")] = None,
+) -> None:
+    """Choose the merge strategy and its parameters (a replicated register)."""
+    with handle_errors():
+        params = dict(contributions.parse_param(p) for p in (param or []))
+        value = validate_strategy(name, params)
+        contributions.set_register(open_repo(), "strategy", value)
+    err.print(f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}")
+
+
+def validate_strategy(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Hook for the strategy registry; returns the register value."""
+    return {"name": name, "params": params}
+
+
+@app.command()
+def output(
+    path: Annotated[str, typer.Argument(help="Work-tree folder for the merged model.")],
+) -> None:
+    """Set where the merged model is written (a replicated register; default 'merged')."""
+    with handle_errors():
+        contributions.set_register(open_repo(), "output", path)
+    err.print(f"output set to {path}")
+
+
+# -- reading the set ---------------------------------------------------------------------------
+def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
+    manifest = repo.read_manifest()
+    store = ObjectStore(repo.root)
+    rows = []
+    for cid, name in manifest.visible_contributions():
+        try:
+            desc = contributions.load_descriptor(store, cid)
+            tensors = len(desc["tensors"])
+            size: int | None = sum(t["bytes"] for t in desc["tensors"].values())
+            weight = desc.get("weight", 1.0)
+        except CrdtError:
+            tensors, size, weight = 0, None, None
+        rows.append({"name": name, "id": cid, "weight": weight, "tensors": tensors, "bytes": size})
+    return rows
+
+
+@app.command("list")
+def list_(json_: JsonOpt = False) -> None:
+    """The visible contributions, in canonical order."""
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        rows = contribution_rows(repo)
+    if json_:
+        emit_json(rows)
+        return
+    table = Table("name", "id", "weight", "tensors", "size")
+    for r in rows:
+        size = "missing" if r["bytes"] is None else human_bytes(r["bytes"])
+        table.add_row(r["name"], r["id"][:12], str(r["weight"]), str(r["tensors"]), size)
+    err.print(table)
+
+
+@app.command()
+def status(json_: JsonOpt = False) -> None:
+    """Merkle root, strategy, base, output and the visible contributions."""
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        m = repo.read_manifest()
+        data: dict[str, Any] = {
+            "merkle_root": m.merkle_root(),
+            "strategy": m.strategy(),
+            "base": m.base(),
+            "output": m.output(),
+            "contributions": [{"name": n, "id": i} for i, n in m.visible_contributions()],
+            "records": len(m.records),
+        }
+    if json_:
+        emit_json(data)
+        return
+    err.print(f"merkle root  {data['merkle_root']}")
+    err.print(
+        f"strategy     {m.strategy()['name']} {json.dumps(m.strategy()['params'], sort_keys=True)}",
+        markup=False,
+    )
+    err.print(f"base         {data['base'] or '(none)'}")
+    err.print(f"output       {data['output']}/", markup=False)
+    table = Table("name", "id", title=f"{len(data['contributions'])} contributions")
+    for c in data["contributions"]:
+        table.add_row(c["name"], c["id"][:12])
+    err.print(table)
+
+
+@app.command()
+def log(
+    rev: Annotated[str, typer.Argument(help="Revision to start from.")] = "HEAD",
+    json_: JsonOpt = False,
+) -> None:
+    """Every manifest record with the commit that introduced it."""
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        entries = history.record_log(repo, rev)
+    if json_:
+        emit_json([e.as_dict() for e in entries])
+        return
+    table = Table("commit", "op", "record")
+    for e in entries:
+        rec = json.loads(e.line)
+        op = rec.pop("op")
+        table.add_row((e.commit or "-")[:10], op, json.dumps(rec, sort_keys=True))
+    err.print(table)
+
+
+@app.command("merge-driver", context_settings={"ignore_unknown_options": True})
+def merge_driver(args: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+    """The git merge driver (%O %A %B %L %P); git calls it, you need not."""
+    from .driver import main as driver_main
+
+    raise typer.Exit(driver_main(args or []))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    sys.stdout.write(f"git-crdt-merge {__version__}\n")
+
+
+def run() -> None:
+    if os.environ.get("NO_COLOR"):
+        err.no_color = True
+    app()

@@ -1,0 +1,253 @@
+"""Writing the replicated state: add and remove contributions, set registers.
+
+Every writer takes the repository lock, writes and stages the objects first, and only then
+writes the manifest (atomically) and stages it, so a crash never leaves a manifest that
+references an object that was not written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import FORMAT_VERSION, formats
+from .errors import InputError, ManifestError, NotFoundError
+from .manifest import (
+    Manifest,
+    add_record,
+    canonical_json,
+    check_name,
+    remove_record,
+    set_record,
+)
+from .repo import Repo, new_tag
+from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class IngestResult:
+    id: str
+    name: str
+    tensors: int
+    bytes: int
+    new_bytes: int
+    new_objects: int
+    already_present: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def build_descriptor(
+    store: ObjectStore,
+    source: formats.ModelSource,
+    *,
+    weight: float | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> tuple[bytes, int, int]:
+    """Store every tensor and auxiliary file of ``source``; return (descriptor bytes,
+    total tensor bytes, bytes newly written)."""
+    tensors: dict[str, Any] = {}
+    total = 0
+    new = [0]
+
+    def on_chunk(n: int, is_new: bool) -> None:
+        if is_new:
+            new[0] += n
+        if progress is not None:
+            progress(n)
+
+    metadata: dict[str, str] = {}
+    # All chunks of all tensors go to the store at once, so hashing and writing run in
+    # parallel across tensors, not only within one.
+    all_tensors = list(formats.iter_tensors(source))
+    spans: list[tuple[int, int]] = []
+    chunks: list[memoryview] = []
+    for tensor in all_tensors:
+        pieces = split_chunks(tensor.data, chunk_size)
+        spans.append((len(chunks), len(chunks) + len(pieces)))
+        chunks.extend(pieces)
+    ids = store.put_chunks(chunks, on_chunk)
+    for tensor, (lo, hi) in zip(all_tensors, spans, strict=True):
+        tensors[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": tensor.shape,
+            "chunks": ids[lo:hi],
+            "bytes": len(tensor.data),
+        }
+        total += len(tensor.data)
+    if not source.pickled:
+        for f in source.files:
+            metadata.update(formats.file_metadata(f))
+    files = {name: store.put(path.read_bytes()) for name, path in sorted(source.aux.items())}
+    desc: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "kind": source.kind,
+        "tensors": tensors,
+        "files": files,
+        "metadata": metadata,
+    }
+    if weight is not None:
+        desc["weight"] = weight
+    return canonical_json(desc).encode(), total, new[0]
+
+
+def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
+    data = store.get(contribution_id)
+    try:
+        desc = json.loads(data)
+    except ValueError:
+        raise ManifestError(f"descriptor {contribution_id[:16]} is not JSON") from None
+    if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
+        raise ManifestError(f"descriptor {contribution_id[:16]} has no tensor table")
+    return desc
+
+
+def _check_weight(weight: float | None) -> None:
+    if weight is not None and not math.isfinite(weight):
+        raise InputError(f"--weight must be a finite number, got {weight}")
+
+
+def default_name(path: Path) -> str:
+    name = path.name if path.is_dir() else path.stem
+    return name or "model"
+
+
+def add_contribution(
+    repo: Repo,
+    path: Path,
+    *,
+    name: str | None = None,
+    weight: float | None = None,
+    message: str | None = None,
+    allow_pickle: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    on_start: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Store the model at ``path`` and record it in the manifest (both staged)."""
+    repo.require_initialized()
+    _check_weight(weight)
+    source = formats.discover(path, allow_pickle=allow_pickle)
+    name = name if name is not None else default_name(path)
+    try:
+        check_name(name, "contribution name")
+    except ManifestError as exc:
+        raise InputError(str(exc)) from None
+    if message is not None and len(message) > 4096:
+        raise InputError("--message is longer than 4096 characters")
+    with repo.lock():
+        manifest = repo.read_manifest()
+        store = ObjectStore(repo.root)
+        if on_start is not None:
+            on_start(source.total_bytes())
+        desc, total, new_bytes = build_descriptor(
+            store, source, weight=weight, chunk_size=chunk_size, progress=progress
+        )
+        cid = store.put(desc)
+        visible = manifest.visible_contributions()
+        for other_id, other_name in visible:
+            if other_name == name and other_id != cid:
+                store.flush()
+                raise InputError(
+                    f"name {name!r} is already used by contribution {other_id[:12]}; remove it "
+                    "first or pass --name"
+                )
+        n_tensors = len(json.loads(desc)["tensors"])
+        new_objects = store.flush()
+        if any(other_id == cid for other_id, _ in visible):
+            return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
+        manifest = manifest.with_records([add_record(new_tag(), cid, name, message)])
+        repo.write_manifest(manifest)
+    return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
+
+
+def find_contribution(manifest: Manifest, name_or_id: str) -> str:
+    """The visible contribution named ``name_or_id``, or whose id starts with it (>= 8 hex)."""
+    visible = manifest.visible_contributions()
+    by_name = [cid for cid, name in visible if name == name_or_id]
+    if len(by_name) == 1:
+        return by_name[0]
+    if len(by_name) > 1:
+        ids = ", ".join(c[:12] for c in by_name)
+        raise InputError(f"{name_or_id!r} names several contributions ({ids}); pass an id")
+    if len(name_or_id) >= 8:
+        by_id = [cid for cid, _ in visible if cid.startswith(name_or_id)]
+        if len(by_id) == 1:
+            return by_id[0]
+        if len(by_id) > 1:
+            raise InputError(f"id prefix {name_or_id!r} is ambiguous")
+    raise NotFoundError(f"no visible contribution named {name_or_id!r} (see 'git crdt list')")
+
+
+def remove_contribution(repo: Repo, name_or_id: str) -> str:
+    """Record a remove that observes every live add tag of the contribution."""
+    repo.require_initialized()
+    with repo.lock():
+        manifest = repo.read_manifest()
+        cid = find_contribution(manifest, name_or_id)
+        tags = [r.tag for r in manifest.visible_adds() if r.fields["id"] == cid]
+        manifest = manifest.with_records([remove_record(new_tag(), tags)])
+        repo.write_manifest(manifest)
+    return cid
+
+
+def set_register(repo: Repo, key: str, value: Any) -> None:
+    """A last-writer-wins write: clock = 1 + the greatest clock this replica has seen."""
+    repo.require_initialized()
+    replica = repo.replica_id()
+    with repo.lock():
+        manifest = repo.read_manifest()
+        rec = set_record(key, value, manifest.max_clock() + 1, replica)
+        repo.write_manifest(manifest.with_records([rec]))
+
+
+def set_base(
+    repo: Repo,
+    path: Path,
+    *,
+    allow_pickle: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    on_start: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
+) -> IngestResult:
+    """Store the base model and point the ``base`` register at its descriptor."""
+    repo.require_initialized()
+    source = formats.discover(path, allow_pickle=allow_pickle)
+    with repo.lock():
+        store = ObjectStore(repo.root)
+        if on_start is not None:
+            on_start(source.total_bytes())
+        desc, total, new_bytes = build_descriptor(
+            store, source, weight=None, chunk_size=chunk_size, progress=progress
+        )
+        cid = store.put(desc)
+        new_objects = store.flush()
+    set_register(repo, "base", cid)
+    n_tensors = len(json.loads(desc)["tensors"])
+    return IngestResult(cid, default_name(path), n_tensors, total, new_bytes, new_objects)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is read as JSON when it parses (numbers, booleans, lists, objects),
+    else kept as a string."""
+    if "=" not in text:
+        raise InputError(f"--param {text!r} must be KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise InputError(f"--param {text!r} has an empty key")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"--param {key} must be finite")
+    return key, value

@@ -1,0 +1,67 @@
+"""The one error hierarchy of the package.
+
+Core modules raise these; ``cli`` and ``driver`` turn them into a one-line message on stderr and
+the exit code below.  The table in ``docs/errors.md`` lists the same codes.
+"""
+
+from __future__ import annotations
+
+
+class CrdtError(Exception):
+    """Base class: a failure the user can act on.  ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(CrdtError):
+    """Wrong arguments or options."""
+
+    exit_code = 2
+
+
+class NotARepositoryError(CrdtError):
+    """Not inside a git work tree, or the repository has no ``.crdt/`` (run ``git crdt init``)."""
+
+    exit_code = 3
+
+
+class InputError(CrdtError):
+    """A model file, directory, name or value that cannot be accepted."""
+
+    exit_code = 4
+
+
+class ManifestError(CrdtError):
+    """The manifest is malformed, non-canonical or inconsistent."""
+
+    exit_code = 5
+
+
+class StoreError(CrdtError):
+    """An object is missing, truncated or does not match its hash."""
+
+    exit_code = 6
+
+
+class LockError(CrdtError):
+    """Another git-crdt process holds the repository lock."""
+
+    exit_code = 7
+
+
+class NotFoundError(CrdtError):
+    """A named contribution, revision or strategy does not exist."""
+
+    exit_code = 8
+
+
+class ResolveError(CrdtError):
+    """The merged model cannot be computed (strategy contract, parameters, incompatible inputs)."""
+
+    exit_code = 9
+
+
+class GitError(CrdtError):
+    """A git command failed."""
+
+    exit_code = 10

@@ -1,0 +1,280 @@
+"""Reading model files: safetensors files, Hugging Face directories, LoRA adapters, and
+(only on request) pickled checkpoints.
+
+Safetensors files are read without torch: the JSON header gives each tensor's byte range,
+and the bytes are taken from a memory map, so ingest never converts or copies a tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSOR_NAME = 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Files of a Hugging Face directory that travel with the weights (config, tokenizer).
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "adapter_config.json",
+    "chat_template.jinja",
+)
+MAX_AUX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class TensorData:
+    name: str
+    dtype: str
+    shape: list[int]
+    data: memoryview  # raw little-endian bytes
+
+
+@dataclass
+class ModelSource:
+    """What ``add-contribution`` reads: tensor files plus auxiliary files."""
+
+    path: Path
+    kind: str  # "full" | "lora"
+    files: list[Path]
+    aux: dict[str, Path] = field(default_factory=dict)
+    pickled: bool = False
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def check_tensor_name(name: str) -> None:
+    if not name or len(name) > MAX_TENSOR_NAME:
+        raise InputError(f"tensor name of length {len(name)} (1 to {MAX_TENSOR_NAME} allowed)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError(f"tensor name {name!r} contains a control character")
+    if "/" in name or "\\" in name or ".." in name:
+        raise InputError(f"tensor name {name!r} contains a path separator or '..'")
+
+
+def _no_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise InputError(f"{path}: is a symbolic link; pass the file it points to")
+
+
+def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
+    """Find the weight files of PATH (a file or a Hugging Face / PEFT directory)."""
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: no such file or directory")
+    _no_symlink(path)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            if not allow_pickle:
+                raise InputError(
+                    f"{path}: pickled checkpoints can run code when loaded; convert it to "
+                    "safetensors or pass --allow-pickle (loads with weights_only=True)"
+                )
+            return ModelSource(path, "full", [path], pickled=True)
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: not a .safetensors file or model directory")
+        return ModelSource(path, "full", [path])
+    if not path.is_dir():
+        raise InputError(f"{path}: not a regular file or directory")
+    aux = {}
+    for name in AUX_FILES:
+        f = path / name
+        if f.is_file() and not f.is_symlink():
+            if f.stat().st_size > MAX_AUX_BYTES:
+                raise InputError(f"{f}: larger than {MAX_AUX_BYTES} bytes")
+            aux[name] = f
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        _no_symlink(index)
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"{index}: not a valid safetensors index (no weight_map)") from None
+        files = []
+        for shard in shards:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or ".." in shard:
+                raise InputError(f"{index}: shard name {shard!r} is not a plain file name")
+            f = path / shard
+            if not f.is_file():
+                raise InputError(f"{index}: shard {shard} is missing")
+            _no_symlink(f)
+            files.append(f)
+        return ModelSource(path, "full", files, aux)
+    for name, kind in (("model.safetensors", "full"), ("adapter_model.safetensors", "lora")):
+        f = path / name
+        if f.is_file():
+            _no_symlink(f)
+            return ModelSource(path, kind, [f], aux)
+    pickles = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES and p.is_file()]
+    if pickles:
+        if not allow_pickle:
+            raise InputError(
+                f"{path}: holds only pickled weights ({pickles[0].name}); convert to safetensors "
+                "or pass --allow-pickle (loads with weights_only=True)"
+            )
+        return ModelSource(path, "full", pickles, aux, pickled=True)
+    raise InputError(
+        f"{path}: no model.safetensors, model.safetensors.index.json or adapter_model.safetensors"
+    )
+
+
+def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], int]:
+    """Validate a safetensors header; return (header, offset of the data section)."""
+    size = len(buf)
+    if size < 8:
+        raise InputError(f"{path}: too short to be a safetensors file")
+    (hlen,) = struct.unpack("<Q", buf[:8])
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        raise InputError(f"{path}: not a safetensors file (header length {hlen} is invalid)")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise InputError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file (header is not an object)")
+    start = 8 + hlen
+    data_len = size - start
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in info.items()
+            ):
+                raise InputError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        check_tensor_name(name)
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in DTYPE_SIZES:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InputError(f"{path}: tensor {name!r} has an invalid shape")
+        n = 1
+        for d in shape:
+            n *= d
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= data_len):
+            raise InputError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
+        if hi - lo != n * DTYPE_SIZES[dtype]:
+            raise InputError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {shape}")
+        spans.append((lo, hi))
+    spans.sort()
+    pos = 0
+    for lo, hi in spans:
+        if lo != pos:
+            raise InputError(f"{path}: tensor data overlaps or leaves gaps")
+        pos = hi
+    if pos != data_len:
+        raise InputError(f"{path}: {data_len - pos} trailing bytes after the tensor data")
+    return header, start
+
+
+def iter_safetensors(path: Path) -> Iterator[TensorData]:
+    """Yield the tensors of one file as memory-mapped byte views, in file order."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size == 0:
+            raise InputError(f"{path}: empty file")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    header, start = parse_header(mm, path)
+    view = memoryview(mm)
+    items = sorted(
+        ((k, v) for k, v in header.items() if k != "__metadata__"),
+        key=lambda kv: kv[1]["data_offsets"][0],
+    )
+    for name, info in items:
+        lo, hi = info["data_offsets"]
+        yield TensorData(name, info["dtype"], list(info["shape"]), view[start + lo : start + hi])
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return {}
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > MAX_HEADER_BYTES:
+            return {}
+        try:
+            meta = json.loads(fh.read(hlen)).get("__metadata__", {})
+        except (ValueError, AttributeError):
+            return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def iter_pickled(path: Path) -> Iterator[TensorData]:
+    """Load a pickled state dict with ``weights_only=True`` (no arbitrary code)."""
+    import torch
+
+    from .tensorio import TORCH_TO_NAME
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or hostile pickle
+        msg = f"{path}: cannot load with weights_only=True: {exc}".splitlines()[0]
+        raise InputError(msg) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise InputError(f"{path}: does not hold a state dict of tensors")
+    for name, t in sorted(obj.items()):
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise InputError(f"{path}: entry {name!r} is not a tensor")
+        check_tensor_name(name)
+        t = t.detach().contiguous()
+        if t.dtype not in TORCH_TO_NAME:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        yield TensorData(name, TORCH_TO_NAME[t.dtype], list(t.shape), memoryview(raw))
+
+
+def iter_tensors(source: ModelSource) -> Iterator[TensorData]:
+    """All tensors of a model source; a name appearing twice is an error."""
+    seen: set[str] = set()
+    for f in source.files:
+        it = iter_pickled(f) if source.pickled else iter_safetensors(f)
+        for t in it:
+            if t.name in seen:
+                raise InputError(f"{source.path}: tensor {t.name!r} appears in two files")
+            seen.add(t.name)
+            yield t
+    if not seen:
+        raise InputError(f"{source.path}: holds no tensors")

@@ -1,0 +1,284 @@
+"""Every interaction with git: the ``git`` command, pygit2 reads, and direct loose-object writes.
+
+Tensor data is written as loose objects by this module itself (``blob <size>\\0`` + data,
+SHA-1 named, zlib *stored* blocks, atomic rename): git and libgit2 read them like any other
+object, and it runs near disk speed where ``git add`` or libgit2 deflate at 16-33 MB/s
+(measurements in ../docs/performance.md).  No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import GitError, NotARepositoryError
+
+
+def run(
+    args: Sequence[str],
+    cwd: Path | str,
+    *,
+    input: bytes | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``git ARGS`` in ``cwd``; raise GitError with git's first stderr line on failure."""
+    proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env=env)
+    if check and proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        first = msg[0] if msg else f"exit {proc.returncode}"
+        raise GitError(f"git {args[0]} failed: {first}")
+    return proc
+
+
+def out(args: Sequence[str], cwd: Path | str, **kw: object) -> str:
+    return run(args, cwd, **kw).stdout.decode().strip()  # type: ignore[arg-type]
+
+
+def toplevel(cwd: Path | str = ".") -> Path:
+    """The work tree root containing ``cwd``."""
+    proc = run(["rev-parse", "--show-toplevel"], cwd, check=False)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise NotARepositoryError(f"{Path(cwd).resolve()} is not inside a git work tree")
+    return Path(proc.stdout.decode().strip())
+
+
+def git_dir(root: Path) -> Path:
+    return Path(out(["rev-parse", "--absolute-git-dir"], root))
+
+
+def common_dir(root: Path) -> Path:
+    """The directory holding objects and shared config (differs from git_dir in worktrees)."""
+    path = Path(out(["rev-parse", "--git-common-dir"], root))
+    return path if path.is_absolute() else (root / path).resolve()
+
+
+def hooks_dir(root: Path) -> Path:
+    """Where git looks for hooks, honouring ``core.hooksPath``."""
+    path = Path(out(["rev-parse", "--git-path", "hooks"], root))
+    return path if path.is_absolute() else (root / path).resolve()
+
+
+def config_get(root: Path | str, key: str, *, scope: str | None = None) -> str | None:
+    args = ["config"] + ([f"--{scope}"] if scope else []) + ["--get", key]
+    proc = run(args, root, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def config_set(root: Path | str, key: str, value: str, *, scope: str = "local") -> None:
+    run(["config", f"--{scope}", key, value], root)
+
+
+def config_unset(root: Path | str, key: str, *, scope: str = "local") -> None:
+    run(["config", f"--{scope}", "--unset-all", key], root, check=False)
+
+
+def config_remove_section(root: Path | str, section: str, *, scope: str = "local") -> None:
+    run(["config", f"--{scope}", "--remove-section", section], root, check=False)
+
+
+# -- objects ---------------------------------------------------------------------------------
+def _loose_path(objects_dir: Path, sha: str) -> Path:
+    return objects_dir / sha[:2] / sha[2:]
+
+
+def object_exists(objects_dir: Path, sha: str) -> bool:
+    return _loose_path(objects_dir, sha).exists()
+
+
+def blob_sha1(data: bytes | memoryview) -> str:
+    h = hashlib.sha1(b"blob %d\x00" % len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+try:  # ISA-L's adler32 runs at ~14 GB/s where zlib's runs at ~4 GB/s
+    from isal.isal_zlib import adler32 as _adler32
+except ImportError:  # pragma: no cover - isal has wheels for the common platforms
+    from zlib import adler32 as _adler32
+
+_STORED_MAX = 0xFFFF
+_FULL_BLOCK = b"\x00" + struct.pack("<HH", _STORED_MAX, _STORED_MAX ^ 0xFFFF)
+_IOV_BATCH = 1000
+
+
+def _stored_zlib_pieces(header: bytes, data: memoryview) -> list[bytes | memoryview]:
+    """A zlib stream of ``header + data`` made of stored (uncompressed) deflate blocks.
+
+    This is what ``zlib.compress(level=0)`` produces, built around views of ``data`` so
+    the tensor bytes are never copied in user space (zlib's own level 0 copies them through
+    its window at ~1 GB/s).
+    """
+    pieces: list[bytes | memoryview] = [b"\x78\x01"]
+    total = len(header) + len(data)
+    first = min(_STORED_MAX - len(header), len(data))
+    payload0 = header + bytes(data[:first])
+    pos = first
+    blocks: list[bytes | memoryview] = [payload0]
+    while pos < len(data):
+        blocks.append(data[pos : pos + _STORED_MAX])
+        pos += _STORED_MAX
+    for i, block in enumerate(blocks):
+        final = i == len(blocks) - 1
+        if not final and len(block) == _STORED_MAX:
+            pieces.append(_FULL_BLOCK)
+        else:
+            n = len(block)
+            pieces.append(bytes([1 if final else 0]) + struct.pack("<HH", n, n ^ 0xFFFF))
+        pieces.append(block)
+    checksum = _adler32(data, _adler32(header)) if total else _adler32(header)
+    pieces.append(struct.pack(">I", checksum & 0xFFFFFFFF))
+    return pieces
+
+
+def write_loose_blob(objects_dir: Path, data: bytes | memoryview, sha: str | None = None) -> str:
+    """Write ``data`` as a loose blob with stored (level 0) zlib blocks; return its SHA-1.
+
+    The object is written to a temporary file in the fan-out directory and renamed into
+    place, so a crash leaves either nothing or a complete object.  An existing object is kept.
+    """
+    view = memoryview(data).cast("B")
+    if sha is None:
+        sha = blob_sha1(view)
+    path = _loose_path(objects_dir, sha)
+    if path.exists():
+        return sha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pieces = _stored_zlib_pieces(b"blob %d\x00" % len(view), view)
+    fd, tmp = tempfile.mkstemp(prefix="tmp_obj_", dir=path.parent)
+    try:
+        for i in range(0, len(pieces), _IOV_BATCH):
+            batch = pieces[i : i + _IOV_BATCH]
+            want = sum(len(p) for p in batch)
+            done = os.writev(fd, batch)
+            if done != want:  # short write: finish this batch piece by piece
+                rest = b"".join(bytes(p) for p in batch)[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha
+
+
+def read_loose_blob(objects_dir: Path, sha: str) -> bytes | None:
+    """Read a loose blob directly (fast for stored blocks); None if it is not loose."""
+    try:
+        raw = _loose_path(objects_dir, sha).read_bytes()
+    except FileNotFoundError:
+        return None
+    data = zlib.decompress(raw)
+    nul = data.index(b"\x00")
+    return data[nul + 1 :]
+
+
+class BlobReader:
+    """Reads blobs by SHA-1: loose objects directly, packed ones through pygit2."""
+
+    def __init__(self, root: Path) -> None:
+        self.objects_dir = common_dir(root) / "objects"
+        self._repo: object | None = None
+        self.root = root
+
+    def read(self, sha: str) -> bytes:
+        data = read_loose_blob(self.objects_dir, sha)
+        if data is not None:
+            return data
+        if self._repo is None:
+            import pygit2
+
+            self._repo = pygit2.Repository(str(self.root))
+        try:
+            return bytes(self._repo[sha].data)  # type: ignore[index]
+        except (KeyError, ValueError):
+            raise GitError(f"git object {sha} is missing") from None
+
+
+# -- index -----------------------------------------------------------------------------------
+def index_entries(root: Path, prefix: str) -> dict[str, str]:
+    """path -> blob SHA-1 of the stage-0 index entries under ``prefix``."""
+    text = run(["ls-files", "-s", "-z", "--", prefix], root).stdout.decode()
+    entries: dict[str, str] = {}
+    for item in text.split("\0"):
+        if not item:
+            continue
+        meta, path = item.split("\t", 1)
+        _mode, sha, stage = meta.split()
+        if stage == "0":
+            entries[path] = sha
+    return entries
+
+
+def stage_blobs(root: Path, entries: Iterable[tuple[str, str]], *, skip_worktree: bool) -> None:
+    """Add (path, sha) blobs to the index without touching the work tree."""
+    entries = list(entries)
+    if not entries:
+        return
+    info = "".join(f"100644 {sha}\t{path}\n" for path, sha in entries)
+    run(["update-index", "--add", "--index-info"], root, input=info.encode())
+    if skip_worktree:
+        paths = "".join(f"{path}\n" for path, _ in entries)
+        run(["update-index", "--skip-worktree", "--stdin"], root, input=paths.encode())
+
+
+def stage_file(root: Path, path: str) -> None:
+    run(["add", "--", path], root)
+
+
+def tree_entries(root: Path, rev: str, prefix: str) -> dict[str, str]:
+    """path -> SHA-1 of the blobs under ``prefix`` in revision ``rev``."""
+    text = run(["ls-tree", "-r", "-z", rev, "--", prefix], root).stdout.decode()
+    entries: dict[str, str] = {}
+    for item in text.split("\0"):
+        if item:
+            meta, path = item.split("\t", 1)
+            entries[path] = meta.split()[2]
+    return entries
+
+
+def show_blob(root: Path, spec: str) -> bytes | None:
+    """Contents of ``REV:PATH`` or ``:PATH`` (index), or None if it does not exist."""
+    proc = run(["cat-file", "blob", spec], root, check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def manifest_history(
+    root: Path, path: str, rev: str = "HEAD"
+) -> list[tuple[str, str, list[str], bytes | None]]:
+    """(commit, subject, parent commits, manifest bytes or None) for every commit reachable
+    from ``rev``, parents before children."""
+    import pygit2
+
+    repo = pygit2.Repository(str(root))
+    try:
+        head = repo.revparse_single(rev).peel(pygit2.Commit)
+    except (KeyError, ValueError):
+        return []
+    walker = repo.walk(head.id, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
+    out: list[tuple[str, str, list[str], bytes | None]] = []
+    for commit in walker:
+        try:
+            data: bytes | None = bytes(commit.tree[path].data)  # type: ignore[union-attr]
+        except KeyError:
+            data = None
+        out.append(
+            (
+                str(commit.id),
+                commit.message.splitlines()[0] if commit.message else "",
+                [str(p) for p in commit.parent_ids],
+                data,
+            )
+        )
+    return out

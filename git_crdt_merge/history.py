@@ -1,0 +1,56 @@
+"""``git crdt log``: every record with the commit that introduced it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import gitops
+from .manifest import MANIFEST_PATH
+from .repo import Repo
+
+
+@dataclass
+class LogEntry:
+    commit: str | None  # None: staged or in the work tree, not committed yet
+    subject: str
+    line: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"commit": self.commit, "subject": self.subject, "record": self.line}
+
+
+def _lines(data: bytes | None) -> set[str]:
+    if not data:
+        return set()
+    return set(data.decode("utf-8", errors="replace").splitlines())
+
+
+def record_log(repo: Repo, rev: str = "HEAD") -> list[LogEntry]:
+    """Records in the order their introducing commits were made (parents first)."""
+    history = gitops.manifest_history(repo.root, MANIFEST_PATH, rev)
+    by_commit: dict[str, set[str]] = {}
+    entries: list[LogEntry] = []
+    for commit, subject, parents, data in history:
+        lines = _lines(data)
+        by_commit[commit] = lines
+        inherited: set[str] = set()
+        for p in parents:
+            inherited |= by_commit.get(p, set())
+        for line in sorted(lines - inherited):
+            entries.append(LogEntry(commit, subject, line))
+    committed = set().union(*by_commit.values()) if by_commit else set()
+    try:
+        current = set(repo.read_manifest().records)
+    except Exception:
+        current = set()
+    for line in sorted(current - committed):
+        entries.append(LogEntry(None, "(not committed)", line))
+    # Keep only records still present: the manifest is grow-only, so a line disappears only
+    # when a branch is rewritten; the first commit that has it is the one shown.
+    seen: set[str] = set()
+    unique = []
+    for e in entries:
+        if e.line not in seen:
+            seen.add(e.line)
+            unique.append(e)
+    return unique

@@ -1,0 +1,1 @@
+"""Hook scripts that `git crdt install` places in a clone (package data)."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: real git in temporary repositories, never the user's global config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(autouse=True)
+def isolated_git(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Point git at an empty global config and put this venv's ``git-crdt`` on PATH."""
+    home = tmp_path_factory.mktemp("home")
+    gconf = home / ".gitconfig"
+    gconf.write_text(
+        "[user]\n\tname = Test User\n\temail = test@example.com\n"
+        "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n"
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gconf))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+    monkeypatch.setenv("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.delenv("GIT_DIR", raising=False)
+    monkeypatch.delenv("GIT_WORK_TREE", raising=False)
+    yield
+
+
+def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"git {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def crdt(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``git crdt ARGS`` exactly as a user would."""
+    proc = subprocess.run(["git", "crdt", *args], cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"git crdt {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def make_model(
+    path: Path,
+    seed: int,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    dtype: str = "float32",
+    shared: dict[str, object] | None = None,
+) -> Path:
+    """Write a small safetensors model with deterministic values (independent of torch RNG)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = shapes or {"layer.0.weight": (8, 16), "layer.0.bias": (8,), "head.weight": (4, 8)}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        arr = rng.standard_normal(shape).astype(np.float32)
+        tensors[name] = torch.from_numpy(arr).to(getattr(torch, dtype))
+    for name, value in (shared or {}).items():
+        tensors[name] = value  # type: ignore[assignment]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def new_repo(path: Path, *, init_crdt: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q")
+    if init_crdt:
+        crdt(path, "init", "-q")
+        git(path, "commit", "-q", "-m", "init crdt")
+    return path
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return new_repo(tmp_path / "repo")
