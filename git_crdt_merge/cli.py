@@ -27,9 +27,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__, contributions, history
+from . import __version__, contributions, gitops, history
 from . import install as installer
-from .errors import CrdtError
+from .errors import CrdtError, UsageError
 from .repo import Repo
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore
 
@@ -229,17 +229,108 @@ def strategy(
     name: Annotated[str, typer.Argument(help="Strategy name (see 'git crdt strategies').")],
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE")] = None,
 ) -> None:
-    """Choose the merge strategy and its parameters (a replicated register)."""
+    """Choose the merge strategy and its parameters (a replicated register).
+
+    A per-contribution parameter takes one value for all (density=0.5) or a JSON object by
+    contribution name or id (density='{"math": 0.3, "code": 0.7}')."""
     with handle_errors():
+        from .strategies import registry
+
+        repo = open_repo()
+        repo.require_initialized()
         params = dict(contributions.parse_param(p) for p in (param or []))
-        value = validate_strategy(name, params)
-        contributions.set_register(open_repo(), "strategy", value)
-    err.print(f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}")
+        found = registry.get_strategy(name)
+        manifest = repo.read_manifest()
+        registry.resolve_params(found, params, manifest.visible_contributions())
+        value = {"name": found.name, "params": params}
+        contributions.set_register(repo, "strategy", value)
+    err.print(
+        f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}",
+        markup=False,
+    )
 
 
-def validate_strategy(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Hook for the strategy registry; returns the register value."""
-    return {"name": name, "params": params}
+@app.command()
+def strategies(json_: JsonOpt = False) -> None:
+    """The registered merge strategies, their parameters and input contracts."""
+    from .strategies import registry
+
+    rows = []
+    for st in registry.all_strategies():
+        rows.append(
+            {
+                "name": st.name,
+                "aliases": list(st.aliases),
+                "base": st.base,
+                "min_inputs": st.min_inputs,
+                "max_inputs": st.max_inputs,
+                "stochastic": st.stochastic,
+                "summary": st.summary,
+                "params": [
+                    {
+                        "name": p.name,
+                        "type": p.type.__name__,
+                        "default": None if p.default is registry.REQUIRED else p.default,
+                        "required": p.default is registry.REQUIRED,
+                        "per_contribution": p.per_contribution,
+                        "help": p.help,
+                    }
+                    for p in st.params
+                ],
+            }
+        )
+    if json_:
+        emit_json(rows)
+        return
+    table = Table("name", "base", "inputs", "parameters (default)", "summary")
+    for r in rows:
+        inputs = f"{r['min_inputs']}..{r['max_inputs'] or 'n'}"
+        params = ", ".join(
+            f"{p['name']}{'*' if p['per_contribution'] else ''}"
+            f"={'REQUIRED' if p['required'] else p['default']}"
+            for p in r["params"]
+        )
+        names = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        table.add_row(names, r["base"], inputs, params, r["summary"])
+    err.print(table)
+    err.print("* per-contribution parameter", markup=False)
+
+
+@app.command()
+def resolve(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder (default: the register).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    compute_dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    max_shard_size: Annotated[int, typer.Option(help="Largest output shard in bytes.")] = 5
+    * 1000**3,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute the merged model of the visible set (a no-op on a cache hit)."""
+    from .resolve import resolve as do_resolve
+
+    if device not in ("cpu", "cuda"):
+        raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
+    with handle_errors(), byte_progress("resolve", not (json_ or quiet)) as (start, advance):
+        outcome = do_resolve(
+            open_repo(),
+            output=output,
+            device=device,
+            compute_dtype=compute_dtype,
+            max_shard=max_shard_size,
+            on_start=start,
+            progress=advance,
+        )
+    if json_:
+        emit_json(outcome.as_dict())
+    elif not quiet:
+        if outcome.empty:
+            err.print("no visible contributions: nothing to resolve")
+        else:
+            how = "cache hit" if outcome.cache_hit else "computed"
+            err.print(f"merged model ({how}, root {outcome.root[:12]}) in {outcome.output}")
 
 
 @app.command()
@@ -336,6 +427,57 @@ def log(
         op = rec.pop("op")
         table.add_row((e.commit or "-")[:10], op, json.dumps(rec, sort_keys=True))
     err.print(table)
+
+
+@app.command()
+def repair(
+    drop_invalid: Annotated[
+        bool, typer.Option(help="Set unparseable lines aside in .git/crdt/ instead of failing.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would be written.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
+    sides, as the merge driver would have made it; then stage it."""
+    from .repair import repair_bytes
+    from .repo import atomic_write
+
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+        # During a conflicted merge the index also holds both sides (stages 2 and 3).
+        for stage in (2, 3):
+            side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
+            if side:
+                data += b"\n" + side
+        result = repair_bytes(data, drop_invalid=drop_invalid)
+        saved = None
+        if not dry_run:
+            if result.invalid:
+                repo.state_dir.mkdir(parents=True, exist_ok=True)
+                saved = repo.state_dir / "repair-invalid-lines.txt"
+                with open(saved, "a", encoding="utf-8") as fh:
+                    fh.write("".join(line + "\n" for line in result.invalid))
+            with repo.lock():
+                atomic_write(repo.manifest_path, result.manifest.serialize())
+                gitops.stage_file(repo.root, ".crdt/manifest")
+    info = {
+        "records": result.records,
+        "conflict_markers": result.markers,
+        "invalid_lines": len(result.invalid),
+        "invalid_saved_to": str(saved) if saved else None,
+        "written": not dry_run,
+    }
+    if json_:
+        emit_json(info)
+    else:
+        err.print(
+            f"manifest rebuilt: {result.records} records, {result.markers} conflict marker "
+            "lines dropped" + ("" if not dry_run else " (dry run, nothing written)")
+        )
+        if saved:
+            err.print(f"{len(result.invalid)} unparseable lines saved to {saved}", markup=False)
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

@@ -1,0 +1,103 @@
+"""The result cache (``.git/crdt/cache/<merkle root>/``) and the work-tree output folder.
+
+A resolved model is written once into the cache, under a temporary name renamed into place
+when complete, and made read-only.  The output folder (the ``output`` register, default
+``merged/``) holds hard links to the cached files (copies across file systems).  This module
+imports no torch, so a checkout that returns to a known set costs a few file operations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .repo import Repo
+
+RESOLUTION_FILE = "resolution.json"
+
+
+def cache_root(repo: Repo) -> Path:
+    return repo.state_dir / "cache"
+
+
+def cached(repo: Repo, key: str) -> Path | None:
+    """The cache folder of ``key`` if a complete result is there."""
+    path = cache_root(repo) / key
+    return path if (path / RESOLUTION_FILE).is_file() else None
+
+
+def output_key(out_dir: Path) -> str | None:
+    """The cache key recorded in an output folder's resolution.json."""
+    try:
+        return str(json.loads((out_dir / RESOLUTION_FILE).read_text())["cache_key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def output_is_current(out_dir: Path, key: str, cache_dir: Path) -> bool:
+    """True if ``out_dir`` already holds exactly the cached files of ``key``."""
+    if output_key(out_dir) != key:
+        return False
+    want = sorted(p.name for p in cache_dir.iterdir())
+    try:
+        have = sorted(p.name for p in out_dir.iterdir())
+    except OSError:
+        return False
+    if want != have:
+        return False
+    for name in want:
+        a, b = (cache_dir / name).stat(), (out_dir / name).stat()
+        if (a.st_ino, a.st_dev) != (b.st_ino, b.st_dev) and a.st_size != b.st_size:
+            return False
+    return True
+
+
+def publish(cache_dir: Path, out_dir: Path) -> None:
+    """Make ``out_dir`` a set of links to ``cache_dir``'s files, replacing it whole.
+
+    The new folder is assembled beside the old one and swapped in by rename, so a reader sees
+    the old model or the new one, never a mixture of files.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for f in sorted(cache_dir.iterdir()):
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            shutil.copy2(f, tmp / f.name)
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    if out_dir.exists() or out_dir.is_symlink():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists() or old.is_symlink():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:
+    """Move a finished result folder into the cache (atomic rename); return its path."""
+    final = cache_root(repo) / key
+    for f in tmp_dir.iterdir():
+        f.chmod(0o444)
+    try:
+        os.replace(tmp_dir, final)
+    except OSError:
+        # Another process finished the same root first: its result is identical.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return final
+
+
+def new_work_dir(repo: Repo, key: str) -> Path:
+    base = cache_root(repo)
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f".tmp-{key[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    return path

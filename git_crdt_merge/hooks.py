@@ -1,0 +1,112 @@
+"""What the installed hooks run: ``git-crdt hook NAME ARGS...``.
+
+- ``post-checkout``, ``post-merge``, ``post-rewrite``, ``post-commit``: resolve the merged model.
+  A no-op on a cache hit (no torch import), quiet unless there is work, and never fails the
+  user's git command: a resolution error is reported and the hook exits 0.
+  ``git config crdt.autoResolve false`` turns them off.
+- ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify every
+  pushed commit.  These block a bad commit, merge or push with a message saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import gitops
+from .errors import CrdtError
+from .repo import Repo
+
+POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit")
+PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push")
+ZERO = "0" * 40
+
+
+def _say(msg: str) -> None:
+    print(f"git-crdt: {msg}", file=sys.stderr)
+
+
+def post_hook(repo: Repo, name: str, args: list[str]) -> int:
+    if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
+        return 0
+    if name == "post-checkout" and args[2:3] == ["0"]:
+        return 0  # a file checkout, not a branch switch
+    if not repo.is_initialized():
+        return 0
+    from . import cache
+
+    manifest = repo.read_manifest()
+    if not manifest.visible_contributions():
+        return 0
+    root = manifest.merkle_root()
+    out_dir = repo.root / manifest.output()
+    hit = cache.cached(repo, root)
+    if hit is not None:
+        if not cache.output_is_current(out_dir, root, hit):
+            cache.publish(hit, out_dir)
+        return 0
+    from .resolve import resolve
+
+    _say(
+        f"resolving the merged model ({len(manifest.visible_contributions())} contributions, "
+        f"root {root[:12]}) into {manifest.output()}/"
+    )
+    outcome = resolve(repo)
+    _say(f"merged model written to {outcome.output.relative_to(repo.root)}/")
+    return 0
+
+
+def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
+    from .verify import verify
+
+    if not repo.is_initialized():
+        return 0
+    if name == "pre-push":
+        revs = []
+        for line in sys.stdin.read().splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[1] != ZERO:
+                revs.append(parts[1])
+    else:
+        revs = [":"]
+    for rev in revs:
+        if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
+            continue
+        report = verify(repo, rev)
+        if report.problems:
+            where = "the staged state" if rev == ":" else f"commit {rev[:10]}"
+            for p in report.problems[:10]:
+                _say(f"{name}: {where}: {p}")
+            _say(
+                f"{name} blocked. Fix: 'git crdt repair' for a broken manifest, re-run "
+                "'git crdt add-contribution' for missing objects; 'git crdt verify' explains."
+            )
+            return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        _say("usage: git-crdt hook NAME [ARGS...]")
+        return 2
+    name, args = argv[0], argv[1:]
+    try:
+        repo = Repo.open(".")
+    except CrdtError:
+        return 0
+    if name in POST_HOOKS:
+        try:
+            return post_hook(repo, name, args)
+        except CrdtError as exc:
+            _say(f"{name}: could not resolve the merged model: {exc}")
+            return 0
+        except Exception as exc:  # a hook must never break the user's checkout
+            _say(f"{name}: internal error while resolving: {exc!r}")
+            return 0
+    if name in PRE_HOOKS:
+        try:
+            return pre_hook(repo, name, args)
+        except CrdtError as exc:
+            _say(f"{name}: {exc}")
+            return 1
+    _say(f"unknown hook {name!r}")
+    return 0

@@ -1,0 +1,63 @@
+"""``git crdt repair``: rebuild a valid manifest from a damaged one.
+
+The usual damage is a text merge by a clone without the driver: conflict markers around the
+two sides' lines.  Because the manifest is a grow-only set, the union of every record line in
+the file (ours, theirs, and a diff3 base section) is exactly the join the driver would have
+made.  Lines that do not parse are reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .errors import ManifestError
+from .manifest import Manifest, Record, canonical_json, parse_record
+
+MARKERS = ("<<<<<<<", "|||||||", "=======", ">>>>>>>")
+
+
+def _canonical(line: str) -> str:
+    """Re-serialise a line that is JSON but not canonical (e.g. reformatted by an editor)."""
+    try:
+        return canonical_json(json.loads(line))
+    except ValueError:
+        return line
+
+
+@dataclass
+class RepairResult:
+    manifest: Manifest
+    records: int
+    markers: int
+    invalid: list[str] = field(default_factory=list)
+
+
+def repair_bytes(data: bytes, *, drop_invalid: bool = False) -> RepairResult:
+    """The union of every valid record line in ``data``.
+
+    Invalid lines raise ManifestError naming them, unless ``drop_invalid`` (then they are
+    returned in ``invalid`` so the caller can save them).
+    """
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    records: dict[str, Record] = {}
+    markers = 0
+    invalid: list[str] = []
+    for no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        if line.startswith(MARKERS):
+            markers += 1
+            continue
+        try:
+            rec = parse_record(_canonical(line))
+        except ManifestError as exc:
+            if not drop_invalid:
+                msg = f"line {no}: {exc} (pass --drop-invalid to set it aside)"
+                raise ManifestError(msg) from None
+            invalid.append(line)
+            continue
+        records[rec.line] = rec
+    state = Manifest(records)
+    state._check_consistency("repaired manifest")
+    return RepairResult(state, len(records), markers, invalid)
