@@ -1,0 +1,35 @@
+"""Merge strategies: pure deterministic functions from contributions to one tensor.
+
+Importing this package registers every built-in strategy (modules below); look them up with
+:func:`get_strategy`.  Strategies come only from installed code, never from repository content.
+"""
+
+from __future__ import annotations
+
+from . import interpolation, model_stock, task_arithmetic
+from .registry import (
+    REQUIRED,
+    Param,
+    Strategy,
+    TensorInputs,
+    all_strategies,
+    check_contract,
+    get_strategy,
+    resolve_params,
+    run_strategy,
+)
+
+__all__ = [
+    "REQUIRED",
+    "Param",
+    "Strategy",
+    "TensorInputs",
+    "all_strategies",
+    "check_contract",
+    "get_strategy",
+    "interpolation",
+    "model_stock",
+    "resolve_params",
+    "run_strategy",
+    "task_arithmetic",
+]

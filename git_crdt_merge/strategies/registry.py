@@ -1,0 +1,313 @@
+"""The strategy registry: each strategy is declared once, as data, and everything else reads it.
+
+A :class:`Strategy` names its parameters (:class:`Param`: type, default, shared or
+per-contribution), its input contract (base required / optional / ignored, how many
+contributions) and its merge function, whose docstring is the formula.  Validation
+(:func:`resolve_params`, :func:`check_contract`), execution (:func:`run_strategy`), the CLI help
+and ``docs/strategies.md`` all derive from that declaration.  Strategies come only from installed
+code: :func:`register` is called by the modules of this package at import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ResolveError
+from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
+
+__all__ = [
+    "REQUIRED",
+    "Param",
+    "Strategy",
+    "TensorInputs",
+    "all_strategies",
+    "check_contract",
+    "get_strategy",
+    "register",
+    "resolve_params",
+    "run_strategy",
+]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Sentinel default of a parameter the user must give."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a strategy."""
+
+    name: str
+    type: type  # float | int | bool | str
+    default: Any  # REQUIRED or a value of ``type``
+    per_contribution: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """Everything a merge function sees for one tensor name."""
+
+    name: str  # tensor name
+    base: torch.Tensor | None  # in compute dtype; None if no base (or the base is ignored)
+    tensors: list[torch.Tensor]  # contributions in canonical order (by id), compute dtype
+    contribution_ids: list[str]
+    weights: list[float]  # per-contribution weight from each descriptor (default 1.0)
+    rng: RandomStream
+
+
+MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A registered merge strategy."""
+
+    name: str
+    aliases: tuple[str, ...]
+    params: tuple[Param, ...]
+    base: Literal["required", "optional", "ignored"]
+    min_inputs: int  # contributions, not counting the base
+    max_inputs: int | None
+    stochastic: bool
+    merge: MergeFn
+    summary: str
+
+    @property
+    def formula(self) -> str:
+        """The merge function's docstring: the formula this strategy computes."""
+        return inspect.getdoc(self.merge) or ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+_REGISTRY: dict[str, Strategy] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add ``strategy`` to the registry (names and aliases must be new)."""
+    for key in (strategy.name, *strategy.aliases):
+        if key in _REGISTRY or key in _ALIASES:
+            raise ValueError(f"strategy name {key!r} registered twice")
+    _REGISTRY[strategy.name] = strategy
+    for alias in strategy.aliases:
+        _ALIASES[alias] = strategy.name
+    return strategy
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy called ``name`` (or one of its aliases)."""
+    key = _ALIASES.get(name, name)
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
+        raise ResolveError(f"unknown strategy {name!r}; known strategies: {known}") from None
+
+
+def all_strategies() -> list[Strategy]:
+    """Every registered strategy, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(strategy: Strategy, param: Param, value: Any, where: str = "") -> Any:
+    label = f"strategy {strategy.name}: parameter {param.name}{where}"
+    if param.type is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ResolveError(f"{label} must be a number, got {value!r}")
+        result = float(value)
+        if not math.isfinite(result):
+            raise ResolveError(f"{label} must be finite, got {value!r}")
+        return result
+    if param.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ResolveError(f"{label} must be an integer, got {value!r}")
+        return int(value)
+    if param.type is bool:
+        if not isinstance(value, bool):
+            raise ResolveError(f"{label} must be true or false, got {value!r}")
+        return value
+    if param.type is str:
+        if not isinstance(value, str):
+            raise ResolveError(f"{label} must be a string, got {value!r}")
+        return value
+    raise ResolveError(f"{label} has unsupported type {param.type!r}")  # pragma: no cover
+
+
+def _per_contribution(
+    strategy: Strategy, param: Param, value: Any, contributions: Sequence[tuple[str, str]]
+) -> list[Any]:
+    if not isinstance(value, Mapping):
+        if param.default is REQUIRED and value is REQUIRED:
+            raise ResolveError(f"strategy {strategy.name}: parameter {param.name} is required")
+        resolved = _coerce(strategy, param, value)
+        return [resolved] * len(contributions)
+    ids = [cid for cid, _ in contributions]
+    by_name: dict[str, list[int]] = {}
+    for index, (_, cname) in enumerate(contributions):
+        by_name.setdefault(cname, []).append(index)
+    values: list[Any] = [REQUIRED] * len(contributions)
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ResolveError(
+                f"strategy {strategy.name}: parameter {param.name}: key {key!r} is not a string"
+            )
+        if key in ids:
+            index = ids.index(key)
+        elif key in by_name:
+            if len(by_name[key]) > 1:
+                raise ResolveError(
+                    f"strategy {strategy.name}: parameter {param.name}: name {key!r} matches "
+                    f"{len(by_name[key])} contributions; use contribution ids"
+                )
+            index = by_name[key][0]
+        else:
+            raise ResolveError(
+                f"strategy {strategy.name}: parameter {param.name}: no visible contribution "
+                f"with id or name {key!r}"
+            )
+        if values[index] is not REQUIRED:
+            raise ResolveError(
+                f"strategy {strategy.name}: parameter {param.name}: contribution {key!r} "
+                "is given twice (by id and by name)"
+            )
+        values[index] = _coerce(strategy, param, item, f"[{key}]")
+    for index, item in enumerate(values):
+        if item is REQUIRED:
+            if param.default is REQUIRED:
+                cid, cname = contributions[index]
+                raise ResolveError(
+                    f"strategy {strategy.name}: parameter {param.name} is required for "
+                    f"contribution {cname!r} ({cid})"
+                )
+            values[index] = param.default
+    return values
+
+
+def resolve_params(
+    strategy: Strategy, raw: Mapping[str, Any], contributions: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """Validate ``raw`` parameters against ``strategy`` and fill the defaults.
+
+    ``contributions`` are (id, name) pairs in canonical order.  A per-contribution parameter may
+    be given as one value for all, or as a mapping from contribution id or name to value (absent
+    ones take the default); it resolves to a list aligned with ``contributions``.  An ``int`` is
+    accepted for a ``float`` parameter, a ``bool`` is not."""
+    known = {p.name for p in strategy.params}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise ResolveError(
+            f"strategy {strategy.name}: unknown parameter {unknown[0]!r} (accepted: {accepted})"
+        )
+    resolved: dict[str, Any] = {}
+    for param in strategy.params:
+        if param.per_contribution:
+            value = raw.get(param.name, param.default)
+            resolved[param.name] = _per_contribution(strategy, param, value, contributions)
+        elif param.name in raw:
+            resolved[param.name] = _coerce(strategy, param, raw[param.name])
+        elif param.default is REQUIRED:
+            raise ResolveError(f"strategy {strategy.name}: parameter {param.name} is required")
+        else:
+            resolved[param.name] = param.default
+    return resolved
+
+
+def check_contract(strategy: Strategy, n_contributions: int, has_base: bool) -> None:
+    """Raise :class:`ResolveError` unless ``strategy`` accepts this many contributions and this
+    base presence."""
+    if strategy.base == "required" and not has_base:
+        raise ResolveError(f"strategy {strategy.name} requires a base model; none is configured")
+    lo, hi = strategy.min_inputs, strategy.max_inputs
+    if n_contributions < lo or (hi is not None and n_contributions > hi):
+        if hi is None:
+            wanted = f"at least {lo}"
+        elif hi == lo:
+            wanted = f"exactly {lo}"
+        else:
+            wanted = f"{lo} to {hi}"
+        raise ResolveError(
+            f"strategy {strategy.name} needs {wanted} contribution(s) besides the base, "
+            f"got {n_contributions}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+# ---------------------------------------------------------------------------------------------
+
+
+def run_strategy(
+    strategy: Strategy,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    params: Mapping[str, Any],
+    rng: RandomStream,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
+
+    ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
+    strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
+    (position ids, masks, counters) are passed through unchanged from that same source: averaging
+    integers has no meaning that every tool would agree on.  Inputs are converted to
+    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding."""
+    if compute_dtype not in FLOAT_COMPUTE_DTYPES:
+        raise ResolveError(
+            f"strategy {strategy.name}: compute dtype must be float32 or float64, "
+            f"not {compute_dtype}"
+        )
+    if strategy.base == "ignored":
+        base = None
+    check_contract(strategy, len(tensors), base is not None)
+    if not (len(tensors) == len(contribution_ids) == len(weights)):
+        raise ResolveError(
+            f"strategy {strategy.name}: tensor {name}: {len(tensors)} tensors, "
+            f"{len(contribution_ids)} ids and {len(weights)} weights"
+        )
+    source = base if base is not None else tensors[0]
+    for cid, t in zip(contribution_ids, tensors, strict=True):
+        if t.shape != source.shape:
+            raise ResolveError(
+                f"strategy {strategy.name}: tensor {name} has shape {tuple(t.shape)} in "
+                f"contribution {cid} but {tuple(source.shape)} in the "
+                f"{'base' if base is not None else 'first contribution'}"
+            )
+    storage_dtype = source.dtype
+    if not source.is_floating_point() or source.numel() == 0:
+        return source.clone()
+    inputs = TensorInputs(
+        name=name,
+        base=None if base is None else to_compute(base, compute_dtype),
+        tensors=[to_compute(t, compute_dtype) for t in tensors],
+        contribution_ids=list(contribution_ids),
+        weights=[float(w) for w in weights],
+        rng=rng,
+    )
+    merged = strategy.merge(inputs, params)
+    return from_compute(merged.reshape(source.shape), storage_dtype)

@@ -1,0 +1,141 @@
+"""Sparsifiers of the task-arithmetic family: which entries of a task vector survive.
+
+Each sparsifier maps (delta, density, its extra parameter, stream key) to a bool keep-mask, or to
+``None`` for "keep everything" (density >= 1), so that callers skip the work (and the rescale).
+Masks are computed over the whole tensor (della: per row), with the exact tie rules and the
+counter-based random stream of :mod:`git_crdt_merge.numerics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import numerics
+
+__all__ = [
+    "SPARSIFIERS",
+    "MaskKey",
+    "Sparsifier",
+    "della_magprune_mask",
+    "l1_rescale",
+    "magnitude_mask",
+    "magnitude_outliers_mask",
+    "random_mask",
+]
+
+
+@dataclass(frozen=True)
+class MaskKey:
+    """Where a random mask's bits come from: the stream of (tensor name, contribution id)."""
+
+    rng: numerics.RandomStream
+    tensor_name: str
+    contribution_id: str
+
+
+MaskFn = Callable[[torch.Tensor, float, float, MaskKey], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """A sparsifier and the name of its extra per-contribution parameter (if any)."""
+
+    name: str
+    extra_param: str | None
+    mask: MaskFn
+    stochastic: bool
+
+
+def magnitude_mask(
+    delta: torch.Tensor, density: float, _: float, __: MaskKey
+) -> torch.Tensor | None:
+    """TIES trim: keep the k = max(1, floor(density*n)) entries of largest |delta| (ties: lowest
+    flat index).  density >= 1: everything; density <= 0: nothing."""
+    n = delta.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+    k = max(1, math.floor(density * n))
+    return numerics.topk_mask(torch.abs(delta), k)
+
+
+def random_mask(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> torch.Tensor | None:
+    """DARE drop: keep each entry independently with probability
+    floor(density * 2**32) / 2**32, from the (tensor, contribution) stream.  density >= 1:
+    everything."""
+    if density >= 1:
+        return None
+    return key.rng.bernoulli_mask(key.tensor_name, key.contribution_id, delta.shape, density)
+
+
+def magnitude_outliers_mask(
+    delta: torch.Tensor, density: float, gamma: float, _: MaskKey
+) -> torch.Tensor | None:
+    """Model Breadcrumbs: with keep = floor(density*n), top = floor(gamma*n),
+    bot = max(0, n - keep - top), keep positions [bot, bot + keep) of |delta| in stable ascending
+    order: the bot smallest and the n - bot - keep largest entries are dropped.  density >= 1:
+    everything (gamma is then ignored)."""
+    n = delta.numel()
+    if density >= 1:
+        return None
+    keep = max(0, math.floor(density * n))
+    top = max(0, math.floor(gamma * n))
+    bot = max(0, n - keep - top)
+    return numerics.band_mask(torch.abs(delta), bot, keep)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities of DELLA's MagPrune, float64, shaped like ``delta``:
+    p = (density - epsilon) + 2*epsilon*(r - 1)/(m - 1) where r in 1..m is the rank of |delta|
+    ascending along dim 1 (0-d and 1-D tensors are one row; ties by index); p = density when
+    m = 1."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    moved = torch.movedim(rows, 1, -1)
+    ranks = numerics.row_ranks(torch.abs(moved))
+    m = moved.shape[-1]
+    if m <= 1:
+        p = torch.full(moved.shape, density, dtype=torch.float64)
+    else:
+        fraction = (ranks - 1).to(torch.float64) / float(m - 1)
+        p = fraction * (2.0 * epsilon) + (density - epsilon)
+    return torch.movedim(p, -1, 1).reshape(delta.shape)
+
+
+def della_magprune_mask(
+    delta: torch.Tensor, density: float, epsilon: float, key: MaskKey
+) -> torch.Tensor | None:
+    """DELLA MagPrune: keep each entry with the probability of :func:`della_probabilities`
+    (larger magnitudes are kept more often), drawn from the (tensor, contribution) stream.
+    density >= 1: everything; density <= 0: nothing."""
+    if density >= 1:
+        return None
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool)
+    p = della_probabilities(delta, density, epsilon)
+    return key.rng.bernoulli_mask_per_element(key.tensor_name, key.contribution_id, p)
+
+
+def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept * (||delta||_1 / ||kept||_1)`` (reproducible L1 norms, factor rounded once to the
+    compute dtype); ``kept`` unchanged if either norm is below 1e-7."""
+    full = numerics.l1_norm(delta)
+    part = numerics.l1_norm(kept)
+    if full < 1e-7 or part < 1e-7:
+        return kept
+    return kept * numerics.scalar(full / part, kept)
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    s.name: s
+    for s in (
+        Sparsifier("magnitude", None, magnitude_mask, stochastic=False),
+        Sparsifier("random", None, random_mask, stochastic=True),
+        Sparsifier("magnitude_outliers", "gamma", magnitude_outliers_mask, stochastic=False),
+        Sparsifier("della_magprune", "epsilon", della_magprune_mask, stochastic=True),
+    )
+}

@@ -1,0 +1,75 @@
+"""Run every registered strategy on fixed inputs and print the sha256 of each output.
+
+Usage: ``python tests/_determinism_worker.py THREADS``.  Run by test_determinism_matrix.py under
+several ``ATEN_CPU_CAPABILITY`` values and thread counts; every configuration must print the same
+lines.  Inputs come from a fixed RandomStream (never the torch RNG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import torch
+
+from git_crdt_merge import numerics
+from git_crdt_merge.strategies import all_strategies, resolve_params, run_strategy
+
+ROOT = bytes(range(32))
+CONTRIBUTIONS = ["3a-contribution", "7f-contribution", "c0-contribution"]
+SHAPES: dict[str, tuple[int, ...]] = {
+    "big.weight": (2048, 2048),
+    "odd.weight": (37, 129),
+    "odd.bias": (1021,),
+    "scalar": (),
+    "cube": (3, 5, 7),
+}
+
+
+def _values(
+    stream: numerics.RandomStream, name: str, cid: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Deterministic float32 values in about [-1, 1) (exact float64 ops, one cast)."""
+    n = torch.Size(shape).numel()
+    u = stream.uniform(name, cid, n)
+    return ((u - 0.5) * 2.0).to(torch.float32).reshape(shape)
+
+
+def inputs() -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
+    stream = numerics.RandomStream(b"\x42" * 32)
+    table: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    for name, shape in SHAPES.items():
+        base = _values(stream, name, "base", shape)
+        deltas = [_values(stream, name, cid, shape) * 0.01 for cid in CONTRIBUTIONS]
+        table[name] = (base, [(base + d) for d in deltas])
+    base, xs = table["odd.weight"]
+    table["half.weight"] = (base.to(torch.bfloat16), [x.to(torch.float16) for x in xs])
+    return table
+
+
+def main(threads: int) -> None:
+    torch.set_num_threads(threads)
+    rng = numerics.RandomStream(ROOT)
+    data = inputs()
+    for strategy in all_strategies():
+        names = {p.name for p in strategy.params}
+        raw: dict[str, object] = {}
+        if "density" in names:
+            raw["density"] = 0.5
+        if "t" in names:
+            raw["t"] = 0.5
+        n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
+        ids = CONTRIBUTIONS[:n]
+        params = resolve_params(strategy, raw, [(c, c) for c in ids])
+        for name, (base, xs) in data.items():
+            out = run_strategy(strategy, name, base, xs[:n], ids, [1.0, 0.5, 2.0][:n], params, rng)
+            digest = hashlib.sha256(
+                out.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            )
+            print(f"{strategy.name} {name} {out.dtype} {digest.hexdigest()}")
+    x = data["big.weight"][1][0]
+    print("exact_sum", numerics.exact_sum(x).hex(), numerics.dot(x, x).hex())
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

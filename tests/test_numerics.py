@@ -1,0 +1,205 @@
+"""numerics: reproducible reductions, libm-free transcendentals, counter RNG, exact selection."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import blake3
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from git_crdt_merge import numerics
+
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+finite64 = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite32, max_size=300), st.randoms(use_true_random=False))
+def test_exact_sum_of_float32_equals_fsum_in_any_order(values: list[float], rnd: Any) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    expected = math.fsum(x.double().tolist())
+    assert numerics.exact_sum(x) == expected
+    shuffled = list(values)
+    rnd.shuffle(shuffled)
+    assert numerics.exact_sum(torch.tensor(shuffled, dtype=torch.float32)) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite64, max_size=200))
+def test_exact_sum_of_float64_equals_fsum(values: list[float]) -> None:
+    assert numerics.exact_sum(torch.tensor(values, dtype=torch.float64)) == math.fsum(values)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(finite32, finite32), min_size=1, max_size=200))
+def test_dot_of_float32_is_exact(pairs: list[tuple[float, float]]) -> None:
+    a = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
+    expected = math.fsum(
+        x * y for x, y in zip(a.double().tolist(), b.double().tolist(), strict=True)
+    )
+    assert numerics.dot(a, b) == expected
+
+
+def test_reductions_do_not_depend_on_order_chunking_or_threads() -> None:
+    stream = numerics.RandomStream(b"\x07" * 32)
+    u = stream.uniform("t", "c", 1 << 20)
+    x = ((u - 0.5) * torch.where(u > 0.9, 1e4, 1e-3)).to(torch.float32)
+    reference = numerics.exact_sum(x)
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(x.numel()))
+    assert numerics.exact_sum(x[perm]) == reference
+    chunks = numerics.exact_sum_rows(x.reshape(64, -1))
+    assert math.fsum(chunks.tolist()) == reference
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert numerics.exact_sum(x) == reference
+            assert numerics.dot(x, x) == math.fsum((x.double() * x.double()).tolist())
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_reduction_edge_cases() -> None:
+    assert numerics.exact_sum(torch.tensor([])) == 0.0
+    assert numerics.exact_sum(torch.zeros(10)) == 0.0
+    assert numerics.exact_sum(torch.tensor(3.5)) == 3.5
+    assert math.isnan(numerics.exact_sum(torch.tensor([1.0, float("nan")])))
+    assert numerics.exact_sum(torch.tensor([1.0, float("inf")])) == math.inf
+    assert numerics.exact_sum(torch.tensor([-math.inf, 2.0])) == -math.inf
+    assert math.isnan(numerics.exact_sum(torch.tensor([-math.inf, math.inf])))
+    tiny = [5e-324, 5e-324, -1e-320]
+    assert numerics.exact_sum(torch.tensor(tiny, dtype=torch.float64)) == math.fsum(tiny)
+    big = torch.tensor([1e308, 1e308, -1e308], dtype=torch.float64)
+    assert numerics.exact_sum(big) == 1e308
+    x = torch.tensor([3.0, -4.0])
+    assert numerics.l1_norm(x) == 7.0
+    assert numerics.l2_norm(x) == 5.0
+    assert numerics.mean(x) == -0.5
+    assert numerics.mean(torch.tensor([])) == 0.0
+    rows = numerics.exact_sum_rows(torch.tensor([[1.0, math.nan], [1.0, 2.0], [0.0, 0.0]]))
+    assert math.isnan(rows[0]) and rows[1] == 3.0 and rows[2] == 0.0
+
+
+def _ulps(a: float, b: float) -> float:
+    return abs(a - b) / math.ulp(b) if b != 0 else abs(a - b) / math.ulp(0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=-1.0, max_value=1.0))
+def test_acos_within_one_ulp_of_libm(x: float) -> None:
+    assert _ulps(numerics.acos(x), math.acos(x)) <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=-1e6, max_value=1e6))
+def test_sin_cos_within_one_ulp_of_libm(x: float) -> None:
+    assert _ulps(numerics.sin(x), math.sin(x)) <= 1
+    assert _ulps(numerics.cos(x), math.cos(x)) <= 1
+
+
+def test_transcendental_special_values() -> None:
+    assert numerics.acos(1.0) == 0.0
+    assert numerics.acos(-1.0) == math.pi
+    assert numerics.acos(0.0) == math.pi / 2
+    assert numerics.sin(0.0) == 0.0 and math.copysign(1, numerics.sin(-0.0)) == -1
+    assert numerics.cos(0.0) == 1.0
+    assert numerics.sqrt(2.0) == math.sqrt(2.0)
+    with pytest.raises(ValueError):
+        numerics.acos(1.5)
+    with pytest.raises(ValueError):
+        numerics.sin(math.inf)
+
+
+ROOT = bytes(range(32))
+
+
+def test_random_stream_known_answer_from_blake3_directly() -> None:
+    name, cid = "model.layers.0.weight", "b3:abc"
+    message = b"".join(
+        struct.pack("<Q", len(p)) + p
+        for p in (b"git-crdt-merge/random-stream/v1", name.encode(), cid.encode())
+    )
+    raw = blake3.blake3(message, key=ROOT).digest(length=16)
+    expected = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, 16, 4)]
+    stream = numerics.RandomStream(ROOT)
+    assert stream.bits(name, cid, 4).tolist() == expected
+    assert stream.bits(name, cid, 2, offset=2).tolist() == expected[2:]
+    assert stream.uniform(name, cid, 4).tolist() == [e / 2**32 for e in expected]
+
+
+def test_random_streams_are_keyed_by_root_tensor_and_contribution() -> None:
+    a = numerics.RandomStream(ROOT)
+    b = numerics.RandomStream(bytes(32))
+    base = a.bits("w", "c1", 64)
+    assert torch.equal(base, a.bits("w", "c1", 64))
+    assert not torch.equal(base, a.bits("w", "c2", 64))
+    assert not torch.equal(base, a.bits("w2", "c1", 64))
+    assert not torch.equal(base, b.bits("w", "c1", 64))
+    # no ambiguity from concatenation: ("ab", "c") != ("a", "bc")
+    assert not torch.equal(a.bits("ab", "c", 8), a.bits("a", "bc", 8))
+    assert int(base.min()) >= 0 and int(base.max()) < 2**32
+    with pytest.raises(ValueError):
+        numerics.RandomStream(b"short")
+
+
+def test_bernoulli_masks_use_exact_integer_thresholds() -> None:
+    stream = numerics.RandomStream(ROOT)
+    bits = stream.bits("w", "c", 100_000)
+    mask = stream.bernoulli_mask("w", "c", (100, 1000), 0.3)
+    assert torch.equal(mask.reshape(-1), bits < math.floor(0.3 * 2**32))
+    assert abs(float(mask.double().mean()) - 0.3) < 0.01
+    assert bool(stream.bernoulli_mask("w", "c", (10,), 1.0).all())
+    assert not bool(stream.bernoulli_mask("w", "c", (10,), 0.0).any())
+    p = torch.linspace(0, 1, 100_000, dtype=torch.float32).reshape(100, 1000)
+    per = stream.bernoulli_mask_per_element("w", "c", p)
+    thresholds = torch.floor(p.double().reshape(-1) * 2**32).long()
+    assert torch.equal(per.reshape(-1), bits < thresholds)
+    assert abs(float(per.double().mean()) - 0.5) < 0.01
+
+
+def test_topk_mask_keeps_exactly_k_with_lowest_index_ties() -> None:
+    v = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0])
+    assert numerics.topk_mask(v, 3).tolist() == [False, True, True, True, False, False, False]
+    assert numerics.topk_mask(v, 2).tolist() == [False, True, False, True, False, False, False]
+    assert int(numerics.topk_mask(v, 0).sum()) == 0
+    assert bool(numerics.topk_mask(v, 7).all())
+    assert numerics.topk_mask(torch.zeros(0), 3).numel() == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60), st.data())
+def test_topk_and_band_match_a_stable_sort(values: list[int], data: st.DataObject) -> None:
+    v = torch.tensor(values, dtype=torch.float32)
+    n = len(values)
+    k = data.draw(st.integers(0, n))
+    order_desc = sorted(range(n), key=lambda i: (-values[i], i))
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[order_desc[:k]] = True
+    assert torch.equal(numerics.topk_mask(v, k), expected)
+    start = data.draw(st.integers(0, n))
+    count = data.draw(st.integers(0, n))
+    order_asc = sorted(range(n), key=lambda i: (values[i], i))
+    band = torch.zeros(n, dtype=torch.bool)
+    band[order_asc[start : start + count]] = True
+    assert torch.equal(numerics.band_mask(v, start, count), band)
+
+
+def test_row_ranks_are_stable() -> None:
+    v = torch.tensor([[2.0, 1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    assert numerics.row_ranks(v).tolist() == [[3, 2, 4, 1], [1, 2, 3, 4]]
+
+
+def test_weighted_sum_is_mul_then_add_in_order() -> None:
+    a = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    b = torch.tensor([3.0, 5.0], dtype=torch.float32)
+    out = numerics.weighted_sum([a, b], [0.1, 0.7])
+    w0 = torch.tensor(0.1, dtype=torch.float32)
+    w1 = torch.tensor(0.7, dtype=torch.float32)
+    assert torch.equal(out, a * w0 + b * w1)
