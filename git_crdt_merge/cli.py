@@ -164,7 +164,9 @@ def add_contribution(
     weight: Annotated[float | None, typer.Option("--weight", "-w", help="Merge weight.")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
-    chunk_size: Annotated[int, typer.Option(help="Largest object in bytes.")] = DEFAULT_CHUNK_SIZE,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Largest object in bytes.")
+    ] = DEFAULT_CHUNK_SIZE,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -255,7 +257,7 @@ def strategies(json_: JsonOpt = False) -> None:
     """The registered merge strategies, their parameters and input contracts."""
     from .strategies import registry
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for st in registry.all_strategies():
         rows.append(
             {

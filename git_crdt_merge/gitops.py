@@ -184,6 +184,92 @@ def read_loose_blob(objects_dir: Path, sha: str) -> bytes | None:
     return data[nul + 1 :]
 
 
+def loose_blob_size(objects_dir: Path, sha: str) -> int | None:
+    """Size of a loose blob from its header (None if the object is not loose)."""
+    try:
+        with open(_loose_path(objects_dir, sha), "rb") as fh:
+            head = fh.read(96)
+    except FileNotFoundError:
+        return None
+    try:
+        text = zlib.decompressobj().decompress(head, 64)
+    except zlib.error:
+        raise GitError(f"git object {sha} is corrupt") from None
+    nul = text.find(b"\x00")
+    if not text.startswith(b"blob ") or nul < 0:
+        raise GitError(f"git object {sha} is not a blob")
+    return int(text[5:nul])
+
+
+def _stored_layout(header_len: int, size: int) -> list[int]:
+    """Payload lengths of the stored deflate blocks ``write_loose_blob`` makes."""
+    total = header_len + size
+    if total == 0:
+        return [0]
+    first = min(_STORED_MAX, total)
+    lengths = [first]
+    rest = total - first
+    while rest > 0:
+        lengths.append(min(_STORED_MAX, rest))
+        rest -= lengths[-1]
+    return lengths
+
+
+def read_stored_blob_into(objects_dir: Path, sha: str, dest: memoryview) -> bool:
+    """Read a loose blob written by :func:`write_loose_blob` straight into ``dest``.
+
+    The stored-block layout is known from the size, so one ``preadv`` scatters the payload into
+    ``dest`` (no decompression, one copy from the page cache) and the block headers and the
+    adler32 checksum are checked.  Returns False (``dest`` untouched or partial) when the object
+    is not loose or was written another way; the caller then falls back to a normal read.
+    """
+    header = b"blob %d\x00" % len(dest)
+    lengths = _stored_layout(len(header), len(dest))
+    expected_size = 2 + 5 * len(lengths) + len(header) + len(dest) + 4
+    try:
+        fd = os.open(_loose_path(objects_dir, sha), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        if os.fstat(fd).st_size != expected_size:
+            return False
+        heads = bytearray(5 * len(lengths))
+        hv = memoryview(heads)
+        head_buf = bytearray(len(header))
+        zhead = bytearray(2)
+        trailer = bytearray(4)
+        iov: list[memoryview | bytearray] = [zhead]
+        pos = 0
+        for i, n in enumerate(lengths):
+            iov.append(hv[5 * i : 5 * i + 5])
+            if i == 0:
+                iov.append(head_buf)
+                n -= len(header)
+            if n:
+                iov.append(dest[pos : pos + n])
+                pos += n
+        iov.append(trailer)
+        offset = 0
+        for i in range(0, len(iov), _IOV_BATCH):
+            batch = iov[i : i + _IOV_BATCH]
+            want = sum(len(b) for b in batch)
+            if os.preadv(fd, batch, offset) != want:
+                return False
+            offset += want
+    finally:
+        os.close(fd)
+    want_heads = b"".join(
+        bytes([1 if i == len(lengths) - 1 else 0]) + struct.pack("<HH", n, n ^ 0xFFFF)
+        for i, n in enumerate(lengths)
+    )
+    if bytes(zhead) != b"\x78\x01" or bytes(head_buf) != header or heads != want_heads:
+        return False
+    checksum = _adler32(dest, _adler32(header)) & 0xFFFFFFFF
+    if struct.unpack(">I", trailer)[0] != checksum:
+        raise GitError(f"git object {sha} is corrupt (adler32 mismatch)")
+    return True
+
+
 class BlobReader:
     """Reads blobs by SHA-1: loose objects directly, packed ones through pygit2."""
 
@@ -204,6 +290,15 @@ class BlobReader:
             return bytes(self._repo[sha].data)  # type: ignore[index]
         except (KeyError, ValueError):
             raise GitError(f"git object {sha} is missing") from None
+
+    def read_into(self, sha: str, dest: memoryview) -> None:
+        """Fill ``dest`` with the blob's bytes (its size must be ``len(dest)``)."""
+        if read_stored_blob_into(self.objects_dir, sha, dest):
+            return
+        data = self.read(sha)
+        if len(data) != len(dest):
+            raise GitError(f"git object {sha} has {len(data)} bytes, expected {len(dest)}")
+        dest[:] = data
 
 
 # -- index -----------------------------------------------------------------------------------

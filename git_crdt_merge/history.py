@@ -22,7 +22,8 @@ class LogEntry:
 def _lines(data: bytes | None) -> set[str]:
     if not data:
         return set()
-    return set(data.decode("utf-8", errors="replace").splitlines())
+    # split on "\n" only: names may hold other Unicode line separators (U+2028, U+0085)
+    return set(data.decode("utf-8", errors="replace").split("\n")) - {""}
 
 
 def record_log(repo: Repo, rev: str = "HEAD") -> list[LogEntry]:

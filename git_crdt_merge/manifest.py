@@ -53,6 +53,10 @@ def canonical_json(obj: Any) -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """A display name: printable, no path separators or ``..``, at most 200 characters."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} is not valid UTF-8") from None
     if not name or len(name) > MAX_NAME_CHARS:
         raise ManifestError(f"{what} must be 1 to {MAX_NAME_CHARS} characters, got {len(name)}")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
@@ -125,8 +129,8 @@ def parse_record(line: str) -> Record:
         raise ManifestError(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # also: digit limit, nesting depth
+        raise ManifestError(f"not JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(obj, dict):
         raise ManifestError("not a JSON object")
     op = obj.get("op")
@@ -223,22 +227,27 @@ class Manifest:
 
     def _check_consistency(self, source: str) -> None:
         """A state is self-contained: tags unique, removes observe only tags present."""
+        # Line numbers are positions in the canonical (sorted) order, i.e. in the file.
+        ordered = sorted(self.records.values(), key=lambda r: r.line.encode())
         add_tags: set[str] = set()
-        all_tags: set[str] = set()
-        for rec in self.records.values():
+        tag_line: dict[str, int] = {}
+        for no, rec in enumerate(ordered, 1):
             if rec.op == "set":
                 continue
-            if rec.tag in all_tags:
-                raise ManifestError(f"{source}: tag {rec.tag} is used by two different records")
-            all_tags.add(rec.tag)
+            if rec.tag in tag_line:
+                raise ManifestError(
+                    f"{source}:{no}: tag {rec.tag} is used by two different records "
+                    f"(also line {tag_line[rec.tag]})"
+                )
+            tag_line[rec.tag] = no
             if rec.op == "add":
                 add_tags.add(rec.tag)
-        for rec in self.records.values():
+        for no, rec in enumerate(ordered, 1):
             if rec.op == "remove":
                 unknown = [t for t in rec.fields["observed"] if t not in add_tags]
                 if unknown:
                     raise ManifestError(
-                        f"{source}: remove {rec.tag} observes unknown add tag {unknown[0]}"
+                        f"{source}:{no}: remove observes unknown add tag {unknown[0]}"
                     )
 
     def serialize(self) -> bytes:
@@ -355,7 +364,21 @@ def merkle_root(ids: Iterable[str], config: Mapping[str, Any]) -> str:
 
 # -- record constructors -------------------------------------------------------------------
 def make_record(obj: dict[str, Any]) -> Record:
-    return parse_record(canonical_json(obj))
+    try:
+        line = canonical_json(obj)
+    except ValueError:
+        raise ManifestError("NaN or Infinity is not allowed in a record") from None
+    if not _is_utf8(line):
+        raise ManifestError("a record value is not valid UTF-8")
+    return parse_record(line)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def add_record(tag: str, contribution_id: str, name: str, message: str | None = None) -> Record:

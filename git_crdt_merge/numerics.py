@@ -108,9 +108,11 @@ def ordered_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Elementwise ``((t0 + t1) + t2) + ...`` in the given (canonical) order."""
     if not tensors:
         raise ValueError("ordered_sum of no tensors")
-    acc = tensors[0]
-    for t in tensors[1:]:
-        acc = acc + t
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    acc = tensors[0] + tensors[1]
+    for t in tensors[2:]:
+        acc.add_(t)  # the same single rounding as acc + t, without a new tensor per term
     return acc
 
 
@@ -121,7 +123,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
         raise ValueError("weighted_sum needs one weight per tensor and at least one tensor")
     acc = tensors[0] * scalar(weights[0], tensors[0])
     for t, w in zip(tensors[1:], weights[1:], strict=True):
-        acc = acc + t * scalar(w, t)
+        acc.add_(t * scalar(w, t))  # product rounded, then the add rounded: never fused
     return acc
 
 
@@ -486,13 +488,6 @@ class RandomStream:
 # ---------------------------------------------------------------------------------------------
 
 
-def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` True entries of a flat bool mask (by index)."""
-    if count <= 0:
-        return torch.zeros_like(mask)
-    return mask & (torch.cumsum(mask, dim=0, dtype=torch.int64) <= count)
-
-
 def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
     first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
@@ -503,9 +498,12 @@ def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     if count >= n:
         return torch.ones(values.shape, dtype=torch.bool)
     threshold = torch.kthvalue(flat, count).values
-    below = flat < threshold
-    need = count - int(below.sum())
-    return (below | _first_true(flat == threshold, need)).reshape(values.shape)
+    mask = flat <= threshold
+    excess = int(mask.sum()) - count
+    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
+        tied = torch.nonzero(flat == threshold).reshape(-1)
+        mask[tied[tied.numel() - excess :]] = False
+    return mask.reshape(values.shape)
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -519,9 +517,12 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(values.shape, dtype=torch.bool)
     threshold = torch.kthvalue(flat, n - k + 1).values
-    above = flat > threshold
-    need = k - int(above.sum())
-    return (above | _first_true(flat == threshold, need)).reshape(values.shape)
+    mask = flat >= threshold
+    excess = int(mask.sum()) - k
+    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
+        tied = torch.nonzero(flat == threshold).reshape(-1)
+        mask[tied[tied.numel() - excess :]] = False
+    return mask.reshape(values.shape)
 
 
 def band_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .numerics import RandomStream
 from .repo import Repo
 from .store import ObjectStore
 from .strategies import registry
-from .tensorio import NAME_TO_TORCH, from_bytes, to_bytes
+from .tensorio import NAME_TO_TORCH, from_bytes
 
 DEFAULT_MAX_SHARD = 5 * 1000**3
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -157,12 +157,10 @@ def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) ->
 
 
 def _load(store: ObjectStore, info: dict[str, Any]) -> torch.Tensor:
-    data = bytearray()
-    for oid in info["chunks"]:
-        data += store.get(oid)
-    if len(data) != info["bytes"]:
-        raise ResolveError(f"tensor data has {len(data)} bytes, descriptor says {info['bytes']}")
-    return from_bytes(data, info["dtype"], list(info["shape"]))
+    """A tensor read straight from its chunks into a fresh buffer the caller owns."""
+    buf = bytearray(int(info["bytes"]))
+    store.read_into(info["chunks"], memoryview(buf))
+    return from_bytes(buf, info["dtype"], list(info["shape"]))
 
 
 def merge_tensor(
@@ -188,6 +186,7 @@ def merge_tensor(
         plan.params,
         rng,
         compute,
+        owned=True,
     )
     return out.to("cpu")
 
@@ -273,10 +272,12 @@ def _write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
         raise ResolveError(
             f"strategy returned shape {list(out.shape)} for {spec.name!r}, expected {spec.shape}"
         )
-    data = to_bytes(out)
-    if len(data) != spec.nbytes:
-        raise ResolveError(f"tensor {spec.name!r}: {len(data)} bytes, expected {spec.nbytes}")
-    fh.write(data)
+    flat = out.detach().contiguous().reshape(-1)
+    nbytes = flat.numel() * flat.element_size()
+    if nbytes != spec.nbytes:
+        raise ResolveError(f"tensor {spec.name!r}: {nbytes} bytes, expected {spec.nbytes}")
+    if nbytes:
+        fh.write(flat.view(torch.uint8).numpy().data)  # no copy of the tensor
 
 
 @dataclass

@@ -10,14 +10,14 @@ stored once, whatever contribution they belong to.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 
 from . import gitops
-from .errors import StoreError
+from .errors import StoreError, UsageError
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
@@ -35,11 +35,9 @@ def object_id_of_path(path: str) -> str | None:
     return None
 
 
-def content_id(data: bytes | memoryview) -> str:
-    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
-
-
 def split_chunks(data: memoryview, chunk_size: int) -> list[memoryview]:
+    if chunk_size < 1:
+        raise UsageError(f"chunk size must be at least 1 byte, not {chunk_size}")
     if len(data) == 0:
         return [data]
     return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
@@ -145,5 +143,30 @@ class ObjectStore:
             raise StoreError(f"object {object_id[:16]} does not match its blake3 hash")
         return data
 
-    def get_many(self, object_ids: Iterable[str]) -> bytes:
-        return b"".join(self.get(oid) for oid in object_ids)
+    def read_into(self, object_ids: Sequence[str], dest: memoryview) -> None:
+        """Fill ``dest`` with the concatenation of the objects (a tensor's chunks)."""
+        if self._reader is None:
+            self._reader = gitops.BlobReader(self.root)
+        pos = 0
+        for oid in object_ids:
+            sha = self.sha_of(oid)
+            if sha is None:
+                where = self.rev or "the index"
+                raise StoreError(f"object {oid[:16]} is missing from {where}")
+            size = gitops.loose_blob_size(self._reader.objects_dir, sha)
+            if size is None:
+                data = self.get(oid)
+                size = len(data)
+                if pos + size > len(dest):
+                    raise StoreError(f"object {oid[:16]} is larger than its tensor")
+                dest[pos : pos + size] = data
+            else:
+                if pos + size > len(dest):
+                    raise StoreError(f"object {oid[:16]} is larger than its tensor")
+                try:
+                    self._reader.read_into(sha, dest[pos : pos + size])
+                except Exception as exc:
+                    raise StoreError(f"object {oid[:16]} cannot be read: {exc}") from None
+            pos += size
+        if pos != len(dest):
+            raise StoreError(f"tensor data has {pos} bytes, expected {len(dest)}")

@@ -26,11 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import save_file
-
 FLOOR_SCRIPT = r"""
-import json, os, sys, time
+import os, sys
 from pathlib import Path
 from git_crdt_merge.repo import Repo
 from git_crdt_merge.store import ObjectStore
@@ -40,18 +37,13 @@ m = repo.read_manifest()
 store = ObjectStore(repo.root)
 ids = [cid for cid, _ in m.visible_contributions()] + [m.base()]
 descs = [load_descriptor(store, cid) for cid in ids]
-out = Path(sys.argv[1])
-total = 0
-with open(out, "wb") as fh:
+with open(Path(sys.argv[1]), "wb") as fh:
     for name in sorted(descs[0]["tensors"]):
-        data = None
-        for d in descs:
-            buf = bytearray()
-            for oid in d["tensors"][name]["chunks"]:
-                buf += store.get(oid)
-            data = buf
-        fh.write(data)
-        total += len(data)
+        for d in descs:  # the same reader resolve uses: chunks straight into a fresh buffer
+            info = d["tensors"][name]
+            buf = bytearray(info["bytes"])
+            store.read_into(info["chunks"], memoryview(buf))
+        fh.write(buf)
     fh.flush()
     os.fsync(fh.fileno())
 """
@@ -74,19 +66,26 @@ def sh(cwd: Path, env: dict[str, str], *args: str) -> None:
 
 
 def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
     rng = np.random.default_rng(0)
     models = repo.parent / "models"
     models.mkdir()
-    base = {f"layers.{i}.weight": rng.standard_normal((dim, dim), dtype=np.float32)
-            for i in range(layers)}
+    base = {
+        f"layers.{i}.weight": rng.standard_normal((dim, dim), dtype=np.float32)
+        for i in range(layers)
+    }
     save_file(base, str(models / "base.safetensors"))
     sh(repo, env, "git", "init", "-q", "-b", "main")
     sh(repo, env, "git", "crdt", "init", "-q")
     sh(repo, env, "git", "config", "crdt.autoResolve", "false")
     sh(repo, env, "git", "crdt", "set-base", str(models / "base.safetensors"), "-q")
     for j in range(k):
-        tensors = {n: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
-                   for n, v in base.items()}
+        tensors = {
+            n: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
+            for n, v in base.items()
+        }
         save_file(tensors, str(models / f"c{j}.safetensors"))
         sh(repo, env, "git", "crdt", "add-contribution", str(models / f"c{j}.safetensors"), "-q")
         (models / f"c{j}.safetensors").unlink()
@@ -95,42 +94,89 @@ def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--strategies", nargs="*",
-                    default=["linear", "ties", "dare_ties"])
+    ap.add_argument("--strategies", nargs="*", default=["linear", "ties", "dare_ties"])
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key, val in (("GIT_AUTHOR_NAME", "bench"), ("GIT_AUTHOR_EMAIL", "bench@example"),
-                     ("GIT_COMMITTER_NAME", "bench"), ("GIT_COMMITTER_EMAIL", "bench@example")):
+    for key, val in (
+        ("GIT_AUTHOR_NAME", "bench"),
+        ("GIT_AUTHOR_EMAIL", "bench@example"),
+        ("GIT_COMMITTER_NAME", "bench"),
+        ("GIT_COMMITTER_EMAIL", "bench@example"),
+    ):
         env.setdefault(key, val)
+    if args.build_only is not None:
+        build(args.build_only, env, args.layers, args.k, args.dim)
+        return
     largest = args.dim * args.dim * 4
     with tempfile.TemporaryDirectory(prefix="bench-resolve-", dir=os.environ.get("BENCH_DIR")) as d:
         repo = Path(d) / "repo"
         repo.mkdir()
-        build(repo, env, args.layers, args.k, args.dim)
+        # Built in a child process: this process stays small, so the peak RSS that wait4
+        # reports for each measured child (which starts from its parent's) is the child's own.
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--build-only",
+                str(repo),
+                "--layers",
+                str(args.layers),
+                "--k",
+                str(args.k),
+                "--dim",
+                str(args.dim),
+            ],
+            env=env,
+            check=True,
+        )
         cache = repo / ".git" / "crdt" / "cache"
-        floor, floor_rss = run_measured([sys.executable, "-c", FLOOR_SCRIPT, str(Path(d) / "floor.out")],
-                                        repo, env)
-        print(json.dumps({"bench": "resolve-floor", "seconds": round(floor, 3),
-                          "peak_rss_mb": round(floor_rss / 1e6)}), flush=True)
+        floor, floor_rss = run_measured(
+            [sys.executable, "-c", FLOOR_SCRIPT, str(Path(d) / "floor.out")], repo, env
+        )
+        print(
+            json.dumps(
+                {
+                    "bench": "resolve-floor",
+                    "seconds": round(floor, 3),
+                    "peak_rss_mb": round(floor_rss / 1e6),
+                }
+            ),
+            flush=True,
+        )
         rss_budget = (args.k + 2) * largest + 300e6
         for name in args.strategies:
-            params = [] if name in ("linear", "task_arithmetic", "model_stock") else [
-                "--param", f"density={args.density}"]
+            params = (
+                []
+                if name in ("linear", "task_arithmetic", "model_stock")
+                else ["--param", f"density={args.density}"]
+            )
             sh(repo, env, "git", "crdt", "strategy", name, *params)
             shutil.rmtree(cache, ignore_errors=True)
             wall, rss = run_measured(["git-crdt", "resolve", "-q"], repo, env)
             target = 1.5 if name in ("linear", "weight_average") else 4.0
-            print(json.dumps({
-                "bench": "resolve", "strategy": name, "seconds": round(wall, 3),
-                "ratio_to_floor": round(wall / floor, 2), "target_ratio": target,
-                "peak_rss_mb": round(rss / 1e6), "rss_budget_mb": round(rss_budget / 1e6),
-                "params": args.k, "layers": args.layers, "dim": args.dim,
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "resolve",
+                        "strategy": name,
+                        "seconds": round(wall, 3),
+                        "ratio_to_floor": round(wall / floor, 2),
+                        "target_ratio": target,
+                        "peak_rss_mb": round(rss / 1e6),
+                        "rss_budget_mb": round(rss_budget / 1e6),
+                        "params": args.k,
+                        "layers": args.layers,
+                        "dim": args.dim,
+                    }
+                ),
+                flush=True,
+            )
         # checkout onto a cached set: two branches, both resolved once, then switch
         sh(repo, env, "git", "config", "crdt.autoResolve", "true")
         sh(repo, env, "git", "crdt", "strategy", "linear")
@@ -146,8 +192,17 @@ def main() -> None:
             wall, _ = run_measured(["git", "checkout", "-q", branch], repo, env)
             times.append(wall)
         times.sort()
-        print(json.dumps({"bench": "checkout-cached", "median_s": round(times[len(times) // 2], 3),
-                          "max_s": round(times[-1], 3), "target_s": 0.3}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "checkout-cached",
+                    "median_s": round(times[len(times) // 2], 3),
+                    "max_s": round(times[-1], 3),
+                    "target_s": 0.3,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ class TensorInputs:
 
     name: str  # tensor name
     base: torch.Tensor | None  # in compute dtype; None if no base (or the base is ignored)
-    tensors: list[torch.Tensor]  # contributions in canonical order (by id), compute dtype
+    # contributions in canonical order (by id), compute dtype; they belong to this call, so a
+    # strategy may overwrite them in place (the base is shared: never overwrite it)
+    tensors: list[torch.Tensor]
     contribution_ids: list[str]
     weights: list[float]  # per-contribution weight from each descriptor (default 1.0)
     rng: RandomStream
@@ -259,6 +261,11 @@ def check_contract(strategy: Strategy, n_contributions: int, has_base: bool) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def _own(converted: torch.Tensor, original: torch.Tensor, owned: bool) -> torch.Tensor:
+    """A tensor the strategy may overwrite."""
+    return converted if owned or converted is not original else converted.clone()
+
+
 def run_strategy(
     strategy: Strategy,
     name: str,
@@ -269,6 +276,8 @@ def run_strategy(
     params: Mapping[str, Any],
     rng: RandomStream,
     compute_dtype: torch.dtype = torch.float32,
+    *,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
 
@@ -276,7 +285,11 @@ def run_strategy(
     strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
     (position ids, masks, counters) are passed through unchanged from that same source: averaging
     integers has no meaning that every tool would agree on.  Inputs are converted to
-    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding."""
+    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
+
+    Strategies may overwrite the contributions' compute tensors (never the base): pass
+    ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
+    K + 3 tensors); otherwise they are copied first when the conversion did not copy them."""
     if compute_dtype not in FLOAT_COMPUTE_DTYPES:
         raise ResolveError(
             f"strategy {strategy.name}: compute dtype must be float32 or float64, "
@@ -304,7 +317,7 @@ def run_strategy(
     inputs = TensorInputs(
         name=name,
         base=None if base is None else to_compute(base, compute_dtype),
-        tensors=[to_compute(t, compute_dtype) for t in tensors],
+        tensors=[_own(to_compute(t, compute_dtype), t, owned) for t in tensors],
         contribution_ids=list(contribution_ids),
         weights=[float(w) for w in weights],
         rng=rng,

@@ -22,6 +22,7 @@ __all__ = [
     "Sparsifier",
     "della_magprune_mask",
     "l1_rescale",
+    "l1_rescale_in_place",
     "magnitude_mask",
     "magnitude_outliers_mask",
     "random_mask",
@@ -123,11 +124,18 @@ def della_magprune_mask(
 def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``kept * (||delta||_1 / ||kept||_1)`` (reproducible L1 norms, factor rounded once to the
     compute dtype); ``kept`` unchanged if either norm is below 1e-7."""
-    full = numerics.l1_norm(delta)
+    out = kept.clone()
+    l1_rescale_in_place(out, numerics.l1_norm(delta))
+    return out
+
+
+def l1_rescale_in_place(kept: torch.Tensor, full_l1: float) -> None:
+    """``kept *= full_l1 / ||kept||_1`` where ``full_l1`` is the L1 norm of the task vector before
+    sparsification; no change if either norm is below 1e-7."""
     part = numerics.l1_norm(kept)
-    if full < 1e-7 or part < 1e-7:
-        return kept
-    return kept * numerics.scalar(full / part, kept)
+    if full_l1 < 1e-7 or part < 1e-7:
+        return
+    kept.mul_(numerics.scalar(full_l1 / part, kept))
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {

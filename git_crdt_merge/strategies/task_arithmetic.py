@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from ..errors import ResolveError
-from ..numerics import ordered_sum, scalar
+from ..numerics import l1_norm, ordered_sum, scalar
 from .registry import Param, Strategy, TensorInputs, register
-from .sparsify import SPARSIFIERS, MaskKey, l1_rescale
+from .sparsify import SPARSIFIERS, MaskKey, l1_rescale_in_place
 
 __all__ = ["VARIANTS", "Variant", "generalized_task_arithmetic"]
 
@@ -37,15 +37,16 @@ class Variant:
     extra_default: float = 0.0
 
 
-def _sparsify(
+def _sparsify_in_place(
     variant: Variant,
     inputs: TensorInputs,
     params: Mapping[str, Any],
     index: int,
     delta: torch.Tensor,
-) -> torch.Tensor:
+) -> None:
+    """delta <- sparsify(delta) (optionally L1-rescaled), overwriting ``delta``."""
     if variant.sparsifier is None:
-        return delta
+        return
     sparsifier = SPARSIFIERS[variant.sparsifier]
     density: float = params["density"][index]
     extra: float = params[sparsifier.extra_param][index] if sparsifier.extra_param else 0.0
@@ -59,11 +60,12 @@ def _sparsify(
     key = MaskKey(inputs.rng, inputs.name, inputs.contribution_ids[index])
     mask = sparsifier.mask(delta, density, extra, key)
     if mask is None:
-        return delta
-    kept = torch.where(mask, delta, torch.zeros_like(delta))
+        return
+    full_l1 = l1_norm(delta) if params.get("rescale", False) else 0.0
+    delta.masked_fill_(~mask, 0.0)
+    del mask
     if params.get("rescale", False):
-        kept = l1_rescale(delta, kept)
-    return kept
+        l1_rescale_in_place(delta, full_l1)
 
 
 def generalized_task_arithmetic(
@@ -80,38 +82,44 @@ def generalized_task_arithmetic(
     * no consensus: num = sum_i D_i, den = sum_i w_i (1 if |den| < 1e-8).
 
     Division only if ``normalize``; lambda multiplies after it.  Sums over contributions run in
-    canonical order, two-operand adds, never fused."""
+    canonical order, two-operand adds, never fused.  The contributions' tensors are overwritten
+    (they belong to this call), so memory stays near K + 3 tensors."""
     base = inputs.base
     if base is None:  # pragma: no cover - the contract requires a base
         raise ResolveError(f"strategy {variant.name} requires a base model")
     if not inputs.tensors:
         return base.clone()
-    weighted: list[torch.Tensor] = []
-    for index, x in enumerate(inputs.tensors):
-        delta = _sparsify(variant, inputs, params, index, x - base)
-        weighted.append(delta * scalar(inputs.weights[index], delta))
-    zero = torch.zeros_like(base)
+    weighted = inputs.tensors
+    for index, d in enumerate(weighted):
+        d.sub_(base)  # delta_i, in place
+        _sparsify_in_place(variant, inputs, params, index, d)
+        if inputs.weights[index] != 1.0:  # x * 1 is x exactly: skip the pass
+            d.mul_(scalar(inputs.weights[index], d))
+    one = scalar(1.0, base)
     if variant.consensus:
-        majority_positive = ordered_sum(weighted) >= 0
-        agree = [torch.where(majority_positive, d > 0, d < 0) for d in weighted]
-        num = ordered_sum([torch.where(m, d, zero) for m, d in zip(agree, weighted, strict=True)])
+        positive = ordered_sum(weighted) >= 0  # the elected sign s (exact 0 counts as +)
+        den = None
         if params["normalize"]:
-            den = ordered_sum(
-                [
-                    torch.where(m, scalar(w, base), zero)
-                    for m, w in zip(agree, inputs.weights, strict=True)
-                ]
-            )
-            num = num / torch.where(den == 0, torch.ones_like(den), den)
+            den = torch.zeros_like(base)
+        for d, w in zip(weighted, inputs.weights, strict=True):
+            # m_i: D_i has the elected sign; pruned zeros never agree.
+            agree = torch.where(positive, d > 0, d < 0)
+            d.masked_fill_(~agree, 0.0)
+            if den is not None:
+                den.add_(agree.to(den.dtype).mul_(scalar(w, den)))
+        del positive
+        num = ordered_sum(weighted)
+        if den is not None:
+            num.div_(torch.where(den == 0, one, den))
     else:
         num = ordered_sum(weighted)
         if params["normalize"]:
             total = math.fsum(inputs.weights)
-            num = num / scalar(1.0 if abs(total) < 1e-8 else total, num)
+            num.div_(scalar(1.0 if abs(total) < 1e-8 else total, num))
     lam: float = params["lambda"]
     if lam != 1.0:
-        num = num * scalar(lam, num)
-    return base + num
+        num.mul_(scalar(lam, num))
+    return num.add_(base)
 
 
 def _params(variant: Variant) -> tuple[Param, ...]:
