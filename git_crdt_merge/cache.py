@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import gitops
 from .repo import Repo
 
 RESOLUTION_FILE = "resolution.json"
@@ -80,6 +81,33 @@ def publish(cache_dir: Path, out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+def try_publish(repo: Repo, key: str, out_dir: Path) -> bool:
+    """On a cache hit, make ``out_dir`` the cached result (if it is not already); else False."""
+    hit = cached(repo, key)
+    if hit is None:
+        return False
+    if not output_is_current(out_dir, key, hit):
+        publish(hit, out_dir)
+        keep_out_of_git(repo, out_dir)
+    return True
+
+
+def keep_out_of_git(repo: Repo, out_dir: Path) -> None:
+    """Make sure git ignores the output folder (``/merged/`` is in .gitignore from init; another
+    ``output`` register value is added to .git/info/exclude)."""
+    try:
+        rel = out_dir.resolve().relative_to(repo.root.resolve())
+    except ValueError:
+        return  # outside the work tree
+    proc = gitops.run(["check-ignore", "-q", "--", f"{rel.as_posix()}/"], repo.root, check=False)
+    if proc.returncode == 0:
+        return
+    exclude = gitops.git_dir(repo.root) / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    with open(exclude, "a", encoding="utf-8") as fh:
+        fh.write(f"/{rel.as_posix()}/\n")
 
 
 def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:

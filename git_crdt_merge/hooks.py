@@ -38,11 +38,7 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     if not manifest.visible_contributions():
         return 0
     root = manifest.merkle_root()
-    out_dir = repo.root / manifest.output()
-    hit = cache.cached(repo, root)
-    if hit is not None:
-        if not cache.output_is_current(out_dir, root, hit):
-            cache.publish(hit, out_dir)
+    if cache.try_publish(repo, root, repo.root / manifest.output()):
         return 0
     from .resolve import resolve
 

@@ -439,8 +439,20 @@ class RandomStream:
             raise ValueError("RandomStream needs a 32-byte root")
         self.root = root
 
+    @classmethod
+    def from_seed(cls, seed: bytes) -> RandomStream:
+        """The stream of a resolution: ``seed`` is the first 8 bytes of the Merkle root, and the
+        stream key is ``blake3("git-crdt-merge/seed/v1" || seed)``."""
+        if not isinstance(seed, bytes) or len(seed) != 8:
+            raise ValueError("RandomStream.from_seed needs 8 bytes")
+        return cls(blake3.blake3(b"git-crdt-merge/seed/v1" + seed).digest())
+
     def __repr__(self) -> str:
         return f"RandomStream({self.root.hex()[:16]}...)"
+
+    def _words(self, tensor_name: str, contribution_id: str, n: int) -> np.ndarray:
+        hasher = blake3.blake3(stream_message(tensor_name, contribution_id), key=self.root)
+        return np.frombuffer(hasher.digest(length=4 * n), dtype="<u4")
 
     def bits(self, tensor_name: str, contribution_id: str, n: int, offset: int = 0) -> torch.Tensor:
         """Words ``offset .. offset+n-1`` of the stream as an int64 tensor of values in
@@ -467,8 +479,15 @@ class RandomStream:
         """Bool mask of ``shape``: element ``i`` (row-major) is kept iff
         ``bits[i] < threshold_u32(p)``, i.e. with probability ``floor(p * 2**32) / 2**32``."""
         size = torch.Size(shape)
-        words = self.bits(tensor_name, contribution_id, size.numel())
-        return (words < threshold_u32(p)).reshape(size)
+        threshold = threshold_u32(p)
+        if threshold >= _TWO32:
+            return torch.ones(size, dtype=torch.bool)
+        if size.numel() == 0 or threshold <= 0:
+            return torch.zeros(size, dtype=torch.bool)
+        # compared as uint32 in numpy: the same integer test as ``bits() < threshold``, without
+        # widening 4 bytes per element to 8
+        words = self._words(tensor_name, contribution_id, size.numel())
+        return torch.from_numpy(words < np.uint32(threshold)).reshape(size)
 
     def bernoulli_mask_per_element(
         self, tensor_name: str, contribution_id: str, p: torch.Tensor
@@ -488,6 +507,35 @@ class RandomStream:
 # ---------------------------------------------------------------------------------------------
 
 
+_SAMPLE = 1 << 15
+
+
+def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """The value of rank ``rank`` (1-based, ascending) of a 1-D tensor without nan: exact.
+
+    Large tensors first bracket the answer between two order statistics of a fixed strided
+    sample, then run ``kthvalue`` only on the entries inside the bracket (usually a few
+    thousand).  If the bracket misses (adversarial data), the whole tensor is used.  Either way
+    the result is the unique k-th value, so it does not depend on the path taken."""
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(flat, rank).values
+    sample = flat[:: n // _SAMPLE][:_SAMPLE].clone()
+    m = sample.numel()
+    q = rank / n
+    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 32.0
+    lo_rank = max(1, math.floor(q * m - margin))
+    hi_rank = min(m, math.ceil(q * m + margin))
+    lo = torch.kthvalue(sample, lo_rank).values
+    hi = torch.kthvalue(sample, hi_rank).values
+    below = int((flat < lo).sum())
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    r = rank - below
+    if 1 <= r <= inside.numel():
+        return torch.kthvalue(inside, r).values
+    return torch.kthvalue(flat, rank).values
+
+
 def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
     first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
@@ -497,7 +545,7 @@ def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
         return torch.zeros(values.shape, dtype=torch.bool)
     if count >= n:
         return torch.ones(values.shape, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, count).values
+    threshold = kth_smallest(flat, count)
     mask = flat <= threshold
     excess = int(mask.sum()) - count
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
@@ -516,7 +564,7 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(values.shape, dtype=torch.bool)
     if k >= n:
         return torch.ones(values.shape, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold = kth_smallest(flat, n - k + 1)
     mask = flat >= threshold
     excess = int(mask.sum()) - k
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices

@@ -191,6 +191,11 @@ def merge_tensor(
     return out.to("cpu")
 
 
+def seed_of(root: str) -> bytes:
+    """The seed of all randomness in a resolution: the first 8 bytes of the Merkle root."""
+    return bytes.fromhex(root)[:8]
+
+
 def cache_key(root: str, compute_dtype: str, device: str) -> str:
     """The Merkle root names the default result; other numerics get their own entry."""
     return (
@@ -207,6 +212,7 @@ def resolution_record(plan: Plan, compute_dtype: str, device: str) -> dict[str, 
         "compute_dtype": compute_dtype,
         "device": device,
         "merkle_root": plan.root,
+        "seed": seed_of(plan.root).hex(),
         "strategy": plan.strategy.name,
         "params": plan.raw_params,
         "base": plan.base_id,
@@ -233,7 +239,7 @@ def compute(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
-    rng = RandomStream(bytes.fromhex(plan.root))
+    rng = RandomStream.from_seed(seed_of(plan.root))
     layout = shard_layout(plan.specs, max_shard)
     names = shard_names(len(layout))
     metadata = {"format": "pt", "merkle_root": plan.root}
@@ -314,10 +320,7 @@ def resolve(
     if not manifest.visible_contributions():
         return Outcome(root, out_dir, False, empty=True)
     key = cache_key(root, compute_dtype, device)
-    hit = cache.cached(repo, key)
-    if hit is not None:
-        if not cache.output_is_current(out_dir, key, hit):
-            cache.publish(hit, out_dir)
+    if cache.try_publish(repo, key, out_dir):
         return Outcome(root, out_dir, True)
     if device == "cuda" and not torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
@@ -344,4 +347,5 @@ def resolve(
         shutil.rmtree(work, ignore_errors=True)
         raise
     cache.publish(final, out_dir)
+    cache.keep_out_of_git(repo, out_dir)
     return Outcome(root, out_dir, False)
