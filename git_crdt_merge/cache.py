@@ -18,6 +18,23 @@ from . import gitops
 from .repo import Repo
 
 RESOLUTION_FILE = "resolution.json"
+DEFAULT_MAX_SHARD = 5 * 1000**3
+
+
+def seed_of(root: str) -> bytes:
+    """The seed of all randomness in a resolution: the first 8 bytes of the Merkle root."""
+    return bytes.fromhex(root)[:8]
+
+
+def cache_key(root: str, compute_dtype: str, device: str, max_shard: int) -> str:
+    """The Merkle root names the default result; other numerics or shard sizes get their own
+    entry (``<root>.float64.cpu``, ``<root>.shard1000000``)."""
+    key = root
+    if (compute_dtype, device) != ("float32", "cpu"):
+        key += f".{compute_dtype}.{device}"
+    if max_shard != DEFAULT_MAX_SHARD:
+        key += f".shard{max_shard}"
+    return key
 
 
 def cache_root(repo: Repo) -> Path:

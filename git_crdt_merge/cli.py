@@ -29,6 +29,7 @@ from rich.table import Table
 
 from . import __version__, contributions, gitops, history
 from . import install as installer
+from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
 from .repo import Repo
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore
@@ -305,8 +306,9 @@ def resolve(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compute_dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-    max_shard_size: Annotated[int, typer.Option(help="Largest output shard in bytes.")] = 5
-    * 1000**3,
+    max_shard_size: Annotated[
+        int, typer.Option(min=1, help="Largest output shard in bytes.")
+    ] = DEFAULT_MAX_SHARD,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

@@ -99,6 +99,23 @@ def build_descriptor(
     return canonical_json(desc).encode(), total, new[0]
 
 
+def _ingest(
+    store: ObjectStore,
+    source: formats.ModelSource,
+    weight: float | None,
+    chunk_size: int,
+    on_start: Callable[[int], None] | None,
+    progress: Progress | None,
+) -> tuple[str, bytes, int, int]:
+    """Store a model's objects and its descriptor: (id, descriptor, bytes, new bytes)."""
+    if on_start is not None:
+        on_start(source.total_bytes())
+    desc, total, new_bytes = build_descriptor(
+        store, source, weight=weight, chunk_size=chunk_size, progress=progress
+    )
+    return store.put(desc), desc, total, new_bytes
+
+
 def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
     data = store.get(contribution_id)
     try:
@@ -146,12 +163,7 @@ def add_contribution(
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
-        if on_start is not None:
-            on_start(source.total_bytes())
-        desc, total, new_bytes = build_descriptor(
-            store, source, weight=weight, chunk_size=chunk_size, progress=progress
-        )
-        cid = store.put(desc)
+        cid, desc, total, new_bytes = _ingest(store, source, weight, chunk_size, on_start, progress)
         visible = manifest.visible_contributions()
         for other_id, other_name in visible:
             if other_name == name and other_id != cid:
@@ -223,12 +235,7 @@ def set_base(
     source = formats.discover(path, allow_pickle=allow_pickle)
     with repo.lock():
         store = ObjectStore(repo.root)
-        if on_start is not None:
-            on_start(source.total_bytes())
-        desc, total, new_bytes = build_descriptor(
-            store, source, weight=None, chunk_size=chunk_size, progress=progress
-        )
-        cid = store.put(desc)
+        cid, desc, total, new_bytes = _ingest(store, source, None, chunk_size, on_start, progress)
         new_objects = store.flush()
     set_register(repo, "base", cid)
     n_tensors = len(json.loads(desc)["tensors"])

@@ -32,22 +32,14 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
         return 0  # a file checkout, not a branch switch
     if not repo.is_initialized():
         return 0
-    from . import cache
-
-    manifest = repo.read_manifest()
-    if not manifest.visible_contributions():
-        return 0
-    root = manifest.merkle_root()
-    if cache.try_publish(repo, root, repo.root / manifest.output()):
-        return 0
     from .resolve import resolve
 
-    _say(
-        f"resolving the merged model ({len(manifest.visible_contributions())} contributions, "
-        f"root {root[:12]}) into {manifest.output()}/"
-    )
-    outcome = resolve(repo)
-    _say(f"merged model written to {outcome.output.relative_to(repo.root)}/")
+    def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
+        _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
+
+    outcome = resolve(repo, on_start=announce)
+    if not outcome.cache_hit and not outcome.empty:
+        _say(f"merged model written to {outcome.output.relative_to(repo.root)}/")
     return 0
 
 

@@ -1,289 +1,24 @@
-"""Layer 2: turn the visible set into one merged model, deterministically and streamed.
+"""Layer 2 entry point: bring the output folder to the merged model of the visible set.
 
-For every tensor name, in sorted order, the tensors of all visible contributions (canonical
-order: by contribution id) and of the base are read from the object store, merged by the
-strategy in the manifest, cast back to the contributions' dtype and appended to the output.
-Only one tensor name is in memory at a time, so peak memory is about (K + 2) x the largest
-tensor, whatever the model size.  The result is written into the cache under the Merkle root
-and published to the output folder (``cache``).
+On a cache hit (the usual case after a checkout back to a known set) this is a few file
+operations and imports no torch; on a miss it plans and computes with :mod:`engine`, writes the
+result into the cache under a temporary name, renames it into place and publishes it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-
-from . import FORMAT_VERSION, __version__, cache
-from .contributions import load_descriptor
+from . import cache
 from .errors import ResolveError
-from .manifest import Manifest
-from .numerics import RandomStream
 from .repo import Repo
 from .store import ObjectStore
-from .strategies import registry
-from .tensorio import NAME_TO_TORCH, from_bytes
 
-DEFAULT_MAX_SHARD = 5 * 1000**3
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: list[int]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * int(torch.empty((), dtype=NAME_TO_TORCH[self.dtype]).element_size())
-
-
-@dataclass
-class Plan:
-    """Everything resolution needs, read from the manifest and descriptors."""
-
-    root: str
-    strategy: registry.Strategy
-    params: dict[str, Any]
-    raw_params: dict[str, Any]
-    contributions: list[tuple[str, str]]
-    descriptors: list[dict[str, Any]]
-    base_id: str | None
-    base: dict[str, Any] | None
-    specs: list[TensorSpec]
-
-    @property
-    def weights(self) -> list[float]:
-        return [float(d.get("weight", 1.0)) for d in self.descriptors]
-
-
-def _check_compatible(specs: dict[str, TensorSpec], desc: dict[str, Any], what: str) -> None:
-    tensors = desc["tensors"]
-    if set(tensors) != set(specs):
-        missing = sorted(set(specs) - set(tensors))
-        extra = sorted(set(tensors) - set(specs))
-        detail = f"lacks {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
-        raise ResolveError(
-            f"{what} {detail}: all contributions and the base must have the same tensor names"
-        )
-    for name, spec in specs.items():
-        t = tensors[name]
-        if list(t["shape"]) != spec.shape:
-            raise ResolveError(
-                f"{what}: tensor {name!r} has shape {t['shape']}, expected {spec.shape}"
-            )
-        if t["dtype"] != spec.dtype:
-            raise ResolveError(
-                f"{what}: tensor {name!r} has dtype {t['dtype']}, expected {spec.dtype}"
-            )
-
-
-def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
-    contributions = manifest.visible_contributions()
-    strategy_value = manifest.strategy()
-    strategy = registry.get_strategy(strategy_value["name"])
-    base_id = manifest.base()
-    registry.check_contract(strategy, len(contributions), base_id is not None)
-    params = registry.resolve_params(strategy, strategy_value["params"], contributions)
-    descriptors = [load_descriptor(store, cid) for cid, _ in contributions]
-    base = load_descriptor(store, base_id) if base_id is not None else None
-    if base is not None and strategy.base == "ignored":
-        base = None
-    first = base if base is not None else descriptors[0]
-    specs = {
-        name: TensorSpec(name, t["dtype"], list(t["shape"])) for name, t in first["tensors"].items()
-    }
-    for (cid, name), desc in zip(contributions, descriptors, strict=True):
-        _check_compatible(specs, desc, f"contribution {name} ({cid[:12]})")
-    kinds = {d.get("kind", "full") for d in descriptors}
-    if len(kinds) > 1:
-        raise ResolveError(f"contributions mix kinds {sorted(kinds)}; merge like with like")
-    return Plan(
-        manifest.merkle_root(),
-        strategy,
-        params,
-        dict(strategy_value["params"]),
-        contributions,
-        descriptors,
-        base_id,
-        base,
-        [specs[n] for n in sorted(specs)],
-    )
-
-
-def shard_layout(specs: Sequence[TensorSpec], max_shard: int) -> list[list[TensorSpec]]:
-    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
-def shard_names(n: int) -> list[str]:
-    if n == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-
-
-def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
-    """The safetensors header for tensors written back to back in ``specs`` order."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {
-            "dtype": spec.dtype,
-            "shape": spec.shape,
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _load(store: ObjectStore, info: dict[str, Any]) -> torch.Tensor:
-    """A tensor read straight from its chunks into a fresh buffer the caller owns."""
-    buf = bytearray(int(info["bytes"]))
-    store.read_into(info["chunks"], memoryview(buf))
-    return from_bytes(buf, info["dtype"], list(info["shape"]))
-
-
-def merge_tensor(
-    plan: Plan,
-    spec: TensorSpec,
-    store: ObjectStore,
-    rng: RandomStream,
-    compute: torch.dtype,
-    device: str,
-) -> torch.Tensor:
-    """Read every input of one tensor name and merge it; returns the storage dtype on CPU."""
-    tensors = [_load(store, d["tensors"][spec.name]).to(device) for d in plan.descriptors]
-    base = None
-    if plan.base is not None:
-        base = _load(store, plan.base["tensors"][spec.name]).to(device)
-    out = registry.run_strategy(
-        plan.strategy,
-        spec.name,
-        base,
-        tensors,
-        [cid for cid, _ in plan.contributions],
-        plan.weights,
-        plan.params,
-        rng,
-        compute,
-        owned=True,
-    )
-    return out.to("cpu")
-
-
-def seed_of(root: str) -> bytes:
-    """The seed of all randomness in a resolution: the first 8 bytes of the Merkle root."""
-    return bytes.fromhex(root)[:8]
-
-
-def cache_key(root: str, compute_dtype: str, device: str) -> str:
-    """The Merkle root names the default result; other numerics get their own entry."""
-    return (
-        root
-        if (compute_dtype, device) == ("float32", "cpu")
-        else f"{root}.{compute_dtype}.{device}"
-    )
-
-
-def resolution_record(plan: Plan, compute_dtype: str, device: str) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "cache_key": cache_key(plan.root, compute_dtype, device),
-        "compute_dtype": compute_dtype,
-        "device": device,
-        "merkle_root": plan.root,
-        "seed": seed_of(plan.root).hex(),
-        "strategy": plan.strategy.name,
-        "params": plan.raw_params,
-        "base": plan.base_id,
-        "contributions": [
-            {"id": cid, "weight": w}
-            for (cid, _), w in zip(plan.contributions, plan.weights, strict=True)
-        ],
-        "tool": f"git-crdt-merge {__version__}",
-    }
-
-
-def compute(
-    repo: Repo,
-    plan: Plan,
-    store: ObjectStore,
-    work: Path,
-    *,
-    device: str = "cpu",
-    compute_dtype: str = "float32",
-    max_shard: int = DEFAULT_MAX_SHARD,
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    """Write the merged model for ``plan`` into the empty folder ``work``."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
-    compute = COMPUTE_DTYPES[compute_dtype]
-    rng = RandomStream.from_seed(seed_of(plan.root))
-    layout = shard_layout(plan.specs, max_shard)
-    names = shard_names(len(layout))
-    metadata = {"format": "pt", "merkle_root": plan.root}
-    for fname, specs in zip(names, layout, strict=True):
-        with open(work / fname, "wb") as fh:
-            fh.write(safetensors_header(specs, metadata))
-            for spec in specs:
-                out = merge_tensor(plan, spec, store, rng, compute, device)
-                _write_tensor(fh, out, spec)
-                if progress is not None:
-                    progress(spec.nbytes)
-            fh.flush()
-            os.fsync(fh.fileno())
-    if len(names) > 1:
-        index = {
-            "metadata": {"total_size": sum(s.nbytes for s in plan.specs)},
-            "weight_map": {
-                s.name: n for n, specs in zip(names, layout, strict=True) for s in specs
-            },
-        }
-        (work / "model.safetensors.index.json").write_text(
-            json.dumps(index, indent=2, sort_keys=True) + "\n"
-        )
-    files_from = plan.base if plan.base is not None else plan.descriptors[0]
-    for fname, oid in sorted(files_from.get("files", {}).items()):
-        if fname == "adapter_config.json" or "/" in fname or fname.startswith("."):
-            continue
-        (work / fname).write_bytes(store.get(oid))
-    (work / cache.RESOLUTION_FILE).write_text(
-        json.dumps(resolution_record(plan, compute_dtype, device), indent=2, sort_keys=True) + "\n"
-    )
-
-
-def _write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
-    if list(out.shape) != spec.shape:
-        raise ResolveError(
-            f"strategy returned shape {list(out.shape)} for {spec.name!r}, expected {spec.shape}"
-        )
-    flat = out.detach().contiguous().reshape(-1)
-    nbytes = flat.numel() * flat.element_size()
-    if nbytes != spec.nbytes:
-        raise ResolveError(f"tensor {spec.name!r}: {nbytes} bytes, expected {spec.nbytes}")
-    if nbytes:
-        fh.write(flat.view(torch.uint8).numpy().data)  # no copy of the tensor
+COMPUTE_DTYPE_NAMES = ("float32", "float64")
 
 
 @dataclass
@@ -308,30 +43,36 @@ def resolve(
     output: Path | None = None,
     device: str = "cpu",
     compute_dtype: str = "float32",
-    max_shard: int = DEFAULT_MAX_SHARD,
+    max_shard: int = cache.DEFAULT_MAX_SHARD,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Resolve the work tree's manifest; a no-op beyond linking on a cache hit."""
+    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register)."""
     repo.require_initialized()
+    if compute_dtype not in COMPUTE_DTYPE_NAMES:
+        raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
+    if max_shard < 1:
+        raise ResolveError(f"the maximum shard size must be at least 1 byte, not {max_shard}")
     manifest = repo.read_manifest()
     out_dir = output if output is not None else repo.root / manifest.output()
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
         return Outcome(root, out_dir, False, empty=True)
-    key = cache_key(root, compute_dtype, device)
+    key = cache.cache_key(root, compute_dtype, device, max_shard)
     if cache.try_publish(repo, key, out_dir):
         return Outcome(root, out_dir, True)
-    if device == "cuda" and not torch.cuda.is_available():
+
+    from . import engine  # torch is imported only when there is work to do
+
+    if device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
     store = ObjectStore(repo.root)
-    plan = make_plan(store, manifest)
+    plan = engine.make_plan(store, manifest)
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
     try:
-        compute(
-            repo,
+        engine.compute(
             plan,
             store,
             work,
@@ -342,8 +83,6 @@ def resolve(
         )
         final = cache.commit_to_cache(repo, key, work)
     except BaseException:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         raise
     cache.publish(final, out_dir)
