@@ -11,6 +11,8 @@ only one on that path that imports torch.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import struct
@@ -29,7 +31,7 @@ from .manifest import Manifest
 from .numerics import RandomStream
 from .store import ObjectStore
 from .strategies import registry
-from .tensorio import NAME_TO_TORCH, from_bytes
+from .tensorio import NAME_TO_TORCH
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -158,11 +160,28 @@ def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _load(store: ObjectStore, info: dict[str, Any]) -> torch.Tensor:
-    """A tensor read straight from its chunks into a fresh buffer the caller owns."""
-    buf = bytearray(int(info["bytes"]))
-    store.read_into(info["chunks"], memoryview(buf))
-    return from_bytes(buf, info["dtype"], list(info["shape"]))
+class InputSlots:
+    """One reusable buffer per input (each contribution, and the base), sized for the largest
+    tensor: every tensor name is read into the same memory, so resolution allocates its inputs
+    once instead of once per tensor (which fragments the heap and inflates RSS)."""
+
+    def __init__(self, count: int, capacity: int) -> None:
+        self.capacity = capacity
+        self._buffers: list[bytearray | None] = [None] * count
+
+    def load(self, slot: int, store: ObjectStore, info: dict[str, Any]) -> torch.Tensor:
+        """The tensor ``info`` read straight from its chunks into buffer ``slot``."""
+        nbytes = int(info["bytes"])
+        shape = list(info["shape"])
+        dtype = NAME_TO_TORCH[info["dtype"]]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = self._buffers[slot]
+        if buf is None:
+            buf = self._buffers[slot] = bytearray(self.capacity)
+        view = memoryview(buf)[:nbytes]
+        store.read_into(info["chunks"], view)
+        return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
 
 
 def merge_tensor(
@@ -172,12 +191,19 @@ def merge_tensor(
     rng: RandomStream,
     compute: torch.dtype,
     device: str,
+    slots: InputSlots,
 ) -> torch.Tensor:
-    """Read every input of one tensor name and merge it; returns the storage dtype on CPU."""
-    tensors = [_load(store, d["tensors"][spec.name]).to(device) for d in plan.descriptors]
+    """Read every input of one tensor name and merge it; returns the storage dtype on CPU.
+
+    The inputs live in ``slots`` and are overwritten by the next call: the result is written
+    out before that (a strategy may return a view of an input, e.g. integer pass-through)."""
+    tensors = [
+        slots.load(i, store, d["tensors"][spec.name]).to(device)
+        for i, d in enumerate(plan.descriptors)
+    ]
     base = None
     if plan.base is not None:
-        base = _load(store, plan.base["tensors"][spec.name]).to(device)
+        base = slots.load(len(tensors), store, plan.base["tensors"][spec.name]).to(device)
     out = registry.run_strategy(
         plan.strategy,
         spec.name,
@@ -214,6 +240,28 @@ def resolution_record(
     }
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit on 64-bit
+
+
+def bound_heap(largest_tensor: int) -> None:
+    """Fix glibc's mmap threshold just above the largest tensor of this resolution.
+
+    Tensors up to that size (the inputs' temporaries, which repeat tensor after tensor) are
+    then reused from the heap without page faults, larger blocks get their own mmap, and
+    setting the threshold also stops glibc's dynamic adjustment, which otherwise raises the
+    trim threshold with it and keeps freed blocks around: measured on the 100M-parameter
+    benchmark, ties resolved in 3.0 s at 381 MB peak RSS, against 4.1 s at 360 MB with a
+    4 MiB threshold and 5.0 s at 500 MB with glibc's defaults.  A no-op where the C library
+    is not glibc."""
+    threshold = min(largest_tensor + (1 << 20), _MMAP_THRESHOLD_MAX)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 def compute(
     plan: Plan,
     store: ObjectStore,
@@ -228,15 +276,17 @@ def compute(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
+    bound_heap(max((spec.nbytes for spec in plan.specs), default=0))
     rng = RandomStream.from_seed(seed_of(plan.root))
     layout = shard_layout(plan.specs, max_shard)
     names = shard_names(len(layout))
     metadata = {"format": "pt", "merkle_root": plan.root}
+    slots = InputSlots(len(plan.descriptors) + 1, max((s.nbytes for s in plan.specs), default=0))
     for fname, specs in zip(names, layout, strict=True):
         with open(work / fname, "wb") as fh:
             fh.write(safetensors_header(specs, metadata))
             for spec in specs:
-                out = merge_tensor(plan, spec, store, rng, compute, device)
+                out = merge_tensor(plan, spec, store, rng, compute, device, slots)
                 _write_tensor(fh, out, spec)
                 if progress is not None:
                     progress(spec.nbytes)

@@ -207,13 +207,25 @@ def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], in
     return header, start
 
 
+def _map_readonly(fd: int) -> mmap.mmap:
+    """A read-only map of a whole file, pre-faulted where the OS can (MAP_POPULATE): hashing
+    then never stops on a page fault, which costs more than the hashing at these speeds."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate:
+        try:
+            return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+        except OSError:
+            pass
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
 def iter_safetensors(path: Path) -> Iterator[TensorData]:
     """Yield the tensors of one file as memory-mapped byte views, in file order."""
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
         if size == 0:
             raise InputError(f"{path}: empty file")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = _map_readonly(fh.fileno())
     header, start = parse_header(mm, path)
     view = memoryview(mm)
     items = sorted(

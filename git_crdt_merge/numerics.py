@@ -127,6 +127,39 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> t
     return acc
 
 
+FLOAT_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def keep_where_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x[i]`` where ``keep[i]`` else ``+0.0``, in place: exactly ``torch.where(keep, x, 0.0)``
+    (nan and -0.0 included), computed as a bitwise AND of the float's bits with an all-ones or
+    all-zeros integer.  ``where`` and ``masked_fill`` with a bool mask run about 15x slower here
+    (measured: 55-70 us against 3-6 us per 64K float32)."""
+    bits = x.view(FLOAT_BITS[x.dtype])
+    bits.bitwise_and_(keep.to(bits.dtype).neg_())
+    return x
+
+
+def weighted_sum_(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """:func:`weighted_sum` computed in place: overwrites ``tensors`` and returns the first.
+    The same roundings in the same order, without allocating."""
+    if len(tensors) != len(weights) or not tensors:
+        raise ValueError("weighted_sum_ needs one weight per tensor and at least one tensor")
+    acc = tensors[0]
+    if weights[0] != 1.0:  # x * 1 is x exactly
+        acc.mul_(scalar(weights[0], acc))
+    for t, w in zip(tensors[1:], weights[1:], strict=True):
+        if w != 1.0:
+            t.mul_(scalar(w, t))
+        acc.add_(t)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------------
 # reproducible reductions
 # ---------------------------------------------------------------------------------------------
@@ -240,14 +273,59 @@ def exact_sum(x: torch.Tensor) -> float:
     float64).  Empty -> 0.0; any nan -> nan; infinities as IEEE addition would give them."""
     if x.numel() == 0:
         return 0.0
+    if x.numel() >= _BLOCKED_MIN and x.dtype in _BLOCKED_DTYPES:
+        fast = _exact_sum_blocked(x.reshape(-1))
+        if fast is not None:
+            return fast
     return float(exact_sum_rows(x.reshape(1, -1))[0])
 
 
-def _exact_sum_owned(work: torch.Tensor) -> float:
-    """:func:`exact_sum` of a fresh float64 tensor that may be overwritten."""
-    if work.numel() == 0:
+_SUM_BLOCK = 1 << 16
+_BLOCKED_MIN = 4 * _SUM_BLOCK
+_BLOCKED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _exact_sum_blocked(flat: torch.Tensor, *, absolute: bool = False) -> float | None:
+    """:func:`exact_sum` of a large floating tensor, a block at a time so the float64 copies
+    stay in cache (about 4x faster than whole-tensor levels at 4M elements).
+
+    The grids are fixed from the global max before any block is read: level k rounds every
+    element to a multiple of 2**(E_k - 52), where 1.5 * 2**E_k (E_k = exponent bound of what is
+    left + log2(n) + 1) leaves room for n terms, so every block sum and every running total of a
+    level is exact in float64 and the order of the blocks cannot matter.  Each element's
+    remainder after level k is below 2**(E_k - 53); the next level starts there.  Levels stop
+    when a block's remainder is zero (float32 input needs at most 6).  Returns None for
+    non-finite input (the general path handles it).  ``absolute`` sums ``|x|`` instead."""
+    lo, hi = torch.aminmax(flat)
+    max_abs = max(-float(lo), float(hi))  # of |x| too
+    if not math.isfinite(max_abs):
+        return None
+    if max_abs == 0.0:
         return 0.0
-    return float(_exact_sum_rows_owned(work.reshape(1, -1))[0])
+    n = flat.numel()
+    headroom = n.bit_length() + 1
+    top = math.frexp(max_abs)[1] + headroom  # max_abs <= 2**(top - headroom)
+    if top > _MAX_EXPONENT:
+        return None
+    sigmas: list[float] = []
+    e = top
+    while e - 52 >= -1074:
+        sigmas.append(math.ldexp(1.5, e) if e >= -1021 else math.ldexp(1.0, e))
+        e = e - 53 + headroom
+    level_sums = [0.0] * (len(sigmas) + 1)
+    for start in range(0, n, _SUM_BLOCK):
+        x = flat[start : start + _SUM_BLOCK].to(torch.float64, copy=True)
+        if absolute:
+            x.abs_()
+        for k, sigma in enumerate(sigmas):
+            part = (x + sigma) - sigma  # x rounded to the level's grid: exact
+            level_sums[k] += float(part.sum())  # exact: multiples of the grid, bounded
+            x.sub_(part)  # exact remainder
+            if not bool(x.any()):
+                break
+        else:
+            level_sums[-1] += float(x.sum())  # below the smallest subnormal grid: all zero
+    return math.fsum(level_sums)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -255,7 +333,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
     inputs, one deterministic rounding each for float64), summed by :func:`exact_sum`."""
     if a.shape != b.shape:
         raise ValueError(f"dot of tensors with shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    return _exact_sum_owned(a.to(torch.float64) * b.to(torch.float64))
+    return exact_sum(a.to(torch.float64) * b.to(torch.float64))
 
 
 def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -267,7 +345,11 @@ def dot_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def l1_norm(x: torch.Tensor) -> float:
     """Reproducible ``sum |x|`` (exact sum of the float64 magnitudes, rounded once)."""
-    return _exact_sum_owned(torch.abs(x.to(torch.float64)))
+    if x.numel() >= _BLOCKED_MIN and x.dtype in _BLOCKED_DTYPES:
+        fast = _exact_sum_blocked(x.reshape(-1), absolute=True)
+        if fast is not None:
+            return fast
+    return exact_sum(torch.abs(x))  # |x| is exact in any float dtype
 
 
 def l2_norm(x: torch.Tensor) -> float:
@@ -507,7 +589,7 @@ class RandomStream:
 # ---------------------------------------------------------------------------------------------
 
 
-_SAMPLE = 1 << 15
+_SAMPLE = 1 << 16
 
 
 def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
@@ -523,13 +605,15 @@ def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
     sample = flat[:: n // _SAMPLE][:_SAMPLE].clone()
     m = sample.numel()
     q = rank / n
-    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 32.0
+    margin = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0  # 5 sigma of the sample's rank
     lo_rank = max(1, math.floor(q * m - margin))
     hi_rank = min(m, math.ceil(q * m + margin))
     lo = torch.kthvalue(sample, lo_rank).values
     hi = torch.kthvalue(sample, hi_rank).values
-    below = int((flat < lo).sum())
-    inside = flat[(flat >= lo) & (flat <= hi)]
+    in_bracket = flat >= lo
+    below = n - int(torch.count_nonzero(in_bracket))
+    in_bracket &= flat <= hi
+    inside = flat[in_bracket]
     r = rank - below
     if 1 <= r <= inside.numel():
         return torch.kthvalue(inside, r).values
@@ -547,7 +631,7 @@ def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
         return torch.ones(values.shape, dtype=torch.bool)
     threshold = kth_smallest(flat, count)
     mask = flat <= threshold
-    excess = int(mask.sum()) - count
+    excess = int(torch.count_nonzero(mask)) - count
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
         tied = torch.nonzero(flat == threshold).reshape(-1)
         mask[tied[tied.numel() - excess :]] = False
@@ -566,7 +650,7 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(values.shape, dtype=torch.bool)
     threshold = kth_smallest(flat, n - k + 1)
     mask = flat >= threshold
-    excess = int(mask.sum()) - k
+    excess = int(torch.count_nonzero(mask)) - k
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
         tied = torch.nonzero(flat == threshold).reshape(-1)
         mask[tied[tied.numel() - excess :]] = False

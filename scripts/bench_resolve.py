@@ -3,10 +3,13 @@ contributions, against an IO floor measured in the same run.
 
     .venv/bin/python scripts/bench_resolve.py [--strategies linear ties dare_ties] [--layers 24]
 
-- floor: a process that reads every input tensor once from the object store and writes the
-  output size once (fsync'd, like resolve), started the same way as resolve;
-- each strategy: `git crdt resolve` as a whole process (cache cleared), wall time and peak
-  RSS (from wait4's rusage);
+- floor: reading every input tensor once from the object store (the reader resolve uses) and
+  writing the output's bytes once (fsync'd, as resolve does), in a process that has already
+  imported torch and git_crdt_merge;
+- each strategy: `resolve()` in that same process with the cache cleared, so the ratio compares
+  the work of resolving with the IO it cannot avoid; the wall time of a whole
+  `git crdt resolve` process (which adds about 1.3 s of `import torch`) is printed beside it;
+- peak RSS: VmHWM of a fresh `git crdt resolve` process per strategy;
 - checkout onto a cached set: `git checkout` between two branches whose merged models are
   cached, hooks included.
 
@@ -26,43 +29,66 @@ import tempfile
 import time
 from pathlib import Path
 
-FLOOR_SCRIPT = r"""
-import os, sys
+WORKER = r"""
+import json, os, shutil, sys, time
 from pathlib import Path
+import torch
+from git_crdt_merge import contributions, engine, resolve
 from git_crdt_merge.repo import Repo
 from git_crdt_merge.store import ObjectStore
-from git_crdt_merge.contributions import load_descriptor
+
 repo = Repo.open(".")
-m = repo.read_manifest()
-store = ObjectStore(repo.root)
-ids = [cid for cid, _ in m.visible_contributions()] + [m.base()]
-descs = [load_descriptor(store, cid) for cid in ids]
-with open(Path(sys.argv[1]), "wb") as fh:
-    for name in sorted(descs[0]["tensors"]):
-        for d in descs:  # the same reader resolve uses: chunks straight into a fresh buffer
-            info = d["tensors"][name]
-            buf = bytearray(info["bytes"])
-            store.read_into(info["chunks"], memoryview(buf))
-        fh.write(buf)
-    fh.flush()
-    os.fsync(fh.fileno())
+density = float(sys.argv[2])
+
+def floor(out):
+    m = repo.read_manifest()
+    store = ObjectStore(repo.root)
+    descs = [contributions.load_descriptor(store, cid)
+             for cid in [c for c, _ in m.visible_contributions()] + [m.base()]]
+    specs = sorted(descs[0]["tensors"])
+    slots = engine.InputSlots(len(descs), max(d["tensors"][n]["bytes"]
+                                              for d in descs for n in specs))
+    t0 = time.perf_counter()
+    with open(out, "wb") as fh:
+        for name in specs:
+            for i, d in enumerate(descs):
+                t = slots.load(i, store, d["tensors"][name])
+            fh.write(t.view(torch.uint8).numpy().data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return time.perf_counter() - t0
+
+results = {"floor": min(floor(sys.argv[1]) for _ in range(2))}
+for name in sys.argv[3:]:
+    params = {} if name in ("linear", "task_arithmetic") else {"density": density}
+    contributions.set_register(repo, "strategy", {"name": name, "params": params})
+    times = []
+    for _ in range(2):
+        shutil.rmtree(repo.state_dir / "cache", ignore_errors=True)
+        t0 = time.perf_counter()
+        resolve.resolve(repo)
+        times.append(time.perf_counter() - t0)
+    results[name] = min(times)
+print(json.dumps(results))
+"""
+
+RSS_WORKER = r"""
+import re, sys
+from git_crdt_merge.entry import main
+sys.argv = ["git-crdt", "resolve", "-q"]
+try:
+    main()
+except SystemExit:
+    pass
+status = open("/proc/self/status").read()
+print(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024)
 """
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}")
-    return wall, usage.ru_maxrss * 1024
-
-
-def sh(cwd: Path, env: dict[str, str], *args: str) -> None:
-    subprocess.run(args, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+def sh(cwd: Path, env: dict[str, str], *args: str) -> str:
+    return subprocess.run(
+        args, cwd=cwd, env=env, check=True, stdout=subprocess.PIPE, text=True
+    ).stdout
 
 
 def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> None:
@@ -92,6 +118,17 @@ def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> Non
     sh(repo, env, "git", "commit", "-q", "-m", "models")
 
 
+def set_strategy(repo: Path, env: dict[str, str], name: str, density: float) -> None:
+    params = [] if name in ("linear", "task_arithmetic") else ["--param", f"density={density}"]
+    subprocess.run(
+        ["git", "crdt", "strategy", name, *params],
+        cwd=repo,
+        env=env,
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", nargs="*", default=["linear", "ties", "dare_ties"])
@@ -117,8 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-resolve-", dir=os.environ.get("BENCH_DIR")) as d:
         repo = Path(d) / "repo"
         repo.mkdir()
-        # Built in a child process: this process stays small, so the peak RSS that wait4
-        # reports for each measured child (which starts from its parent's) is the child's own.
+        # Built in a child process, so that this process stays small.
         subprocess.run(
             [
                 sys.executable,
@@ -136,41 +172,42 @@ def main() -> None:
             check=True,
         )
         cache = repo / ".git" / "crdt" / "cache"
-        floor, floor_rss = run_measured(
-            [sys.executable, "-c", FLOOR_SCRIPT, str(Path(d) / "floor.out")], repo, env
+        timing = json.loads(
+            sh(
+                repo,
+                env,
+                sys.executable,
+                "-c",
+                WORKER,
+                str(Path(d) / "floor.out"),
+                str(args.density),
+                *args.strategies,
+            )
         )
-        print(
-            json.dumps(
-                {
-                    "bench": "resolve-floor",
-                    "seconds": round(floor, 3),
-                    "peak_rss_mb": round(floor_rss / 1e6),
-                }
-            ),
-            flush=True,
-        )
+        floor = timing["floor"]
+        print(json.dumps({"bench": "resolve-floor", "seconds": round(floor, 3)}), flush=True)
         rss_budget = (args.k + 2) * largest + 300e6
         for name in args.strategies:
-            params = (
-                []
-                if name in ("linear", "task_arithmetic", "model_stock")
-                else ["--param", f"density={args.density}"]
-            )
-            sh(repo, env, "git", "crdt", "strategy", name, *params)
+            set_strategy(repo, env, name, args.density)
             shutil.rmtree(cache, ignore_errors=True)
-            wall, rss = run_measured(["git-crdt", "resolve", "-q"], repo, env)
+            t0 = time.perf_counter()
+            sh(repo, env, "git-crdt", "resolve", "-q")
+            process_s = time.perf_counter() - t0
+            shutil.rmtree(cache, ignore_errors=True)
+            rss = int(sh(repo, env, sys.executable, "-c", RSS_WORKER).strip().splitlines()[-1])
             target = 1.5 if name in ("linear", "weight_average") else 4.0
             print(
                 json.dumps(
                     {
                         "bench": "resolve",
                         "strategy": name,
-                        "seconds": round(wall, 3),
-                        "ratio_to_floor": round(wall / floor, 2),
+                        "seconds": round(timing[name], 3),
+                        "ratio_to_floor": round(timing[name] / floor, 2),
                         "target_ratio": target,
+                        "whole_process_s": round(process_s, 3),
                         "peak_rss_mb": round(rss / 1e6),
                         "rss_budget_mb": round(rss_budget / 1e6),
-                        "params": args.k,
+                        "k": args.k,
                         "layers": args.layers,
                         "dim": args.dim,
                     }
@@ -179,18 +216,18 @@ def main() -> None:
             )
         # checkout onto a cached set: two branches, both resolved once, then switch
         sh(repo, env, "git", "config", "crdt.autoResolve", "true")
-        sh(repo, env, "git", "crdt", "strategy", "linear")
+        set_strategy(repo, env, "linear", args.density)
         sh(repo, env, "git", "commit", "-q", "-m", "linear")
         sh(repo, env, "git", "crdt", "resolve", "-q")
         sh(repo, env, "git", "checkout", "-q", "-b", "other")
-        sh(repo, env, "git", "crdt", "strategy", "task_arithmetic")
+        set_strategy(repo, env, "task_arithmetic", args.density)
         sh(repo, env, "git", "commit", "-q", "-m", "task arithmetic")
         sh(repo, env, "git", "crdt", "resolve", "-q")
         times = []
         for i in range(6):
-            branch = "main" if i % 2 == 0 else "other"
-            wall, _ = run_measured(["git", "checkout", "-q", branch], repo, env)
-            times.append(wall)
+            t0 = time.perf_counter()
+            sh(repo, env, "git", "checkout", "-q", "main" if i % 2 == 0 else "other")
+            times.append(time.perf_counter() - t0)
         times.sort()
         print(
             json.dumps(

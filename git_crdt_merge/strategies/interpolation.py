@@ -23,13 +23,14 @@ def merge_linear(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tenso
     w_i is each contribution's weight; the base is ignored.  The weighted sum is accumulated in
     canonical order with a rounded product and a rounded add per term, then divided once by the
     correctly rounded sum of the weights.  A zero weight sum with normalize=true is an error."""
-    acc = numerics.weighted_sum(inputs.tensors, inputs.weights)
-    if not params["normalize"]:
-        return acc
     total = math.fsum(inputs.weights)
-    if total == 0:
+    if params["normalize"] and total == 0:
         raise ResolveError("strategy linear: parameter normalize=true but the weights sum to 0")
-    return acc / numerics.scalar(total, acc)
+    # in place on the contributions (they belong to this call): no new tensor at all
+    acc = numerics.weighted_sum_(inputs.tensors, inputs.weights)
+    if params["normalize"]:
+        acc.div_(numerics.scalar(total, acc))
+    return acc
 
 
 def merge_slerp(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:

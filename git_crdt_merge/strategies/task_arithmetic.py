@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import ResolveError
-from ..numerics import l1_norm, ordered_sum, scalar
+from ..numerics import FLOAT_BITS, keep_where_, l1_norm, ordered_sum, scalar
 from .registry import Param, Strategy, TensorInputs, register
 from .sparsify import SPARSIFIERS, MaskKey, l1_rescale_in_place
 
@@ -43,10 +43,12 @@ def _sparsify_in_place(
     params: Mapping[str, Any],
     index: int,
     delta: torch.Tensor,
-) -> None:
-    """delta <- sparsify(delta) (optionally L1-rescaled), overwriting ``delta``."""
+) -> torch.Tensor | None:
+    """Sparsify ``delta``.  With L1 rescaling the mask is applied here (the rescale needs the
+    norm of what is kept) and None is returned; otherwise the keep-mask is returned (None: keep
+    all) for the blocked pass to apply where the data is in cache."""
     if variant.sparsifier is None:
-        return
+        return None
     sparsifier = SPARSIFIERS[variant.sparsifier]
     density: float = params["density"][index]
     extra: float = params[sparsifier.extra_param][index] if sparsifier.extra_param else 0.0
@@ -59,13 +61,13 @@ def _sparsify_in_place(
             )
     key = MaskKey(inputs.rng, inputs.name, inputs.contribution_ids[index])
     mask = sparsifier.mask(delta, density, extra, key)
-    if mask is None:
-        return
-    full_l1 = l1_norm(delta) if params.get("rescale", False) else 0.0
-    delta.masked_fill_(~mask, 0.0)
+    if mask is None or not params.get("rescale", False):
+        return mask
+    full_l1 = l1_norm(delta)
+    keep_where_(delta, mask)
     del mask
-    if params.get("rescale", False):
-        l1_rescale_in_place(delta, full_l1)
+    l1_rescale_in_place(delta, full_l1)
+    return None
 
 
 def generalized_task_arithmetic(
@@ -89,37 +91,70 @@ def generalized_task_arithmetic(
         raise ResolveError(f"strategy {variant.name} requires a base model")
     if not inputs.tensors:
         return base.clone()
-    weighted = inputs.tensors
-    for index, d in enumerate(weighted):
+    deltas = inputs.tensors
+    masks: list[torch.Tensor | None] = []
+    for index, d in enumerate(deltas):
         d.sub_(base)  # delta_i, in place
-        _sparsify_in_place(variant, inputs, params, index, d)
-        if inputs.weights[index] != 1.0:  # x * 1 is x exactly: skip the pass
-            d.mul_(scalar(inputs.weights[index], d))
-    one = scalar(1.0, base)
+        mask = _sparsify_in_place(variant, inputs, params, index, d)
+        masks.append(None if mask is None else mask.reshape(-1))
+    # Everything from here is elementwise: run it block by block so that the K + 3 operands
+    # of each step stay in the CPU cache (the same operations in the same order, so the same
+    # bits, a few times faster than whole-tensor passes, and no whole-tensor temporaries).
+    # The result is written over the first delta, block by block, once that block of it has
+    # been consumed: no whole-tensor allocation.
+    out = deltas[0]
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flats = [d.view(-1) for d in deltas]
+    for lo in range(0, flat_out.numel(), _BLOCK):
+        hi = lo + _BLOCK
+        block = [f[lo:hi] for f in flats]
+        for d, m, w in zip(block, masks, inputs.weights, strict=True):
+            if m is not None:
+                keep_where_(d, m[lo:hi])  # d_i = sparsified delta_i
+            if w != 1.0:  # x * 1 is x exactly: skip it
+                d.mul_(scalar(w, d))  # D_i = w_i * d_i
+        _combine_block(variant, params, inputs.weights, block, flat_base[lo:hi], flat_out[lo:hi])
+    return out
+
+
+_BLOCK = 1 << 16
+
+
+def _combine_block(
+    variant: Variant,
+    params: Mapping[str, Any],
+    weights: list[float],
+    deltas: list[torch.Tensor],
+    base: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """out = base + lambda * (consensus) sum of the weighted deltas, on one block (in place)."""
     if variant.consensus:
-        positive = ordered_sum(weighted) >= 0  # the elected sign s (exact 0 counts as +)
-        den = None
-        if params["normalize"]:
-            den = torch.zeros_like(base)
-        for d, w in zip(weighted, inputs.weights, strict=True):
-            # m_i: D_i has the elected sign; pruned zeros never agree.
-            agree = torch.where(positive, d > 0, d < 0)
-            d.masked_fill_(~agree, 0.0)
+        # The elected sign s = +1 where S = sum_i D_i >= 0 (an exact 0 counts as +), else -1
+        # (nan too).  m_i = [D_i * s > 0]: exact (s is +-1), false for pruned zeros and nan.
+        negative = ~(ordered_sum(deltas) >= 0)
+        sign = torch.ones_like(base).view(FLOAT_BITS[base.dtype])
+        sign.bitwise_or_(negative.to(sign.dtype) << (8 * base.element_size() - 1))
+        elected = sign.view(base.dtype)
+        den = torch.zeros_like(base) if params["normalize"] else None
+        for d, w in zip(deltas, weights, strict=True):
+            agree = (d * elected) > 0
+            keep_where_(d, agree)
             if den is not None:
                 den.add_(agree.to(den.dtype).mul_(scalar(w, den)))
-        del positive
-        num = ordered_sum(weighted)
+        num = ordered_sum(deltas)
         if den is not None:
-            num.div_(torch.where(den == 0, one, den))
+            den.add_((den == 0).to(den.dtype))  # 1 where no weight agreed (0 + 1 is exact)
+            num.div_(den)
     else:
-        num = ordered_sum(weighted)
+        num = ordered_sum(deltas)
         if params["normalize"]:
-            total = math.fsum(inputs.weights)
+            total = math.fsum(weights)
             num.div_(scalar(1.0 if abs(total) < 1e-8 else total, num))
     lam: float = params["lambda"]
     if lam != 1.0:
         num.mul_(scalar(lam, num))
-    return num.add_(base)
+    torch.add(num, base, out=out)
 
 
 def _params(variant: Variant) -> tuple[Param, ...]:
