@@ -117,7 +117,7 @@ def generalized_task_arithmetic(
     return out
 
 
-_BLOCK = 1 << 16
+_BLOCK = 1 << 18
 
 
 def _combine_block(
