@@ -62,7 +62,7 @@ def magnitude_mask(
     if density <= 0 or n == 0:
         return torch.zeros(delta.shape, dtype=torch.bool)
     k = max(1, math.floor(density * n))
-    return numerics.topk_mask(torch.abs(delta), k)
+    return numerics.topk_magnitude_mask(delta, k)
 
 
 def random_mask(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> torch.Tensor | None:

@@ -92,27 +92,32 @@ def generalized_task_arithmetic(
     if not inputs.tensors:
         return base.clone()
     deltas = inputs.tensors
-    masks: list[torch.Tensor | None] = []
     for index, d in enumerate(deltas):
         d.sub_(base)  # delta_i, in place
         mask = _sparsify_in_place(variant, inputs, params, index, d)
-        masks.append(None if mask is None else mask.reshape(-1))
-    # Everything from here is elementwise: run it block by block so that the K + 3 operands
-    # of each step stay in the CPU cache (the same operations in the same order, so the same
-    # bits, a few times faster than whole-tensor passes, and no whole-tensor temporaries).
-    # The result is written over the first delta, block by block, once that block of it has
-    # been consumed: no whole-tensor allocation.
+        w = inputs.weights[index]
+        if mask is None and w == 1.0:
+            continue
+        # d_i = sparsified delta_i, D_i = w_i * d_i (x * 1 is x exactly: skipped), applied in
+        # cache-sized blocks right away, so no mask outlives its contribution.
+        flat, flat_mask = d.view(-1), None if mask is None else mask.view(-1)
+        for lo in range(0, flat.numel(), _BLOCK):
+            part = flat[lo : lo + _BLOCK]
+            if flat_mask is not None:
+                keep_where_(part, flat_mask[lo : lo + _BLOCK])
+            if w != 1.0:
+                part.mul_(scalar(w, part))
+        del mask, flat_mask
+    # The combination is elementwise across contributions: block by block, so that the K + 3
+    # operands of each step stay in the CPU cache (the same operations in the same order, so
+    # the same bits, a few times faster than whole-tensor passes, no whole-tensor
+    # temporaries).  The result goes over the first delta once that block of it is consumed.
     out = deltas[0]
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [d.view(-1) for d in deltas]
     for lo in range(0, flat_out.numel(), _BLOCK):
         hi = lo + _BLOCK
         block = [f[lo:hi] for f in flats]
-        for d, m, w in zip(block, masks, inputs.weights, strict=True):
-            if m is not None:
-                keep_where_(d, m[lo:hi])  # d_i = sparsified delta_i
-            if w != 1.0:  # x * 1 is x exactly: skip it
-                d.mul_(scalar(w, d))  # D_i = w_i * d_i
         _combine_block(variant, params, inputs.weights, block, flat_base[lo:hi], flat_out[lo:hi])
     return out
 
