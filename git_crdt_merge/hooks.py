@@ -96,5 +96,11 @@ def main(argv: list[str]) -> int:
         except CrdtError as exc:
             _say(f"{name}: {exc}")
             return 1
+        except Exception as exc:  # verification itself broke: say so in one line, and block
+            _say(
+                f"{name}: internal error while verifying ({exc!r}); 'git commit --no-verify' "
+                "skips it"
+            )
+            return 1
     _say(f"unknown hook {name!r}")
     return 0

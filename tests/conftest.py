@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,25 @@ def new_repo(path: Path, *, init_crdt: bool = True) -> Path:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     return new_repo(tmp_path / "repo")
+
+
+_ORIGINS: dict[str, Path] = {}
+
+
+def origin_copy(
+    name: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    prepare: Callable[[Path, Path], None] | None = None,
+) -> Path:
+    """A private copy of a bare origin whose history is ``git crdt init`` (plus ``prepare(seed,
+    scratch)``), built once per test session under ``name`` (inside the isolated git
+    environment of the first test that asks for it)."""
+    if name not in _ORIGINS:
+        tmp = tmp_path_factory.mktemp(f"origin-{name}")
+        seed = new_repo(tmp / "seed")
+        if prepare is not None:
+            prepare(seed, tmp)
+        git(tmp, "clone", "-q", "--bare", str(seed), str(tmp / "origin.git"))
+        _ORIGINS[name] = tmp / "origin.git"
+    return Path(shutil.copytree(_ORIGINS[name], tmp_path / "origin.git", symlinks=True))

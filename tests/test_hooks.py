@@ -6,29 +6,21 @@ resolution error, and block a commit whose staged manifest references a missing 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, git, make_model, origin_copy
 
 from git_crdt_merge.contributions import set_register
 from git_crdt_merge.manifest import Manifest, add_record, set_record
 from git_crdt_merge.repo import Repo, new_tag
 
+
 # -- helpers ------------------------------------------------------------------------------------
-_TEMPLATE: dict[str, Path] = {}
-
-
 @pytest.fixture
 def origin(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of a bare origin holding one commit made by ``git crdt init``."""
-    if "bare" not in _TEMPLATE:
-        tmp = tmp_path_factory.mktemp("origin-hooks")
-        seed = new_repo(tmp / "seed")
-        git(tmp, "clone", "-q", "--bare", str(seed), str(tmp / "origin.git"))
-        _TEMPLATE["bare"] = tmp / "origin.git"
-    return Path(shutil.copytree(_TEMPLATE["bare"], tmp_path / "origin.git", symlinks=True))
+    return origin_copy("init", tmp_path, tmp_path_factory)
 
 
 def clone(origin: Path, dest: Path, *, driver: bool = True) -> Path:

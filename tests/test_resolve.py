@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, git, make_model, new_repo, origin_copy
 from safetensors import safe_open
 
 from git_crdt_merge.contributions import set_register
@@ -33,10 +33,8 @@ STRATEGIES = {
     "dare_ties": {"density": 0.5},
 }
 
+
 # -- helpers ------------------------------------------------------------------------------------
-_TEMPLATE: dict[str, Path] = {}
-
-
 def model(tmp: Path, seed: int, **kw: object) -> Path:
     kw.setdefault("shapes", SHAPES)
     return make_model(tmp / "models" / f"m{seed}.safetensors", seed, **kw)  # type: ignore[arg-type]
@@ -44,19 +42,14 @@ def model(tmp: Path, seed: int, **kw: object) -> Path:
 
 @pytest.fixture
 def origin(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of a bare origin whose one commit holds a base set by ``set-base``.
+    """A private copy of a bare origin whose one commit holds a base set by ``set-base``."""
 
-    The template is built once (inside the isolated git environment of the first test).
-    """
-    if "bare" not in _TEMPLATE:
-        tmp = tmp_path_factory.mktemp("origin-base")
-        seed = new_repo(tmp / "seed")
+    def with_base(seed: Path, scratch: Path) -> None:
         git(seed, "config", "crdt.autoResolve", "false")
-        crdt(seed, "set-base", str(model(tmp, 0)), "-q")
+        crdt(seed, "set-base", str(model(scratch, 0)), "-q")
         git(seed, "commit", "-q", "-m", "base")
-        git(tmp, "clone", "-q", "--bare", str(seed), str(tmp / "origin.git"))
-        _TEMPLATE["bare"] = tmp / "origin.git"
-    return Path(shutil.copytree(_TEMPLATE["bare"], tmp_path / "origin.git", symlinks=True))
+
+    return origin_copy("base", tmp_path, tmp_path_factory, with_base)
 
 
 def clone(origin: Path, dest: Path) -> Path:

@@ -8,30 +8,19 @@ cherry-picks, and tensor objects never reach the working tree.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, git, make_model, origin_copy
 
 from git_crdt_merge.manifest import Manifest, join, set_record
 
+
 # -- helpers ------------------------------------------------------------------------------------
-_TEMPLATE: dict[str, Path] = {}
-
-
 @pytest.fixture
 def origin(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of a bare origin holding one commit made by ``git crdt init``.
-
-    The template is built once (inside the isolated git environment of the first test).
-    """
-    if "bare" not in _TEMPLATE:
-        tmp = tmp_path_factory.mktemp("origin")
-        seed = new_repo(tmp / "seed")
-        git(tmp, "clone", "-q", "--bare", str(seed), str(tmp / "origin.git"))
-        _TEMPLATE["bare"] = tmp / "origin.git"
-    return Path(shutil.copytree(_TEMPLATE["bare"], tmp_path / "origin.git", symlinks=True))
+    """A private copy of a bare origin holding one commit made by ``git crdt init``."""
+    return origin_copy("init", tmp_path, tmp_path_factory)
 
 
 def clone(origin: Path, dest: Path, *, install: bool = True, auto_resolve: bool = False) -> Path:
