@@ -145,8 +145,8 @@ def _combine_block(
         for d, w in zip(deltas, weights, strict=True):
             agree = (d * elected) > 0
             keep_where_(d, agree)
-            if den is not None:
-                den.add_(agree.to(den.dtype).mul_(scalar(w, den)))
+            if den is not None:  # den += w_i * m_i (a bool adds as 0 or 1: exact)
+                den.add_(agree if w == 1.0 else agree.to(den.dtype).mul_(scalar(w, den)))
         num = ordered_sum(deltas)
         if den is not None:
             den.add_((den == 0).to(den.dtype))  # 1 where no weight agreed (0 + 1 is exact)
