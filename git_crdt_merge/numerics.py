@@ -141,7 +141,7 @@ def keep_where_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     all-zeros integer.  ``where`` and ``masked_fill`` with a bool mask run about 15x slower here
     (measured: 55-70 us against 3-6 us per 64K float32)."""
     bits = x.view(FLOAT_BITS[x.dtype])
-    bits.bitwise_and_(keep.to(bits.dtype).neg_())
+    bits.bitwise_and_(keep.to(device=x.device, dtype=bits.dtype).neg_())
     return x
 
 
@@ -579,7 +579,7 @@ class RandomStream:
         conversion to float64, the clamp, the power-of-two scale, the floor and the integer
         compare; so the same ``p`` draws the same mask everywhere."""
         words = self.bits(tensor_name, contribution_id, p.numel())
-        c = torch.nan_to_num(p.to(torch.float64), nan=0.0).clamp(0.0, 1.0)
+        c = torch.nan_to_num(p.to(device="cpu", dtype=torch.float64), nan=0.0).clamp(0.0, 1.0)
         thresholds = torch.floor(c * float(_TWO32)).to(torch.int64).reshape(-1)
         return (words < thresholds).reshape(p.shape)
 
