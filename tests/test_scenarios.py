@@ -61,6 +61,15 @@ def peer(repo: Path, other: Path, name: str) -> None:
     git(repo, "remote", "add", name, str(other))
 
 
+def peers(origin: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Two installed clones, ``a`` and ``b``, each a remote of the other."""
+    a = clone(origin, tmp_path / "a")
+    b = clone(origin, tmp_path / "b")
+    peer(a, b, "b")
+    peer(b, a, "a")
+    return a, b
+
+
 def merge_from(repo: Path, remote: str, branch: str = "main") -> None:
     """Merge what was last fetched from ``remote`` (a true merge, never a fast-forward)."""
     git(repo, "merge", "-q", "--no-edit", "--no-ff", f"{remote}/{branch}")
@@ -90,10 +99,7 @@ def joined(*states: bytes) -> bytes:
 def test_merging_in_both_directions_gives_identical_manifest_and_root(
     tmp_path: Path, origin: Path
 ) -> None:
-    a = clone(origin, tmp_path / "a")
-    b = clone(origin, tmp_path / "b")
-    peer(a, b, "b")
-    peer(b, a, "a")
+    a, b = peers(origin, tmp_path)
     ida = add(a, model(tmp_path, 1))
     idb = add(b, model(tmp_path, 2))
     before_a, before_b = manifest(a), manifest(b)
@@ -115,10 +121,7 @@ def test_merging_in_both_directions_gives_identical_manifest_and_root(
 def test_criss_cross_merge_with_two_merge_bases_gives_the_same_manifest(
     tmp_path: Path, origin: Path
 ) -> None:
-    a = clone(origin, tmp_path / "a")
-    b = clone(origin, tmp_path / "b")
-    peer(a, b, "b")
-    peer(b, a, "a")
+    a, b = peers(origin, tmp_path)
     add(a, model(tmp_path, 1))
     add(b, model(tmp_path, 2))
     git(a, "fetch", "-q", "b")
@@ -195,10 +198,7 @@ def test_cherry_pick_with_swapped_sides_joins_both_states(tmp_path: Path, origin
 def test_concurrent_add_survives_a_concurrent_remove_of_the_same_contribution(
     tmp_path: Path, origin: Path
 ) -> None:
-    a = clone(origin, tmp_path / "a")
-    b = clone(origin, tmp_path / "b")
-    peer(a, b, "b")
-    peer(b, a, "a")
+    a, b = peers(origin, tmp_path)
     m = model(tmp_path, 1)
     cid = add(a, m)
     crdt(a, "remove-contribution", "m1")
@@ -272,10 +272,7 @@ def test_same_model_added_in_two_clones_is_visible_once(tmp_path: Path, origin: 
 def test_concurrent_strategy_writes_resolve_to_the_same_winner_everywhere(
     tmp_path: Path, origin: Path
 ) -> None:
-    a = clone(origin, tmp_path / "a")
-    b = clone(origin, tmp_path / "b")
-    peer(a, b, "b")
-    peer(b, a, "a")
+    a, b = peers(origin, tmp_path)
     crdt(a, "strategy", "linear", "-p", "normalize=false")
     git(a, "commit", "-q", "-m", "strategy a")
     crdt(b, "strategy", "linear", "-p", "normalize=true")
