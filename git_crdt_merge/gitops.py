@@ -88,10 +88,6 @@ def _loose_path(objects_dir: Path, sha: str) -> Path:
     return objects_dir / sha[:2] / sha[2:]
 
 
-def object_exists(objects_dir: Path, sha: str) -> bool:
-    return _loose_path(objects_dir, sha).exists()
-
-
 def blob_sha1(data: bytes | memoryview) -> str:
     h = hashlib.sha1(b"blob %d\x00" % len(data))
     h.update(data)

@@ -21,7 +21,6 @@ from .errors import StoreError, UsageError
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
-MAX_DESCRIPTOR_BYTES = 256 * 1024 * 1024
 
 
 def object_path(object_id: str) -> str:

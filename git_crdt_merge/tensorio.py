@@ -1,4 +1,5 @@
-"""Tensor bytes <-> torch tensors (Layer 2 side; Layer 1 never imports this)."""
+"""safetensors dtype names <-> torch dtypes (imports torch: Layer 1 uses it only to load a
+pickled checkpoint, on request)."""
 
 from __future__ import annotations
 
@@ -22,20 +23,3 @@ NAME_TO_TORCH: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 TORCH_TO_NAME: dict[torch.dtype, str] = {v: k for k, v in NAME_TO_TORCH.items()}
-FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
-
-
-def from_bytes(data: bytes | bytearray | memoryview, dtype: str, shape: list[int]) -> torch.Tensor:
-    """A tensor over a copy-free view of little-endian bytes (read-only buffers are copied)."""
-    tdtype = NAME_TO_TORCH[dtype]
-    if len(data) == 0:
-        return torch.empty(shape, dtype=tdtype)
-    buf = data if isinstance(data, bytearray) else bytearray(data)
-    return torch.frombuffer(buf, dtype=tdtype).reshape(shape)
-
-
-def to_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().reshape(-1)
-    if t.numel() == 0:
-        return b""
-    return t.view(torch.uint8).numpy().tobytes()

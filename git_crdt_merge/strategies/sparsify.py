@@ -21,7 +21,6 @@ __all__ = [
     "MaskKey",
     "Sparsifier",
     "della_magprune_mask",
-    "l1_rescale",
     "l1_rescale_in_place",
     "magnitude_mask",
     "magnitude_outliers_mask",
@@ -119,14 +118,6 @@ def della_magprune_mask(
         return torch.zeros(delta.shape, dtype=torch.bool)
     p = della_probabilities(delta, density, epsilon)
     return key.rng.bernoulli_mask_per_element(key.tensor_name, key.contribution_id, p)
-
-
-def l1_rescale(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``kept * (||delta||_1 / ||kept||_1)`` (reproducible L1 norms, factor rounded once to the
-    compute dtype); ``kept`` unchanged if either norm is below 1e-7."""
-    out = kept.clone()
-    l1_rescale_in_place(out, numerics.l1_norm(delta))
-    return out
 
 
 def l1_rescale_in_place(kept: torch.Tensor, full_l1: float) -> None:
