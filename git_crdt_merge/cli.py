@@ -268,6 +268,7 @@ def strategies(json_: JsonOpt = False) -> None:
                 "min_inputs": st.min_inputs,
                 "max_inputs": st.max_inputs,
                 "stochastic": st.stochastic,
+                "uses_weights": st.uses_weights,
                 "summary": st.summary,
                 "params": [
                     {

@@ -108,6 +108,9 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     }
     for (cid, name), desc in zip(contributions, descriptors, strict=True):
         _check_compatible(specs, desc, f"contribution {name} ({cid[:12]})")
+    registry.check_weights(
+        strategy, [float(d.get("weight", 1.0)) for d in descriptors], contributions
+    )
     kinds = {d.get("kind", "full") for d in descriptors}
     if len(kinds) > 1:
         raise ResolveError(f"contributions mix kinds {sorted(kinds)}; merge like with like")

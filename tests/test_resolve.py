@@ -220,6 +220,18 @@ def test_weighted_linear_matches_a_float64_reference(tmp_path: Path) -> None:
     assert sorted(by_id.values()) == weights
 
 
+def test_a_strategy_without_weights_refuses_a_weighted_contribution(tmp_path: Path) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    set_base(repo, model(tmp_path, 0))
+    add(repo, model(tmp_path, 1), "--weight", "2")
+    choose(repo, "slerp", t=0.5)
+    proc = crdt(repo, "resolve", check=False)
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "slerp takes no per-contribution weights" in proc.stderr
+    assert not (repo / "merged").exists()
+
+
 def test_small_max_shard_size_gives_shards_and_an_index_covering_every_tensor_once(
     tmp_path: Path,
 ) -> None:

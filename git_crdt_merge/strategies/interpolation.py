@@ -86,5 +86,6 @@ register(
         stochastic=False,
         merge=merge_slerp,
         summary="spherical interpolation between the base and one contribution",
+        uses_weights=False,
     )
 )

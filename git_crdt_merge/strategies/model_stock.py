@@ -67,5 +67,6 @@ register(
         stochastic=False,
         merge=merge_model_stock,
         summary="Model Stock: move from the base toward the mean by the task vectors' angle",
+        uses_weights=False,
     )
 )

@@ -28,6 +28,7 @@ __all__ = [
     "TensorInputs",
     "all_strategies",
     "check_contract",
+    "check_weights",
     "get_strategy",
     "register",
     "resolve_params",
@@ -85,6 +86,9 @@ class Strategy:
     stochastic: bool
     merge: MergeFn
     summary: str
+    # False for methods whose formula has no per-contribution weight: a contribution added with
+    # a weight other than 1 is then refused (check_weights) instead of being silently ignored
+    uses_weights: bool = True
 
     @property
     def formula(self) -> str:
@@ -254,6 +258,23 @@ def check_contract(strategy: Strategy, n_contributions: int, has_base: bool) -> 
             f"strategy {strategy.name} needs {wanted} contribution(s) besides the base, "
             f"got {n_contributions}"
         )
+
+
+def check_weights(
+    strategy: Strategy, weights: Sequence[float], contributions: Sequence[tuple[str, str]]
+) -> None:
+    """Raise :class:`ResolveError` if ``strategy`` takes no weights but a contribution has one.
+
+    ``weights`` and ``contributions`` ((id, name) pairs) are aligned, in canonical order."""
+    if strategy.uses_weights:
+        return
+    for (cid, cname), weight in zip(contributions, weights, strict=True):
+        if weight != 1.0:
+            raise ResolveError(
+                f"strategy {strategy.name} takes no per-contribution weights, but contribution "
+                f"{cname!r} ({cid[:12]}) has weight {weight:g}; re-add it without --weight or "
+                "choose a weighted strategy"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
