@@ -21,6 +21,12 @@ The rules (measured with torch 2.13 on CPU under ``ATEN_CPU_CAPABILITY=default|a
 * **Transcendentals** (:func:`acos`, :func:`sin`, :func:`cos`) are evaluated with Python's
   :mod:`decimal` at 60 significant digits and rounded once to float64, so they never depend on the
   platform's libm.  They are meant for a few scalars per tensor (SLERP angles).
+* **Linear algebra** (:func:`matmul`, :func:`svd`, :func:`eigh`, :func:`solve`) runs in float64
+  on one thread with Intel MKL's "compatible" reproducibility branch (``MKL_CBWR=COMPATIBLE``,
+  set when the package is imported): measured here, the branch MKL picks for the CPU and the
+  thread count both change SVD and solve results in the last bits; this pair does not.  The
+  guarantee is MKL's (same MKL version, any x86 CPU), so these are for strategies whose source
+  paper needs a decomposition (SVD, least squares), never for what a reduction above can do.
 * **Randomness** comes only from :class:`RandomStream`: a blake3 XOF keyed by the Merkle root and
   addressed by (tensor name, contribution id); integer operations only.
 * **Selection** (:func:`topk_mask`, :func:`band_mask`, :func:`row_ranks`) has an exact tie rule
@@ -42,8 +48,10 @@ Measured here (2 cores, torch 2.13, CPU): 4M float32 normal values: ``exact_sum`
 from __future__ import annotations
 
 import math
+import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from functools import lru_cache
 
@@ -53,6 +61,11 @@ import torch
 
 __all__ = [
     "FLOAT_COMPUTE_DTYPES",
+    "eigh",
+    "linalg_threads",
+    "matmul",
+    "solve",
+    "svd",
     "RandomStream",
     "acos",
     "band_mask",
@@ -476,6 +489,70 @@ def acos(x: float) -> float:
         dx = Decimal(x)
         value = 2 * _atan(((1 - dx) / (1 + dx)).sqrt())
     return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear algebra: float64, one thread, MKL's compatible branch
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def linalg_threads() -> Iterator[None]:
+    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split)."""
+    if os.environ.get("MKL_CBWR") != "COMPATIBLE":  # pragma: no cover - set by the package
+        raise RuntimeError("MKL_CBWR must be COMPATIBLE before torch's first MKL call")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64 (reproducible; float32 inputs give exact products)."""
+    with linalg_threads():
+        return torch.matmul(_f64(a), _f64(b))
+
+
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``x = U diag(S) Vh`` of a 2-D tensor in float64, singular values descending.
+
+    Signs are fixed so that the largest-magnitude entry of each column of U is positive (lowest
+    index on ties), making the factors a function of ``x`` rather than of LAPACK's choice."""
+    if x.dim() != 2:
+        raise ValueError(f"svd needs a 2-D tensor, got shape {tuple(x.shape)}")
+    with linalg_threads():
+        u, s, vh = torch.linalg.svd(_f64(x), full_matrices=False)
+    if u.numel():
+        pivot = u.abs().argmax(dim=0)
+        flip = u.gather(0, pivot.unsqueeze(0)).squeeze(0) < 0
+        sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
+        u = u * sign
+        vh = vh * sign.unsqueeze(1)
+    return u, s, vh
+
+
+def eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, in float64,
+    with each eigenvector's largest-magnitude entry made positive."""
+    with linalg_threads():
+        values, vectors = torch.linalg.eigh(_f64(x))
+    if vectors.numel():
+        pivot = vectors.abs().argmax(dim=0)
+        flip = vectors.gather(0, pivot.unsqueeze(0)).squeeze(0) < 0
+        vectors = vectors * torch.where(flip, -1.0, 1.0).to(torch.float64)
+    return values, vectors
+
+
+def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a square, non-singular ``a``, in float64."""
+    with linalg_threads():
+        return torch.linalg.solve(_f64(a), _f64(b))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def main(threads: int) -> None:
             print(f"{strategy.name} {name} {out.dtype} {digest.hexdigest()}")
     x = data["big.weight"][1][0]
     print("exact_sum", numerics.exact_sum(x).hex(), numerics.dot(x, x).hex())
+    a = data["big.weight"][1][1][:300, :200]
+    u, s, vh = numerics.svd(a)
+    values, vectors = numerics.eigh(numerics.matmul(a.T, a))
+    square = numerics.matmul(a[:200].T, a[:200]) + torch.eye(200, dtype=torch.float64)
+    for label, t in {
+        "svd": torch.cat([u.reshape(-1), s, vh.reshape(-1)]),
+        "eigh": torch.cat([values, vectors.reshape(-1)]),
+        "solve": numerics.solve(square, a[:200, :7]),
+    }.items():
+        print(label, hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest())
 
 
 if __name__ == "__main__":

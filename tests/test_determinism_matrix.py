@@ -25,6 +25,10 @@ def _capabilities() -> list[str]:
 
 def _run(capability: str, threads: int) -> subprocess.Popen[str]:
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    # what MKL would pick by itself on such a CPU; the package must override it
+    env.pop("MKL_CBWR", None)
+    if capability in ("avx2", "avx512"):
+        env["MKL_CBWR"] = capability.upper()
     env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(threads)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from typing import Any
 
@@ -203,3 +204,40 @@ def test_weighted_sum_is_mul_then_add_in_order() -> None:
     w0 = torch.tensor(0.1, dtype=torch.float32)
     w1 = torch.tensor(0.7, dtype=torch.float32)
     assert torch.equal(out, a * w0 + b * w1)
+
+
+# -- linear algebra -------------------------------------------------------------------------------
+def test_svd_reconstructs_and_fixes_signs() -> None:
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((40, 25)))
+    u, s, vh = numerics.svd(x)
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+    assert u.shape == (40, 25) and s.shape == (25,) and vh.shape == (25, 25)
+    assert torch.all(s[:-1] >= s[1:])
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, x, rtol=1e-10, atol=1e-10)
+    pivots = u.abs().argmax(dim=0)
+    assert torch.all(u[pivots, torch.arange(25)] > 0)
+    # the sign rule makes the factors a function of x: -x flips U, not V
+    u2, _, vh2 = numerics.svd(-x)
+    assert torch.equal(u2, u) and torch.equal(vh2, -vh)
+
+
+def test_eigh_solve_matmul_agree_with_float64_numpy() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((30, 30))
+    sym = a @ a.T + np.eye(30)
+    got = numerics.matmul(torch.from_numpy(a), torch.from_numpy(a.T))
+    np.testing.assert_allclose(got.numpy(), a @ a.T, rtol=1e-12)
+    values, vectors = numerics.eigh(torch.from_numpy(sym))
+    np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(sym), rtol=1e-10)
+    pivots = vectors.abs().argmax(dim=0)
+    assert torch.all(vectors[pivots, torch.arange(30)] > 0)
+    b = rng.standard_normal((30, 3))
+    np.testing.assert_allclose(
+        numerics.solve(torch.from_numpy(sym), torch.from_numpy(b)).numpy(),
+        np.linalg.solve(sym, b),
+        rtol=1e-9,
+    )
+
+
+def test_the_package_selects_mkls_compatible_branch() -> None:
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
