@@ -50,7 +50,8 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from functools import lru_cache
@@ -64,6 +65,7 @@ __all__ = [
     "eigh",
     "linalg_threads",
     "matmul",
+    "run_side_by_side",
     "solve",
     "svd",
     "RandomStream",
@@ -509,6 +511,28 @@ def linalg_threads() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def run_side_by_side(task: Callable[[int], None], items: Iterable[int]) -> None:
+    """``task(i)`` for every item, on as many Python threads as torch has intra-op threads,
+    each running torch on one thread (element-wise torch ops release the GIL, and the many small
+    blocked ops of the exact reductions scale better across tasks than within one).
+
+    Only for tasks that are independent of one another: results must not depend on the
+    schedule, and they do not when every task writes only its own tensors."""
+    workers = torch.get_num_threads()
+    todo = list(items)
+    if workers <= 1 or len(todo) <= 1:
+        for item in todo:
+            task(item)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            for future in [pool.submit(task, item) for item in todo]:
+                future.result()
+    finally:
+        torch.set_num_threads(workers)
+
+
 def _f64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
 
@@ -697,6 +721,28 @@ def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.kthvalue(flat, rank).values
 
 
+def _drop_last_ties(
+    flat: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor, excess: int
+) -> None:
+    """Clear ``mask`` at the ``excess`` highest flat indices where ``flat == threshold``.
+
+    Scans from the end in growing windows: usually a handful of entries tie, all near wherever
+    the scan starts, so this reads a small tail instead of the whole tensor."""
+    end = flat.numel()
+    window = _TIE_WINDOW
+    while excess > 0 and end > 0:
+        start = max(0, end - window)
+        tied = torch.nonzero(flat[start:end] == threshold).reshape(-1)
+        take = min(excess, tied.numel())
+        if take:
+            mask[start + tied[tied.numel() - take :]] = False
+            excess -= take
+        end, window = start, window * 4
+
+
+_TIE_WINDOW = 1 << 16
+
+
 def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
     first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
@@ -710,8 +756,7 @@ def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
     mask = flat <= threshold
     excess = int(torch.count_nonzero(mask)) - count
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
-        tied = torch.nonzero(flat == threshold).reshape(-1)
-        mask[tied[tied.numel() - excess :]] = False
+        _drop_last_ties(flat, threshold, mask, excess)
     return mask.reshape(values.shape)
 
 
@@ -729,8 +774,7 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     mask = flat >= threshold
     excess = int(torch.count_nonzero(mask)) - k
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
-        tied = torch.nonzero(flat == threshold).reshape(-1)
-        mask[tied[tied.numel() - excess :]] = False
+        _drop_last_ties(flat, threshold, mask, excess)
     return mask.reshape(values.shape)
 
 

@@ -241,3 +241,18 @@ def test_eigh_solve_matmul_agree_with_float64_numpy() -> None:
 
 def test_the_package_selects_mkls_compatible_branch() -> None:
     assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+
+
+@pytest.mark.parametrize("k", [1, 150_001, 299_999])
+def test_topk_and_bottom_on_large_tensors_with_many_ties_match_a_stable_sort(k: int) -> None:
+    """Past the sampled bracket and the windowed tie scan: few distinct values, so the ties at
+    the threshold spread over the whole tensor and the scan needs several windows."""
+    values = torch.from_numpy(np.random.default_rng(k).integers(0, 7, 300_000)).to(torch.float32)
+    order = np.argsort(-values.numpy(), kind="stable")
+    want = np.zeros(values.numel(), dtype=bool)
+    want[order[:k]] = True
+    assert torch.equal(numerics.topk_mask(values, k), torch.from_numpy(want))
+    order = np.argsort(values.numpy(), kind="stable")
+    want = np.zeros(values.numel(), dtype=bool)
+    want[order[:k]] = True
+    assert torch.equal(numerics.bottom_mask(values, k), torch.from_numpy(want))

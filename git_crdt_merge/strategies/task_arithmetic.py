@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import numerics
 from ..errors import ResolveError
 from ..numerics import FLOAT_BITS, keep_where_, l1_norm, ordered_sum, scalar
 from .registry import Param, Strategy, TensorInputs, register
@@ -92,12 +93,14 @@ def generalized_task_arithmetic(
     if not inputs.tensors:
         return base.clone()
     deltas = inputs.tensors
-    for index, d in enumerate(deltas):
+
+    def prepare(index: int) -> None:
+        d = deltas[index]
         d.sub_(base)  # delta_i, in place
         mask = _sparsify_in_place(variant, inputs, params, index, d)
         w = inputs.weights[index]
         if mask is None and w == 1.0:
-            continue
+            return
         # d_i = sparsified delta_i, D_i = w_i * d_i (x * 1 is x exactly: skipped), applied in
         # cache-sized blocks right away, so no mask outlives its contribution.
         flat, flat_mask = d.view(-1), None if mask is None else mask.view(-1)
@@ -107,7 +110,14 @@ def generalized_task_arithmetic(
                 keep_where_(part, flat_mask[lo : lo + _BLOCK])
             if w != 1.0:
                 part.mul_(scalar(w, part))
-        del mask, flat_mask
+
+    if variant.sparsifier is None or base.numel() < _PARALLEL_MIN:
+        for index in range(len(deltas)):
+            prepare(index)
+    else:
+        # Each contribution is sparsified on its own (its mask, its norms, its stream), so
+        # contributions can run side by side; the results do not depend on the schedule.
+        numerics.run_side_by_side(prepare, range(len(deltas)))
     # The combination is elementwise across contributions: block by block, so that the K + 3
     # operands of each step stay in the CPU cache (the same operations in the same order, so
     # the same bits, a few times faster than whole-tensor passes, no whole-tensor
@@ -115,14 +125,23 @@ def generalized_task_arithmetic(
     out = deltas[0]
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flats = [d.view(-1) for d in deltas]
-    for lo in range(0, flat_out.numel(), _BLOCK):
+
+    def combine(lo: int) -> None:
         hi = lo + _BLOCK
         block = [f[lo:hi] for f in flats]
         _combine_block(variant, params, inputs.weights, block, flat_base[lo:hi], flat_out[lo:hi])
+
+    starts = range(0, flat_out.numel(), _BLOCK)
+    if len(starts) > 1:
+        numerics.run_side_by_side(combine, starts)  # blocks are disjoint: any schedule
+    else:
+        for lo in starts:
+            combine(lo)
     return out
 
 
 _BLOCK = 1 << 18
+_PARALLEL_MIN = 1 << 16  # elements; below this, threads cost more than they save
 
 
 def _combine_block(
