@@ -156,8 +156,18 @@ def keep_where_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     all-zeros integer.  ``where`` and ``masked_fill`` with a bool mask run about 15x slower here
     (measured: 55-70 us against 3-6 us per 64K float32)."""
     bits = x.view(FLOAT_BITS[x.dtype])
-    bits.bitwise_and_(keep.to(device=x.device, dtype=bits.dtype).neg_())
+    if bits.numel() <= _KEEP_BLOCK or not (bits.is_contiguous() and keep.is_contiguous()):
+        bits.bitwise_and_(keep.to(device=x.device, dtype=bits.dtype).neg_())
+        return x
+    # in blocks: the integer copy of the mask is 4x its size, never a whole-tensor temporary
+    flat_bits, flat_keep = bits.view(-1), keep.reshape(-1)
+    for lo in range(0, flat_bits.numel(), _KEEP_BLOCK):
+        part = flat_keep[lo : lo + _KEEP_BLOCK].to(device=x.device, dtype=bits.dtype).neg_()
+        flat_bits[lo : lo + _KEEP_BLOCK].bitwise_and_(part)
     return x
+
+
+_KEEP_BLOCK = 1 << 18
 
 
 def weighted_sum_(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -609,6 +619,9 @@ def threshold_u32(p: float) -> int:
     return int(math.floor(min(max(p, 0.0), 1.0) * _TWO32))
 
 
+_WORD_BLOCK = 1 << 20  # words drawn per blake3 call by bernoulli_mask
+
+
 class RandomStream:
     """Counter-based random bits keyed by the Merkle root.
 
@@ -632,10 +645,6 @@ class RandomStream:
 
     def __repr__(self) -> str:
         return f"RandomStream({self.root.hex()[:16]}...)"
-
-    def _words(self, tensor_name: str, contribution_id: str, n: int) -> np.ndarray:
-        hasher = blake3.blake3(stream_message(tensor_name, contribution_id), key=self.root)
-        return np.frombuffer(hasher.digest(length=4 * n), dtype="<u4")
 
     def bits(self, tensor_name: str, contribution_id: str, n: int, offset: int = 0) -> torch.Tensor:
         """Words ``offset .. offset+n-1`` of the stream as an int64 tensor of values in
@@ -668,9 +677,17 @@ class RandomStream:
         if size.numel() == 0 or threshold <= 0:
             return torch.zeros(size, dtype=torch.bool)
         # compared as uint32 in numpy: the same integer test as ``bits() < threshold``, without
-        # widening 4 bytes per element to 8
-        words = self._words(tensor_name, contribution_id, size.numel())
-        return torch.from_numpy(words < np.uint32(threshold)).reshape(size)
+        # widening 4 bytes per element to 8; the words are drawn a block at a time (the stream
+        # can be read at any offset), so no 4-bytes-per-element buffer exists at once
+        n = size.numel()
+        mask = np.empty(n, dtype=bool)
+        hasher = blake3.blake3(stream_message(tensor_name, contribution_id), key=self.root)
+        limit = np.uint32(threshold)
+        for lo in range(0, n, _WORD_BLOCK):
+            count = min(_WORD_BLOCK, n - lo)
+            raw = hasher.digest(length=4 * count, seek=4 * lo)
+            np.less(np.frombuffer(raw, dtype="<u4"), limit, out=mask[lo : lo + count])
+        return torch.from_numpy(mask).reshape(size)
 
     def bernoulli_mask_per_element(
         self, tensor_name: str, contribution_id: str, p: torch.Tensor
@@ -722,9 +739,15 @@ def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _drop_last_ties(
-    flat: torch.Tensor, threshold: torch.Tensor, mask: torch.Tensor, excess: int
+    flat: torch.Tensor,
+    threshold: torch.Tensor,
+    mask: torch.Tensor,
+    excess: int,
+    *,
+    magnitude: bool = False,
 ) -> None:
-    """Clear ``mask`` at the ``excess`` highest flat indices where ``flat == threshold``.
+    """Clear ``mask`` at the ``excess`` highest flat indices where ``flat == threshold``
+    (``|flat|`` with ``magnitude``).
 
     Scans from the end in growing windows: usually a handful of entries tie, all near wherever
     the scan starts, so this reads a small tail instead of the whole tensor."""
@@ -732,7 +755,10 @@ def _drop_last_ties(
     window = _TIE_WINDOW
     while excess > 0 and end > 0:
         start = max(0, end - window)
-        tied = torch.nonzero(flat[start:end] == threshold).reshape(-1)
+        window_values = flat[start:end]
+        if magnitude:
+            window_values = torch.abs(window_values)
+        tied = torch.nonzero(window_values == threshold).reshape(-1)
         take = min(excess, tied.numel())
         if take:
             mask[start + tied[tied.numel() - take :]] = False
@@ -779,24 +805,52 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`topk_mask` of ``|x|`` without a tensor of magnitudes: ``x`` itself holds ``|x|``
-    while the threshold is found, then gets its sign bits back (bit-exact, -0.0 and nan
-    included).  Saves a whole-tensor temporary (4 bytes per element, against 1 for the sign
-    bits) on the largest step of TIES."""
-    negative = torch.signbit(x)
-    x.abs_()
-    try:
-        return topk_mask(x, k)
-    finally:
-        bits = x.view(-1).view(FLOAT_BITS[x.dtype])
-        signs = negative.view(-1)
-        shift = 8 * x.element_size() - 1
-        for lo in range(0, bits.numel(), _SIGN_BLOCK):  # blocks: no whole-tensor int temp
-            part = signs[lo : lo + _SIGN_BLOCK].to(bits.dtype)
-            bits[lo : lo + _SIGN_BLOCK].bitwise_or_(part.bitwise_left_shift_(shift))
+    """:func:`topk_mask` of ``|x|``, computed a block at a time: no whole-tensor temporary
+    (no tensor of magnitudes, no integer copies), only the bool mask it returns.  This is the
+    largest step of TIES, and contributions run it side by side, so its memory counts."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or n == 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool)
+    threshold = _kth_smallest_magnitude(flat, n - k + 1)
+    mask = torch.empty(n, dtype=torch.bool)
+    for lo in range(0, n, _MAGNITUDE_BLOCK):
+        hi = lo + _MAGNITUDE_BLOCK
+        torch.ge(torch.abs(flat[lo:hi]), threshold, out=mask[lo:hi])
+    excess = int(torch.count_nonzero(mask)) - k
+    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
+        _drop_last_ties(flat, threshold, mask, excess, magnitude=True)
+    return mask.reshape(x.shape)
 
 
-_SIGN_BLOCK = 1 << 18
+def _kth_smallest_magnitude(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """:func:`kth_smallest` of ``|flat|``, bracketing and gathering a block at a time."""
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(torch.abs(flat), rank).values
+    sample = torch.abs(flat[:: n // _SAMPLE][:_SAMPLE])
+    m = sample.numel()
+    q = rank / n
+    margin = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0  # 5 sigma of the sample's rank
+    lo_value = torch.kthvalue(sample, max(1, math.floor(q * m - margin))).values
+    hi_value = torch.kthvalue(sample, min(m, math.ceil(q * m + margin))).values
+    below = 0
+    parts: list[torch.Tensor] = []
+    for lo in range(0, n, _MAGNITUDE_BLOCK):
+        block = torch.abs(flat[lo : lo + _MAGNITUDE_BLOCK])
+        at_least = block >= lo_value
+        below += block.numel() - int(torch.count_nonzero(at_least))
+        parts.append(block[at_least & (block <= hi_value)])
+    inside = torch.cat(parts)
+    r = rank - below
+    if 1 <= r <= inside.numel():
+        return torch.kthvalue(inside, r).values
+    return torch.kthvalue(torch.abs(flat), rank).values  # the bracket missed: exact anyway
+
+
+_MAGNITUDE_BLOCK = 1 << 18
 
 
 def band_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:

@@ -256,3 +256,37 @@ def test_topk_and_bottom_on_large_tensors_with_many_ties_match_a_stable_sort(k: 
     want = np.zeros(values.numel(), dtype=bool)
     want[order[:k]] = True
     assert torch.equal(numerics.bottom_mask(values, k), torch.from_numpy(want))
+
+
+def test_bernoulli_mask_drawn_in_blocks_equals_the_word_comparison() -> None:
+    stream = numerics.RandomStream(bytes(range(32)))
+    n = (1 << 20) * 2 + 12_345  # crosses two block boundaries
+    mask = stream.bernoulli_mask("w", "c", (n,), 0.3)
+    words = stream.bits("w", "c", n)
+    assert torch.equal(mask, words < numerics.threshold_u32(0.3))
+
+
+def test_keep_where_in_blocks_is_where_bit_for_bit() -> None:
+    n = 600_000  # more than two blocks
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal(n).astype(np.float32))
+    x[::7] = -0.0
+    x[3::11] = float("nan")
+    keep = torch.from_numpy(np.random.default_rng(6).random(n) < 0.5)
+    want = torch.where(keep, x, torch.zeros_like(x))
+    got = numerics.keep_where_(x.clone(), keep)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("n", [1000, 700_000])
+def test_topk_magnitude_mask_matches_a_stable_sort_of_magnitudes(n: int) -> None:
+    """Signed values with many equal magnitudes; the input is left untouched."""
+    rng = np.random.default_rng(n)
+    values = (rng.integers(-9, 10, n) / 8).astype(np.float32)
+    x = torch.from_numpy(values.copy())
+    before = x.clone()
+    for k in (1, n // 3, n - 1):
+        order = np.argsort(-np.abs(values), kind="stable")
+        want = np.zeros(n, dtype=bool)
+        want[order[:k]] = True
+        assert torch.equal(numerics.topk_magnitude_mask(x, k), torch.from_numpy(want)), k
+    assert torch.equal(x, before)
