@@ -23,6 +23,7 @@ from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
 __all__ = [
+    "LAMBDA",
     "merge_emr",
     "merge_led",
     "merge_negative",
@@ -333,7 +334,7 @@ def merge_led(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
 # declarations
 # ---------------------------------------------------------------------------------------------
 
-_LAMBDA = Param("lambda", float, 1.0, False, "scale of the merged task vector")
+LAMBDA = Param("lambda", float, 1.0, False, "scale of the merged task vector")
 
 register(
     Strategy(
@@ -363,7 +364,7 @@ register(
         aliases=(),
         params=(
             Param("negate", bool, True, True, "subtract this contribution's task vector"),
-            _LAMBDA,
+            LAMBDA,
         ),
         base="required",
         min_inputs=1,
@@ -381,7 +382,7 @@ register(
         params=(
             Param("method", str, "ties", False, "'ties' or 'task_arithmetic'"),
             Param("density", float, 1.0, True, "TIES: fraction of each task vector kept"),
-            _LAMBDA,
+            LAMBDA,
             Param("negate", bool, False, False, "contributions are forget-set fine-tunes: negate"),
         ),
         base="required",
@@ -428,7 +429,7 @@ register(
         params=(
             Param("density", float, 0.2, True, "fraction of each task vector located"),
             Param("base_density", float, 1.0, False, "fraction of base weights deemed important"),
-            _LAMBDA,
+            LAMBDA,
         ),
         base="required",
         min_inputs=1,

@@ -19,7 +19,7 @@ import torch
 
 from .. import numerics
 from ..errors import ResolveError
-from .consensus import check_fraction, require_base, task_vectors, weight_total
+from .consensus import LAMBDA, check_fraction, require_base, task_vectors, weight_total
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
@@ -42,12 +42,10 @@ def keep_count(values: list[float], fraction: float) -> int:
     in descending order (0 when they are all zero).  Exact prefix sums (math.fsum), found by
     bisection, so the count is a function of the values alone."""
     total = math.fsum(values)
-    if total <= 0 or not values:
+    if total <= 0:
         return 0
-    target = fraction * total
+    target = fraction * total  # fraction in (0, 1] (validated), so r = len(values) qualifies
     lo, hi = 1, len(values)
-    if math.fsum(values) < target:  # pragma: no cover - fraction <= 1 is validated
-        return len(values)
     while lo < hi:
         mid = (lo + hi) // 2
         if math.fsum(values[:mid]) >= target:
@@ -232,15 +230,13 @@ def merge_dual_projection(inputs: TensorInputs, params: Mapping[str, Any]) -> to
     return base + numerics.weighted_sum(taus, coefficients)
 
 
-_LAMBDA = Param("lambda", float, 1.0, False, "scale of the merged task vector")
-
 register(
     Strategy(
         name="star",
         aliases=(),
         params=(
             Param("eta", float, 0.4, False, "fraction of each nuclear norm the kept values hold"),
-            _LAMBDA,
+            LAMBDA,
             Param("normalize", bool, True, False, "divide by the sum of the weights"),
         ),
         base="required",
@@ -258,7 +254,7 @@ register(
         aliases=(),
         params=(
             Param("energy", float, 0.9, False, "fraction of each spectrum's energy kept"),
-            _LAMBDA,
+            LAMBDA,
             Param("normalize", bool, False, False, "divide by the sum of the weights"),
         ),
         base="required",
@@ -277,7 +273,7 @@ register(
         params=(
             Param("method", str, "ties", False, "merge in the shared basis: 'ties' or 'linear'"),
             Param("density", float, 1.0, True, "TIES: fraction of each aligned block kept"),
-            _LAMBDA,
+            LAMBDA,
             Param("normalize", bool, True, False, "divide by the (agreeing) weights"),
         ),
         base="required",
