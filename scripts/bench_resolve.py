@@ -34,6 +34,7 @@ import json, os, shutil, sys, time
 from pathlib import Path
 import torch
 from git_crdt_merge import contributions, engine, resolve
+from git_crdt_merge.strategies import get_strategy
 from git_crdt_merge.repo import Repo
 from git_crdt_merge.store import ObjectStore
 
@@ -60,7 +61,8 @@ def floor(out):
 
 results = {"floor": min(floor(sys.argv[1]) for _ in range(2))}
 for name in sys.argv[3:]:
-    params = {} if name in ("linear", "task_arithmetic") else {"density": density}
+    declared = {p.name for p in get_strategy(name).params}
+    params = {"density": density} if "density" in declared else {}
     contributions.set_register(repo, "strategy", {"name": name, "params": params})
     times = []
     for _ in range(2):
@@ -119,7 +121,10 @@ def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> Non
 
 
 def set_strategy(repo: Path, env: dict[str, str], name: str, density: float) -> None:
-    params = [] if name in ("linear", "task_arithmetic") else ["--param", f"density={density}"]
+    from git_crdt_merge.strategies import get_strategy  # torch: only when the bench runs
+
+    declared = {p.name for p in get_strategy(name).params}
+    params = ["--param", f"density={density}"] if "density" in declared else []
     subprocess.run(
         ["git", "crdt", "strategy", name, *params],
         cwd=repo,

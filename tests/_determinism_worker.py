@@ -35,6 +35,10 @@ def _values(
     return ((u - 0.5) * 2.0).to(torch.float32).reshape(shape)
 
 
+# a full SVD per 2048x2048 tensor takes seconds on one thread: these run on the smaller inputs
+SKIP_BIG = {"star", "adarank", "svd_knot_tying"}
+
+
 def inputs() -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
     stream = numerics.RandomStream(b"\x42" * 32)
     table: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
@@ -62,6 +66,8 @@ def main(threads: int) -> None:
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
         for name, (base, xs) in data.items():
+            if name == "big.weight" and strategy.name in SKIP_BIG:
+                continue
             out = run_strategy(strategy, name, base, xs[:n], ids, [1.0, 0.5, 2.0][:n], params, rng)
             digest = hashlib.sha256(
                 out.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()

@@ -36,6 +36,7 @@ class Variant:
     summary: str
     closed_form: str  # the formula at the default parameters
     extra_default: float = 0.0
+    aliases: tuple[str, ...] = ()  # other names of the same method (the paper's catalogue)
 
 
 def _sparsify_in_place(
@@ -252,6 +253,7 @@ VARIANTS: tuple[Variant, ...] = (
         True,
         "DARE: random drop, L1 rescale, weighted sum",
         "out = B + lambda * sum_i w_i R(M_density . delta_i)   (M: Bernoulli mask, R: L1 rescale)",
+        aliases=("dare",),
     ),
     Variant(
         "dare_ties",
@@ -271,6 +273,7 @@ VARIANTS: tuple[Variant, ...] = (
         "Model Breadcrumbs: drop the smallest and the largest |delta|",
         "out = B + lambda * sum_i w_i O(delta_i)   (O: keep a middle band of |delta|)",
         0.01,
+        aliases=("model_breadcrumbs",),
     ),
     Variant(
         "breadcrumbs_ties",
@@ -319,7 +322,7 @@ for _variant in VARIANTS:
     register(
         Strategy(
             name=_variant.name,
-            aliases=(),
+            aliases=_variant.aliases,
             params=_params(_variant),
             base="required",
             min_inputs=1,
