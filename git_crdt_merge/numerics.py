@@ -534,13 +534,25 @@ def run_side_by_side(task: Callable[[int], None], items: Iterable[int]) -> None:
         for item in todo:
             task(item)
         return
+    pool = _side_pool(workers)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
-            for future in [pool.submit(task, item) for item in todo]:
-                future.result()
+        for future in [pool.submit(task, item) for item in todo]:
+            future.result()
     finally:
         torch.set_num_threads(workers)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _side_pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per width: threads (and their allocator state) are reused tensor
+    after tensor instead of being created twice per tensor."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="crdt-side")
+    return pool
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
