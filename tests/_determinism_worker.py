@@ -68,6 +68,17 @@ def main(threads: int) -> None:
             )
             print(f"{strategy.name} {name} {out.dtype} {digest.hexdigest()}")
     x = data["big.weight"][1][0]
+    # elementwise exp/log on values spanning their whole range (subnormal results and inputs,
+    # overflow, the reduction boundaries), plus part of the big input
+    wide = torch.cat(
+        [
+            torch.arange(100_003, dtype=torch.float64) * 0.0148 - 760.0,  # linspace differs by ISA
+            x.reshape(-1)[:400_000].to(torch.float64) * 30.0,
+        ]
+    )
+    positive = torch.cat([wide.abs() * 1e300, wide.abs() * 1e-300, wide.abs()])
+    for label, values in (("exp", numerics.exp(wide)), ("log", numerics.log(positive))):
+        print(label, hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest())
     print("exact_sum", numerics.exact_sum(x).hex(), numerics.dot(x, x).hex())
     a = data["big.weight"][1][1][:300, :200]
     u, s, vh = numerics.svd(a)
