@@ -6,7 +6,7 @@ Importing this package registers every built-in strategy (modules below); look t
 
 from __future__ import annotations
 
-from . import interpolation, model_stock, task_arithmetic
+from . import interpolation, model_stock, passthrough, selective, spherical, task_arithmetic
 from .registry import (
     REQUIRED,
     Param,
@@ -29,7 +29,10 @@ __all__ = [
     "get_strategy",
     "interpolation",
     "model_stock",
+    "passthrough",
     "resolve_params",
     "run_strategy",
+    "selective",
+    "spherical",
     "task_arithmetic",
 ]
