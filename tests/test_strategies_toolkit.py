@@ -355,6 +355,23 @@ def test_special_cases_of_the_selective_methods() -> None:
     assert torch.equal(out, x * 2)
 
 
+def test_arcee_fusion_mask_depends_on_the_stored_values_only() -> None:
+    """The importance and its quantiles are float64 from the stored values, so float32 and
+    float64 compute keep the same entries of float32 inputs."""
+    base32 = BASE.astype(np.float32).astype(np.float64)
+    xs32 = [x.astype(np.float32).astype(np.float64) for x in XS]
+    kept = [
+        (
+            _run("arcee_fusion", compute=c, storage=torch.float32, base=base32, xs=xs32)
+            != torch.tensor(base32, dtype=torch.float32)
+        ).numpy()
+        for c in (torch.float32, torch.float64)
+    ]
+    assert kept[0].any() and np.array_equal(kept[0], kept[1])
+    expected = ref_arcee_fusion(xs32[0], base32) != base32
+    assert np.array_equal(kept[0], expected)
+
+
 def test_parameter_validation_errors_are_one_line() -> None:
     contribs = [("id1", "alice"), ("id2", "bob")]
     bad_params: list[tuple[str, dict[str, Any], str]] = [

@@ -246,8 +246,11 @@ def merge_arcee_fusion(inputs: TensorInputs, params: Mapping[str, Any]) -> torch
     x = inputs.tensors[0]
     width = base.shape[-1] if base.dim() >= 1 else 1
     kl = _row_kl(x.reshape(-1, width), base.reshape(-1, width))
-    diff = x.sub_(base)  # X - B, in place
-    importance = diff.reshape(-1, width).abs().to(torch.float64).mul_(kl.unsqueeze(1))
+    # I from the float64 values of X and B, so that it (and the mask) depends only on the
+    # stored values, not on the compute dtype
+    importance = x.reshape(-1, width).to(torch.float64, copy=True)
+    importance = importance.sub_(base.reshape(-1, width)).abs_().mul_(kl.unsqueeze(1))
+    diff = x.sub_(base)  # X - B in the compute dtype, in place
     flat = importance.reshape(-1)
     n = flat.numel()
     q1 = _order_statistic(flat, (n - 1) // 4)
