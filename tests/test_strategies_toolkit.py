@@ -355,6 +355,14 @@ def test_special_cases_of_the_selective_methods() -> None:
     assert torch.equal(out, x * 2)
 
 
+def test_sce_selection_over_several_blocks_matches_the_reference() -> None:
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal(150_001)
+    xs = [base + 0.01 * rng.standard_normal(base.shape) for _ in range(3)]
+    got = _run("sce", {"select_topk": 0.3}, base=base, xs=xs)
+    np.testing.assert_allclose(got.numpy(), ref_sce(xs, base, 0.3), rtol=1e-12, atol=1e-12)
+
+
 def test_arcee_fusion_mask_depends_on_the_stored_values_only() -> None:
     """The importance and its quantiles are float64 from the stored values, so float32 and
     float64 compute keep the same entries of float32 inputs."""

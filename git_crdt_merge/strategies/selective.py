@@ -50,17 +50,24 @@ def _task_vectors(inputs: TensorInputs, name: str) -> tuple[torch.Tensor, list[t
 
 def _variance_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor:
     """Top floor(nnz(v) * select_topk) entries of the population variance v over the
-    contributions (float64, canonical-order sums), lowest flat index first on ties."""
+    contributions (float64, canonical-order sums), lowest flat index first on ties.  Computed
+    a block of elements at a time: one float64 tensor (v) beside the inputs, not K."""
     k = len(taus)
-    wide = [t.to(torch.float64) for t in taus]
-    mean = ordered_sum(wide) / float(k)
-    var = torch.zeros_like(mean)
-    for t in wide:
-        dev = t - mean
-        var.add_(dev * dev)
-    var.div_(float(k))
+    flats = [t.reshape(-1) for t in taus]
+    var = torch.empty(flats[0].numel(), dtype=torch.float64)
+    for lo in range(0, var.numel(), _VAR_BLOCK):
+        block = [f[lo : lo + _VAR_BLOCK].to(torch.float64) for f in flats]
+        mean = ordered_sum(block) / float(k)
+        acc = torch.zeros_like(mean)
+        for b in block:
+            dev = b - mean
+            acc.add_(dev * dev)
+        var[lo : lo + _VAR_BLOCK] = acc.div_(float(k))
     count = math.floor(int(torch.count_nonzero(var)) * select_topk)
-    return numerics.topk_mask(var, count)
+    return numerics.topk_mask(var, count).reshape(taus[0].shape)
+
+
+_VAR_BLOCK = 1 << 16
 
 
 def merge_sce(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
@@ -113,9 +120,9 @@ def _check_epsilon(name: str, epsilon: float) -> None:
 
 
 def _changed(taus: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """nz_i = |tau_i| > epsilon, and c = sum_i nz_i (int64) per element."""
+    """nz_i = |tau_i| > epsilon, and c = sum_i nz_i (int32) per element."""
     changed = [t.abs() > epsilon for t in taus]
-    count = torch.zeros(taus[0].shape, dtype=torch.int64)
+    count = torch.zeros(taus[0].shape, dtype=torch.int32)  # contributions: far below 2**31
     for nz in changed:
         count.add_(nz)
     return changed, count
