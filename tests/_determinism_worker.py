@@ -58,6 +58,8 @@ def main(threads: int) -> None:
             raw["density"] = 0.5
         if "t" in names:
             raw["t"] = 0.5
+        if "select_topk" in names:  # exercise the selection step
+            raw["select_topk"] = 0.5
         n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
