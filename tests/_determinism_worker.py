@@ -62,6 +62,8 @@ def main(threads: int) -> None:
             raw["density"] = 0.5
         if "t" in names:
             raw["t"] = 0.5
+        if "select_topk" in names:  # exercise the selection step
+            raw["select_topk"] = 0.5
         n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
@@ -74,6 +76,17 @@ def main(threads: int) -> None:
             )
             print(f"{strategy.name} {name} {out.dtype} {digest.hexdigest()}")
     x = data["big.weight"][1][0]
+    # elementwise exp/log on values spanning their whole range (subnormal results and inputs,
+    # overflow, the reduction boundaries), plus part of the big input
+    wide = torch.cat(
+        [
+            torch.arange(100_003, dtype=torch.float64) * 0.0148 - 760.0,  # linspace differs by ISA
+            x.reshape(-1)[:400_000].to(torch.float64) * 30.0,
+        ]
+    )
+    positive = torch.cat([wide.abs() * 1e300, wide.abs() * 1e-300, wide.abs()])
+    for label, values in (("exp", numerics.exp(wide)), ("log", numerics.log(positive))):
+        print(label, hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest())
     print("exact_sum", numerics.exact_sum(x).hex(), numerics.dot(x, x).hex())
     a = data["big.weight"][1][1][:300, :200]
     u, s, vh = numerics.svd(a)

@@ -186,8 +186,9 @@ def _run(
     name: str, compute_dtype: torch.dtype, storage: torch.dtype = torch.float64
 ) -> torch.Tensor:
     strategy = get_strategy(name)
-    n = 1 if strategy.max_inputs == 1 else 3
-    params = resolve_params(strategy, RAW.get(name, {}), [(c, c.upper()) for c in IDS[:n]])
+    n = min(len(IDS), strategy.max_inputs or len(IDS))
+    raw = RAW.get(name, {"t": 0.5} if any(p.name == "t" for p in strategy.params) else {})
+    params = resolve_params(strategy, raw, [(c, c.upper()) for c in IDS[:n]])
     return run_strategy(
         strategy,
         NAME,
@@ -299,8 +300,8 @@ def test_identical_inputs_round_trip_bit_exactly() -> None:
 def test_edge_shapes_and_integer_tensors() -> None:
     rng = RandomStream(ROOT)
     for strategy in all_strategies():
-        n = 1 if strategy.max_inputs == 1 else 2
-        raw = {"t": 0.5} if strategy.name == "slerp" else {}
+        n = min(2, strategy.max_inputs or 2)
+        raw: dict[str, Any] = {"t": 0.5} if any(p.name == "t" for p in strategy.params) else {}
         if any(p.name == "density" for p in strategy.params):
             raw["density"] = 0.5
         params = resolve_params(strategy, raw, [(c, c) for c in IDS[:n]])

@@ -6,7 +6,16 @@ Importing this package registers every built-in strategy (modules below); look t
 
 from __future__ import annotations
 
-from . import consensus, interpolation, model_stock, spectral, task_arithmetic
+from . import (
+    consensus,
+    interpolation,
+    model_stock,
+    passthrough,
+    selective,
+    spectral,
+    spherical,
+    task_arithmetic,
+)
 from .registry import (
     REQUIRED,
     Param,
@@ -30,8 +39,11 @@ __all__ = [
     "get_strategy",
     "interpolation",
     "model_stock",
+    "passthrough",
     "resolve_params",
     "run_strategy",
+    "selective",
     "spectral",
+    "spherical",
     "task_arithmetic",
 ]
