@@ -6,7 +6,7 @@ Importing this package registers every built-in strategy (modules below); look t
 
 from __future__ import annotations
 
-from . import interpolation, model_stock, task_arithmetic
+from . import data_aware, interpolation, model_stock, search, task_arithmetic
 from .registry import (
     REQUIRED,
     Param,
@@ -26,10 +26,12 @@ __all__ = [
     "TensorInputs",
     "all_strategies",
     "check_contract",
+    "data_aware",
     "get_strategy",
     "interpolation",
     "model_stock",
     "resolve_params",
     "run_strategy",
+    "search",
     "task_arithmetic",
 ]
