@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from git_crdt_merge import engine
 from git_crdt_merge.contributions import load_descriptor, set_register
+from git_crdt_merge.errors import ResolveError
 from git_crdt_merge.repo import Repo
 from git_crdt_merge.resolve import resolve
 from git_crdt_merge.store import ObjectStore
@@ -131,9 +132,8 @@ def test_extra_inputs_are_stored_as_objects_and_resolve_in_a_second_clone(tmp_pa
         den = sum(f[n] + 1e-8 for f in fs)
         np.testing.assert_allclose(merged[n], num / den, rtol=1e-5, atol=1e-6)
 
-    crdt(b, "strategy", "regression_mean", "-p", "alpha=1.0")
-    out = json.loads(crdt(b, "resolve", "--json", "-q").stdout)
-    merged = load(Path(out["output"]) / "model.safetensors")
+    choose(b, "regression_mean", alpha=1.0)
+    merged = load(resolve(Repo.open(b)).output / "model.safetensors")
     for n in SHAPES:
         if n in gs[0]:
             a_ = sum(x[n] @ g[n] for x, g in zip(xs, gs, strict=True))
@@ -149,7 +149,7 @@ def test_a_missing_extra_input_is_exit_code_9_naming_contribution_kind_and_comma
     repo = repo_at(tmp_path / "repo")
     add(repo, str(model(tmp_path, 1)), "--fisher", str(fisher_file(tmp_path, 1)), "-n", "good")
     add(repo, str(model(tmp_path, 2)), "-n", "bare")
-    crdt(repo, "strategy", "fisher_merge")
+    choose(repo, "fisher_merge")
     proc = crdt(repo, "resolve", check=False)
     assert proc.returncode == 9
     message = proc.stderr.strip()
@@ -157,11 +157,11 @@ def test_a_missing_extra_input_is_exit_code_9_naming_contribution_kind_and_comma
     assert "needs a fisher extra input" in message and "'bare'" in message
     assert "add-contribution PATH --fisher" in message
     # the data-free proxy is there only when asked for
-    crdt(repo, "strategy", "fisher_merge", "-p", "fisher_source=squared_weights")
-    crdt(repo, "resolve", "-q")
-    crdt(repo, "strategy", "regression_mean")
-    proc = crdt(repo, "resolve", check=False)
-    assert proc.returncode == 9 and "needs a gram extra input" in proc.stderr
+    choose(repo, "fisher_merge", fisher_source="squared_weights")
+    assert not resolve(Repo.open(repo)).empty
+    choose(repo, "regression_mean")
+    with pytest.raises(ResolveError, match="needs a gram extra input, but contribution"):
+        resolve(Repo.open(repo))
 
 
 def test_bad_extra_inputs_are_exit_code_4_and_write_nothing(tmp_path: Path) -> None:
@@ -295,3 +295,31 @@ def test_statistics_pass_reads_through_the_merges_few_input_buffers(
     record = json.loads((outcome.output / "resolution.json").read_text())
     assert record["statistics"]["granularity"] == "layer"
     assert sorted(record["statistics"]["coefficients"]) == sorted(SHAPES)
+
+
+def test_fitness_plugin_is_found_by_entry_point_in_the_resolving_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    info = site / "crdt_cli_fitness-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site / "crdt_cli_fitness.py").write_text(
+        "def loss(candidate):\n"
+        "    return sum((c - 0.25) ** 2 for c in next(iter(candidate.coefficients.values())))\n"
+    )
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crdt-cli-fitness\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[git_crdt_merge.fitness]\nquarter = crdt_cli_fitness:loss\n"
+    )
+    repo = repo_at(tmp_path / "repo")
+    for s in (1, 2):
+        add(repo, str(model(tmp_path, s)), "-n", f"c{s}")
+    choose(repo, "genetic_merge", fitness="quarter", population_size=8, generations=10)
+    proc = crdt(repo, "resolve", check=False)  # not installed here: a one-line exit 9
+    assert proc.returncode == 9 and proc.stderr.strip().count("\n") == 0
+    assert "plugin 'quarter' not found in entry point group 'git_crdt_merge.fitness'" in proc.stderr
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    out = json.loads(crdt(repo, "resolve", "--json", "-q").stdout)
+    record = json.loads((Path(out["output"]) / "resolution.json").read_text())
+    assert record["statistics"]["objective"] == "quarter"
+    assert record["statistics"]["loss"] < 2 * 0.25**2  # better than the centre (1/2, 1/2)
