@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ResolveError
 
-__all__ = ["FITNESS_GROUP", "load_plugin"]
+__all__ = ["FITNESS_GROUP", "load_plugin", "plugin_origin"]
 
 FITNESS_GROUP = "git_crdt_merge.fitness"
 """Search objectives: ``objective(candidate) -> float``, lower is better (see
@@ -50,3 +50,12 @@ def load_plugin(group: str, name: str) -> Callable[..., Any]:
     if not callable(loaded):
         raise ResolveError(f"plugin {name!r} of entry point group {group!r} is not callable")
     return loaded
+
+
+def plugin_origin(group: str, name: str) -> str:
+    """``distribution version`` of the installed entry point (recorded in resolution.json:
+    the Merkle root names the plugin, not its code, so a result says which code made it)."""
+    for ep in metadata.entry_points(group=group):
+        if ep.name == name and ep.dist is not None:
+            return f"{ep.dist.name} {ep.dist.version}"
+    return "unknown"

@@ -322,4 +322,5 @@ def test_fitness_plugin_is_found_by_entry_point_in_the_resolving_process(
     out = json.loads(crdt(repo, "resolve", "--json", "-q").stdout)
     record = json.loads((Path(out["output"]) / "resolution.json").read_text())
     assert record["statistics"]["objective"] == "quarter"
+    assert record["statistics"]["plugin"] == "crdt-cli-fitness 1.0"
     assert record["statistics"]["loss"] < 2 * 0.25**2  # better than the centre (1/2, 1/2)

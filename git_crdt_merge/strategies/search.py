@@ -27,7 +27,7 @@ import torch
 
 from .. import numerics
 from ..errors import ResolveError
-from ..plugins import FITNESS_GROUP, load_plugin
+from ..plugins import FITNESS_GROUP, load_plugin, plugin_origin
 from .registry import (
     ModelContext,
     ModelPass,
@@ -305,10 +305,9 @@ def _report(
         "coefficients": shown,
         **extra,
     }
-    if not problem.layerwise:
-        report["granularity"] = "task"
-    else:
-        report["granularity"] = "layer"
+    report["granularity"] = "layer" if problem.layerwise else "task"
+    if problem.plugin_name:
+        report["plugin"] = plugin_origin(FITNESS_GROUP, problem.plugin_name)
     return ModelValues(per_tensor=coeffs, report=report)
 
 
