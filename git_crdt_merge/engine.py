@@ -311,6 +311,22 @@ def statistics_pass(
         )
         numels[spec.name] = math.prod(spec.shape)
         del base, tensors, extras
+    by_name = {spec.name: spec for spec in plan.specs}
+
+    def read(name: str) -> registry.TensorInputs:
+        """One tensor name's inputs, copied out of the slots (for objective plugins)."""
+        if name not in by_name:
+            raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
+        base, tensors, extras = _load_inputs(plan, by_name[name], store, device, slots, extra_slots)
+        inputs = registry.prepare_inputs(
+            plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
+        )
+        if inputs is None:
+            raise ResolveError(
+                f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"
+            )
+        return inputs
+
     return registry.finish_statistics(
         plan.strategy,
         summaries,
@@ -320,6 +336,7 @@ def statistics_pass(
         plan.params,
         rng,
         plan.base is not None,
+        read,
     )
 
 

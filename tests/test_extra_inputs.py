@@ -324,3 +324,47 @@ def test_fitness_plugin_is_found_by_entry_point_in_the_resolving_process(
     assert record["statistics"]["objective"] == "quarter"
     assert record["statistics"]["plugin"] == "crdt-cli-fitness 1.0"
     assert record["statistics"]["loss"] < 2 * 0.25**2  # better than the centre (1/2, 1/2)
+
+
+def test_a_data_aware_plugin_reads_each_candidates_merged_tensors_from_the_store(
+    tmp_path: Path,
+) -> None:
+    import importlib
+    import sys
+
+    site = tmp_path / "site"
+    info = site / "crdt_reader_fitness-1.0.dist-info"
+    info.mkdir(parents=True)
+    (site / "crdt_reader_fitness.py").write_text(
+        "from git_crdt_merge import numerics\n"
+        "SEEN = []\n"
+        "def loss(candidate):\n"
+        "    t = candidate.merged('head.weight')\n"
+        "    SEEN.append((list(candidate.coefficients['head.weight']), t.clone()))\n"
+        "    return numerics.dot(t, t)\n"
+    )
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crdt-reader-fitness\nVersion: 1\n")
+    (info / "entry_points.txt").write_text(
+        "[git_crdt_merge.fitness]\nsmallest-head = crdt_reader_fitness:loss\n"
+    )
+    repo = repo_at(tmp_path / "repo")
+    base = model(tmp_path, 0)
+    crdt(repo, "set-base", str(base), "-q")
+    ids = [add(repo, str(model(tmp_path, s)), "-n", f"c{s}") for s in (1, 2)]
+    choose(repo, "evolutionary_merge", fitness="smallest-head", population_size=4, generations=2)
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    try:
+        resolve(Repo.open(repo))
+        seen = sys.modules["crdt_reader_fitness"].SEEN
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("crdt_reader_fitness", None)
+        importlib.invalidate_caches()
+    assert len(seen) == 4 + 2 * 2  # the first population, then the children of two rounds
+    b = load(base)["head.weight"]
+    xs = [load(model(tmp_path, s))["head.weight"] for s in (1, 2)]
+    xs = xs if ids[0] < ids[1] else xs[::-1]  # canonical order
+    for coeffs, tensor in seen:
+        expected = b + sum(c * (x - b) for c, x in zip(coeffs, xs, strict=True))
+        np.testing.assert_allclose(tensor.double().numpy(), expected, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "check_weights",
     "collect_statistics",
     "finish_statistics",
+    "prepare_inputs",
     "get_strategy",
     "register",
     "resolve_params",
@@ -100,6 +101,10 @@ class ModelContext:
     weights: list[float]
     rng: RandomStream
     has_base: bool
+    # a fresh copy of one tensor name's inputs (compute dtype), read from the object store on
+    # demand, one name at a time (objective plugins that evaluate a candidate model use it);
+    # None when no store is behind the pass
+    read: Callable[[str], TensorInputs] | None = None
 
 
 @dataclass(frozen=True)
@@ -508,8 +513,12 @@ def finish_statistics(
     params: Mapping[str, Any],
     rng: RandomStream,
     has_base: bool,
+    read: Callable[[str], TensorInputs] | None = None,
 ) -> ModelValues:
-    """Turn the per-tensor summaries (None entries dropped) into :class:`ModelValues`."""
+    """Turn the per-tensor summaries (None entries dropped) into :class:`ModelValues`.
+
+    ``read`` gives the search access to one tensor name's inputs at a time (see
+    :class:`ModelContext`)."""
     if strategy.model_pass is None:
         raise ResolveError(f"strategy {strategy.name} has no statistics pass")
     kept = {n: summaries[n] for n in sorted(summaries) if summaries[n] is not None}
@@ -520,5 +529,39 @@ def finish_statistics(
         weights=[float(w) for w in weights],
         rng=rng,
         has_base=has_base and strategy.base != "ignored",
+        read=read,
     )
     return strategy.model_pass.finish(context, params)
+
+
+def prepare_inputs(
+    strategy: Strategy,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    rng: RandomStream,
+    compute_dtype: torch.dtype = torch.float32,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+) -> TensorInputs | None:
+    """The checked :class:`TensorInputs` of one tensor name, copies in compute dtype that the
+    caller may keep (None for a tensor that passes through: integers, empty)."""
+    if strategy.base == "ignored":
+        base = None
+    inputs, _, _ = _prepare(
+        strategy,
+        name,
+        base,
+        tensors,
+        contribution_ids,
+        weights,
+        rng,
+        compute_dtype,
+        False,
+        extras,
+        None,
+    )
+    if inputs is not None and inputs.base is not None and inputs.base is base:
+        inputs = replace(inputs, base=inputs.base.clone())
+    return inputs

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,6 +54,18 @@ class Candidate:
     has_base: bool  # True: coefficients scale task vectors X_i - B; False: the models X_i
     gram: dict[str, list[list[float]]]  # tensor name -> exact K x K Gram matrix of the vectors
     numels: dict[str, int]
+    read: Callable[[str], TensorInputs] | None = None
+
+    def merged(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` of this candidate's merged model (compute dtype), read from the
+        object store on demand: what a data-aware objective evaluates."""
+        if self.read is None:
+            raise ResolveError(
+                f"strategy {self.strategy}: no object store behind this search; tensors of a "
+                "candidate are only available inside a resolution"
+            )
+        inputs = replace(self.read(name), model=self.coefficients[name])
+        return merge_with_coefficients(inputs, {})
 
 
 # -- statistics pass ----------------------------------------------------------------------------
@@ -186,6 +198,7 @@ class Problem:
             has_base=self.context.has_base,
             gram={n: [list(r) for r in g] for n, g in self.context.summaries.items()},
             numels=dict(self.context.numels),
+            read=self.context.read,
         )
         try:
             value = float(self.plugin(candidate))
