@@ -14,18 +14,35 @@ from typing import Any
 
 from .errors import ResolveError
 
-__all__ = ["FITNESS_GROUP", "load_plugin", "plugin_origin"]
+__all__ = [
+    "FITNESS_GROUP",
+    "STRATEGY_GROUP",
+    "installed",
+    "load_entry_point",
+    "load_plugin",
+    "plugin_origin",
+]
 
 FITNESS_GROUP = "git_crdt_merge.fitness"
 """Search objectives: ``objective(candidate) -> float``, lower is better (see
 ``docs/strategies.md``, "Data-aware and search-based methods")."""
 
 
-def load_plugin(group: str, name: str) -> Callable[..., Any]:
-    """The callable that the entry point ``name`` of ``group`` names.
+STRATEGY_GROUP = "git_crdt_merge.strategies"
+"""Third-party strategies: the entry point names a :class:`~.strategies.registry.Strategy`
+object whose ``name`` is the entry point's name; it is registered on first use."""
+
+
+def installed(group: str, name: str) -> bool:
+    """Whether an entry point ``name`` of ``group`` is installed."""
+    return any(ep.name == name for ep in metadata.entry_points(group=group))
+
+
+def load_entry_point(group: str, name: str) -> Any:
+    """The object that the entry point ``name`` of ``group`` names.
 
     Raises a one-line :class:`ResolveError` naming the group and the name when it is not
-    installed, several distributions define it, it fails to import or it is not callable."""
+    installed, several distributions define it or it fails to import."""
     found = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
     if not found:
         installed = sorted({ep.name for ep in metadata.entry_points(group=group)})
@@ -47,6 +64,13 @@ def load_plugin(group: str, name: str) -> Callable[..., Any]:
         raise ResolveError(
             f"plugin {name!r} of entry point group {group!r} failed to load: {first}"
         ) from None
+    return loaded
+
+
+def load_plugin(group: str, name: str) -> Callable[..., Any]:
+    """The callable that the entry point ``name`` of ``group`` names (errors as
+    :func:`load_entry_point`, and when it is not callable)."""
+    loaded = load_entry_point(group, name)
     if not callable(loaded):
         raise ResolveError(f"plugin {name!r} of entry point group {group!r} is not callable")
     return loaded

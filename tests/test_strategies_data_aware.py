@@ -580,3 +580,62 @@ def test_missing_or_broken_plugins_are_one_line_errors(fitness_plugins: Path) ->
         with pytest.raises(ResolveError, match=message) as info:
             run("ada_merging", {**raw, "steps": 1})
         assert "\n" not in str(info.value)
+
+
+# -- third-party strategies through entry points ------------------------------------------------
+
+STRATEGY_MODULE = '''
+from git_crdt_merge import numerics
+from git_crdt_merge.strategies.registry import Param, Strategy
+
+
+def merge_first_times(inputs, params):
+    """out = scale * X_1 (a test strategy)."""
+    return inputs.tensors[0] * numerics.scalar(params["scale"], inputs.tensors[0])
+
+
+first_times = Strategy(
+    name="first_times", aliases=(), params=(Param("scale", float, 2.0),), base="ignored",
+    min_inputs=1, max_inputs=None, stochastic=False, merge=merge_first_times,
+    summary="test", uses_weights=False,
+)
+misnamed = Strategy(
+    name="something_else", aliases=(), params=(), base="ignored", min_inputs=1,
+    max_inputs=None, stochastic=False, merge=merge_first_times, summary="test",
+)
+not_a_strategy = 3
+'''
+
+
+def test_an_installed_third_party_strategy_is_registered_on_first_use(tmp_path: Path) -> None:
+    (tmp_path / "crdt_test_strategy.py").write_text(STRATEGY_MODULE)
+    info = tmp_path / "crdt_test_strategy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crdt-test-strategy\nVersion: 1\n")
+    (info / "entry_points.txt").write_text(
+        "[git_crdt_merge.strategies]\n"
+        "first_times = crdt_test_strategy:first_times\n"
+        "misnamed = crdt_test_strategy:misnamed\n"
+        "not_a_strategy = crdt_test_strategy:not_a_strategy\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    try:
+        strategy = get_strategy("first_times")
+        params = resolve_params(strategy, {"scale": 3.0}, [("a1", "a")])
+        out = run_strategy(
+            strategy, "w", None, [torch.ones(2)], ["a1"], [1.0], params, RandomStream(ROOT)
+        )
+        assert torch.equal(out, torch.full((2,), 3.0))
+        assert get_strategy("first_times") is strategy
+        with pytest.raises(ResolveError, match="declares the strategy name 'something_else'"):
+            get_strategy("misnamed")
+        with pytest.raises(ResolveError, match="'not_a_strategy' .* is not a git_crdt_merge"):
+            get_strategy("not_a_strategy")
+    finally:
+        registry._REGISTRY.pop("first_times", None)  # keep the built-in catalogue for others
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("crdt_test_strategy", None)
+        importlib.invalidate_caches()
+    with pytest.raises(ResolveError, match="unknown strategy 'first_times'"):
+        get_strategy("first_times")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import plugins
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
 
@@ -186,8 +187,28 @@ def register(strategy: Strategy) -> Strategy:
     return strategy
 
 
+def _register_installed(name: str) -> None:
+    """Register the third-party strategy that the installed entry point ``name`` of group
+    ``git_crdt_merge.strategies`` names (nothing if there is none)."""
+    if not plugins.installed(plugins.STRATEGY_GROUP, name):
+        return
+    found = plugins.load_entry_point(plugins.STRATEGY_GROUP, name)
+    where = f"plugin {name!r} of entry point group {plugins.STRATEGY_GROUP!r}"
+    if not isinstance(found, Strategy):
+        raise ResolveError(f"{where} is not a git_crdt_merge Strategy")
+    if found.name != name:
+        raise ResolveError(f"{where} declares the strategy name {found.name!r}")
+    try:
+        register(found)
+    except ValueError as exc:
+        raise ResolveError(f"{where}: {exc}") from None
+
+
 def get_strategy(name: str) -> Strategy:
-    """The strategy called ``name`` (or one of its aliases)."""
+    """The strategy called ``name`` (or one of its aliases): a built-in one, or an installed
+    third-party one (entry point group ``git_crdt_merge.strategies``) registered on first use."""
+    if _ALIASES.get(name, name) not in _REGISTRY:
+        _register_installed(name)
     key = _ALIASES.get(name, name)
     try:
         return _REGISTRY[key]
