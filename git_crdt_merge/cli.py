@@ -168,11 +168,24 @@ def add_contribution(
     chunk_size: Annotated[
         int, typer.Option(min=1, help="Largest object in bytes.")
     ] = DEFAULT_CHUNK_SIZE,
+    fisher: Annotated[
+        Path | None, typer.Option("--fisher", help="Fisher diagonals (.safetensors).")
+    ] = None,
+    gram: Annotated[
+        Path | None, typer.Option("--gram", help="RegMean Gram matrices (.safetensors).")
+    ] = None,
+    extra: Annotated[
+        list[str] | None, typer.Option("--extra", help="Extra input KIND=FILE.safetensors")
+    ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Store a fine-tuned model as a contribution (staged, like git add)."""
+    """Store a fine-tuned model as a contribution (staged, like git add).
+
+    Extra inputs that some strategies need (Fisher diagonals, Gram matrices) are stored with
+    it and become part of its content."""
     with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
+        extra_inputs = contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra)
         result = contributions.add_contribution(
             open_repo(),
             path,
@@ -183,6 +196,7 @@ def add_contribution(
             chunk_size=chunk_size,
             on_start=start,
             progress=advance,
+            extra_inputs=extra_inputs,
         )
     if json_:
         emit_json(result.as_dict())
@@ -269,6 +283,8 @@ def strategies(json_: JsonOpt = False) -> None:
                 "max_inputs": st.max_inputs,
                 "stochastic": st.stochastic,
                 "uses_weights": st.uses_weights,
+                "extra_inputs": list(st.extra_inputs),
+                "statistics_pass": st.model_pass is not None,
                 "summary": st.summary,
                 "params": [
                     {

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, formats
+from . import FORMAT_VERSION, extras, formats
 from .errors import InputError, ManifestError, NotFoundError
 from .manifest import (
     Manifest,
@@ -51,9 +51,11 @@ def build_descriptor(
     weight: float | None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
+    extra_inputs: Mapping[str, Path] | None = None,
 ) -> tuple[bytes, int, int]:
-    """Store every tensor and auxiliary file of ``source``; return (descriptor bytes,
-    total tensor bytes, bytes newly written)."""
+    """Store every tensor and auxiliary file of ``source`` and of its extra inputs (kind ->
+    safetensors file, checked against the model first); return (descriptor bytes, total tensor
+    bytes, bytes newly written)."""
     tensors: dict[str, Any] = {}
     total = 0
     new = [0]
@@ -68,6 +70,11 @@ def build_descriptor(
     # All chunks of all tensors go to the store at once, so hashing and writing run in
     # parallel across tensors, not only within one.
     all_tensors = list(formats.iter_tensors(source))
+    model = {t.name: list(t.shape) for t in all_tensors}
+    extra_tables: dict[str, list[formats.TensorData]] = {
+        kind: list(extras.load_extra(kind, path, model))
+        for kind, path in sorted((extra_inputs or {}).items())
+    }
     spans: list[tuple[int, int]] = []
     chunks: list[memoryview] = []
     for tensor in all_tensors:
@@ -83,6 +90,21 @@ def build_descriptor(
             "bytes": len(tensor.data),
         }
         total += len(tensor.data)
+    extra_desc: dict[str, Any] = {}
+    for kind, items in extra_tables.items():
+        split = [split_chunks(t.data, chunk_size) for t in items]
+        extra_ids = store.put_chunks([c for part in split for c in part], on_chunk)
+        table: dict[str, Any] = {}
+        start = 0
+        for t, part in zip(items, split, strict=True):
+            table[t.name] = {
+                "dtype": t.dtype,
+                "shape": t.shape,
+                "chunks": extra_ids[start : start + len(part)],
+                "bytes": len(t.data),
+            }
+            start += len(part)
+        extra_desc[kind] = {"tensors": table}
     if not source.pickled:
         for f in source.files:
             metadata.update(formats.file_metadata(f))
@@ -96,6 +118,8 @@ def build_descriptor(
     }
     if weight is not None:
         desc["weight"] = weight
+    if extra_desc:  # absent when there are none: older descriptors keep their ids
+        desc["extras"] = extra_desc
     return canonical_json(desc).encode(), total, new[0]
 
 
@@ -106,12 +130,18 @@ def _ingest(
     chunk_size: int,
     on_start: Callable[[int], None] | None,
     progress: Progress | None,
+    extra_inputs: Mapping[str, Path] | None = None,
 ) -> tuple[str, bytes, int, int]:
     """Store a model's objects and its descriptor: (id, descriptor, bytes, new bytes)."""
     if on_start is not None:
         on_start(source.total_bytes())
     desc, total, new_bytes = build_descriptor(
-        store, source, weight=weight, chunk_size=chunk_size, progress=progress
+        store,
+        source,
+        weight=weight,
+        chunk_size=chunk_size,
+        progress=progress,
+        extra_inputs=extra_inputs,
     )
     return store.put(desc), desc, total, new_bytes
 
@@ -148,8 +178,12 @@ def add_contribution(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
+    extra_inputs: Mapping[str, Path] | None = None,
 ) -> IngestResult:
-    """Store the model at ``path`` and record it in the manifest (both staged)."""
+    """Store the model at ``path`` and record it in the manifest (both staged).
+
+    ``extra_inputs`` maps an extra-input kind (``extras.KINDS``) to a safetensors file stored
+    with the model and referenced from its descriptor."""
     repo.require_initialized()
     _check_weight(weight)
     source = formats.discover(path, allow_pickle=allow_pickle)
@@ -163,7 +197,9 @@ def add_contribution(
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
-        cid, desc, total, new_bytes = _ingest(store, source, weight, chunk_size, on_start, progress)
+        cid, desc, total, new_bytes = _ingest(
+            store, source, weight, chunk_size, on_start, progress, extra_inputs
+        )
         visible = manifest.visible_contributions()
         for other_id, other_name in visible:
             if other_name == name and other_id != cid:
@@ -179,6 +215,22 @@ def add_contribution(
         manifest = manifest.with_records([add_record(new_tag(), cid, name, message)])
         repo.write_manifest(manifest)
     return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
+
+
+def parse_extra_inputs(
+    *, fisher: Path | None = None, gram: Path | None = None, extra: list[str] | None = None
+) -> dict[str, Path]:
+    """``--fisher``, ``--gram`` and ``--extra KIND=PATH`` as one kind -> path mapping."""
+    found: dict[str, Path] = {}
+    pairs = [("fisher", fisher), ("gram", gram)]
+    pairs += [extras.parse_extra(text) for text in extra or []]
+    for kind, path in pairs:
+        if path is None:
+            continue
+        if kind in found:
+            raise InputError(f"extra input {kind!r} is given twice")
+        found[kind] = path
+    return found
 
 
 def find_contribution(manifest: Manifest, name_or_id: str) -> str:

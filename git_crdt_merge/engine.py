@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Sequence
@@ -69,6 +70,28 @@ class Plan:
     def weights(self) -> list[float]:
         return [float(d.get("weight", 1.0)) for d in self.descriptors]
 
+    def extra_infos(self, name: str) -> dict[str, list[dict[str, Any] | None]]:
+        """Per extra-input kind the strategy reads: each contribution's table entry for tensor
+        ``name`` (None where it has none)."""
+        return {
+            kind: [
+                d.get("extras", {}).get(kind, {}).get("tensors", {}).get(name)
+                for d in self.descriptors
+            ]
+            for kind in self.strategy.extra_inputs
+        }
+
+    def largest_extra(self) -> int:
+        return max(
+            (
+                int(info["bytes"])
+                for d in self.descriptors
+                for kind in self.strategy.extra_inputs
+                for info in d.get("extras", {}).get(kind, {}).get("tensors", {}).values()
+            ),
+            default=0,
+        )
+
 
 def _check_compatible(specs: dict[str, TensorSpec], desc: dict[str, Any], what: str) -> None:
     tensors = desc["tensors"]
@@ -114,6 +137,14 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     kinds = {d.get("kind", "full") for d in descriptors}
     if len(kinds) > 1:
         raise ResolveError(f"contributions mix kinds {sorted(kinds)}; merge like with like")
+    for kind in strategy.needed_extras(params):
+        for (cid, cname), desc in zip(contributions, descriptors, strict=True):
+            if kind not in desc.get("extras", {}):
+                raise ResolveError(
+                    f"strategy {strategy.name} needs a {kind} extra input, but contribution "
+                    f"{cname!r} ({cid[:12]}) has none; add it again with 'git crdt "
+                    f"add-contribution PATH --{kind} FILE.safetensors'"
+                )
     return Plan(
         manifest.merkle_root(),
         strategy,
@@ -187,6 +218,34 @@ class InputSlots:
         return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
 
 
+def _load_inputs(
+    plan: Plan,
+    spec: TensorSpec,
+    store: ObjectStore,
+    device: str,
+    slots: InputSlots,
+    extra_slots: InputSlots,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor | None]]]:
+    """Read every input of one tensor name into ``slots``: (base, contributions, extras)."""
+    tensors = [
+        slots.load(i, store, d["tensors"][spec.name]).to(device)
+        for i, d in enumerate(plan.descriptors)
+    ]
+    base = None
+    if plan.base is not None:
+        base = slots.load(len(tensors), store, plan.base["tensors"][spec.name]).to(device)
+    extras: dict[str, list[torch.Tensor | None]] = {}
+    slot = 0
+    for kind, infos in plan.extra_infos(spec.name).items():
+        extras[kind] = []
+        for info in infos:
+            extras[kind].append(
+                None if info is None else extra_slots.load(slot, store, info).to(device)
+            )
+            slot += 1
+    return base, tensors, extras
+
+
 def merge_tensor(
     plan: Plan,
     spec: TensorSpec,
@@ -195,18 +254,15 @@ def merge_tensor(
     compute: torch.dtype,
     device: str,
     slots: InputSlots,
+    extra_slots: InputSlots | None = None,
+    model: registry.ModelValues | None = None,
 ) -> torch.Tensor:
     """Read every input of one tensor name and merge it; returns the storage dtype on CPU.
 
     The inputs live in ``slots`` and are overwritten by the next call: the result is written
     out before that (a strategy may return a view of an input, e.g. integer pass-through)."""
-    tensors = [
-        slots.load(i, store, d["tensors"][spec.name]).to(device)
-        for i, d in enumerate(plan.descriptors)
-    ]
-    base = None
-    if plan.base is not None:
-        base = slots.load(len(tensors), store, plan.base["tensors"][spec.name]).to(device)
+    extra_slots = extra_slots or InputSlots(0, 0)
+    base, tensors, extras = _load_inputs(plan, spec, store, device, slots, extra_slots)
     out = registry.run_strategy(
         plan.strategy,
         spec.name,
@@ -218,14 +274,80 @@ def merge_tensor(
         rng,
         compute,
         owned=True,
+        extras=extras,
+        model=model,
     )
     return out.to("cpu")
 
 
+def statistics_pass(
+    plan: Plan,
+    store: ObjectStore,
+    rng: RandomStream,
+    compute: torch.dtype,
+    device: str,
+    slots: InputSlots,
+    extra_slots: InputSlots,
+) -> registry.ModelValues:
+    """The strategy's whole-model pass: one tensor name at a time through the same slots as
+    the merge (memory stays a few tensors), each reduced to a small summary at once."""
+    summaries: dict[str, Any] = {}
+    numels: dict[str, int] = {}
+    ids = [cid for cid, _ in plan.contributions]
+    for spec in plan.specs:
+        base, tensors, extras = _load_inputs(plan, spec, store, device, slots, extra_slots)
+        summaries[spec.name] = registry.collect_statistics(
+            plan.strategy,
+            spec.name,
+            base,
+            tensors,
+            ids,
+            plan.weights,
+            plan.params,
+            rng,
+            compute,
+            owned=True,
+            extras=extras,
+        )
+        numels[spec.name] = math.prod(spec.shape)
+        del base, tensors, extras
+    by_name = {spec.name: spec for spec in plan.specs}
+
+    def read(name: str) -> registry.TensorInputs:
+        """One tensor name's inputs, copied out of the slots (for objective plugins)."""
+        if name not in by_name:
+            raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
+        base, tensors, extras = _load_inputs(plan, by_name[name], store, device, slots, extra_slots)
+        inputs = registry.prepare_inputs(
+            plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
+        )
+        if inputs is None:
+            raise ResolveError(
+                f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"
+            )
+        return inputs
+
+    return registry.finish_statistics(
+        plan.strategy,
+        summaries,
+        numels,
+        ids,
+        plan.weights,
+        plan.params,
+        rng,
+        plan.base is not None,
+        read,
+    )
+
+
 def resolution_record(
-    plan: Plan, compute_dtype: str, device: str, max_shard: int
+    plan: Plan,
+    compute_dtype: str,
+    device: str,
+    max_shard: int,
+    statistics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    record = {
         "format": FORMAT_VERSION,
         "cache_key": cache_key(plan.root, compute_dtype, device, max_shard),
         "compute_dtype": compute_dtype,
@@ -241,6 +363,9 @@ def resolution_record(
         ],
         "tool": f"git-crdt-merge {__version__}",
     }
+    if statistics is not None:  # what the whole-model pass found (e.g. coefficients)
+        record["statistics"] = statistics
+    return record
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
@@ -291,11 +416,19 @@ def compute(
     names = shard_names(len(layout))
     metadata = {"format": "pt", "merkle_root": plan.root}
     slots = InputSlots(len(plan.descriptors) + 1, max((s.nbytes for s in plan.specs), default=0))
+    extra_slots = InputSlots(
+        len(plan.descriptors) * len(plan.strategy.extra_inputs), plan.largest_extra()
+    )
+    model = None
+    if plan.strategy.model_pass is not None:
+        model = statistics_pass(plan, store, rng, compute, device, slots, extra_slots)
     for fname, specs in zip(names, layout, strict=True):
         with open(work / fname, "wb") as fh:
             fh.write(safetensors_header(specs, metadata))
             for spec in specs:
-                out = merge_tensor(plan, spec, store, rng, compute, device, slots)
+                out = merge_tensor(
+                    plan, spec, store, rng, compute, device, slots, extra_slots, model
+                )
                 _write_tensor(fh, out, spec)
                 if progress is not None:
                     progress(spec.nbytes)
@@ -317,7 +450,11 @@ def compute(
         (work / fname).write_bytes(store.get(oid))
     (work / cache.RESOLUTION_FILE).write_text(
         json.dumps(
-            resolution_record(plan, compute_dtype, device, max_shard), indent=2, sort_keys=True
+            resolution_record(
+                plan, compute_dtype, device, max_shard, None if model is None else model.report
+            ),
+            indent=2,
+            sort_keys=True,
         )
         + "\n"
     )

@@ -82,6 +82,10 @@ def verify(
                 needed.setdefault(oid, f"chunk of tensor {tname!r} in {what} {cid[:12]}")
         for fname, oid in files.items():
             needed.setdefault(oid, f"file {fname} of {what} {cid[:12]}")
+        for kind, table in desc.get("extras", {}).items():
+            for tname, info in table.get("tensors", {}).items():
+                for oid in info.get("chunks", []):
+                    needed.setdefault(oid, f"chunk of {kind} {tname!r} in {what} {cid[:12]}")
     for oid, what in sorted(needed.items()):
         if not store.has(oid):
             report.problems.append(f"missing object {oid[:16]} ({what})")

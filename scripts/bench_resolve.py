@@ -13,6 +13,9 @@ contributions, against an IO floor measured in the same run.
 - checkout onto a cached set: `git checkout` between two branches whose merged models are
   cached, hooks included.
 
+Strategies with extra inputs (fisher_merge, regression_mean) make the build store a Fisher
+diagonal and a Gram matrix per tensor with each contribution (about three times the ingest).
+
 Targets (issue 3): linear <= 1.5x floor, ties and dare <= 4x floor, peak RSS <=
 (K+2) x largest tensor + 300 MB, checkout onto a cached set <= 0.3 s.  Prints JSON lines.
 """
@@ -60,6 +63,7 @@ def floor(out):
     return time.perf_counter() - t0
 
 results = {"floor": min(floor(sys.argv[1]) for _ in range(2))}
+from git_crdt_merge.strategies import get_strategy
 for name in sys.argv[3:]:
     declared = {p.name for p in get_strategy(name).params}
     params = {"density": density} if "density" in declared else {}
@@ -93,7 +97,39 @@ def sh(cwd: Path, env: dict[str, str], *args: str) -> str:
     ).stdout
 
 
-def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> None:
+def needs_extras(names: list[str]) -> bool:
+    """Whether a strategy to time reads extra inputs (Fisher diagonals, Gram matrices)."""
+    from git_crdt_merge.strategies import get_strategy
+
+    return any(get_strategy(n).extra_inputs for n in names)
+
+
+def extra_files(models: Path, j: int, base: dict, rng: object) -> list[str]:
+    """A Fisher diagonal (|N(0,1)|) per tensor and a full-rank Gram matrix per weight
+    (X^T X of 64 random rows plus the identity, symmetrised in float64)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    gen: np.random.Generator = rng  # type: ignore[assignment]
+    fisher = {n: np.abs(gen.standard_normal(v.shape, dtype=np.float32)) for n, v in base.items()}
+    save_file(fisher, str(models / f"f{j}.safetensors"))
+    gram = {}
+    for n, v in base.items():
+        x = gen.standard_normal((64, v.shape[1]))
+        g = x.T @ x + np.eye(v.shape[1])
+        gram[n] = ((g + g.T) / 2).astype(np.float32)
+    save_file(gram, str(models / f"g{j}.safetensors"))
+    return [
+        "--fisher",
+        str(models / f"f{j}.safetensors"),
+        "--gram",
+        str(models / f"g{j}.safetensors"),
+    ]
+
+
+def build(
+    repo: Path, env: dict[str, str], layers: int, k: int, dim: int, extras: bool = False
+) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -115,8 +151,19 @@ def build(repo: Path, env: dict[str, str], layers: int, k: int, dim: int) -> Non
             for n, v in base.items()
         }
         save_file(tensors, str(models / f"c{j}.safetensors"))
-        sh(repo, env, "git", "crdt", "add-contribution", str(models / f"c{j}.safetensors"), "-q")
-        (models / f"c{j}.safetensors").unlink()
+        more = extra_files(models, j, base, rng) if extras else []
+        sh(
+            repo,
+            env,
+            "git",
+            "crdt",
+            "add-contribution",
+            str(models / f"c{j}.safetensors"),
+            "-q",
+            *more,
+        )
+        for f in models.glob("[cfg][0-9]*.safetensors"):
+            f.unlink()
     sh(repo, env, "git", "commit", "-q", "-m", "models")
 
 
@@ -142,6 +189,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -153,7 +201,7 @@ def main() -> None:
     ):
         env.setdefault(key, val)
     if args.build_only is not None:
-        build(args.build_only, env, args.layers, args.k, args.dim)
+        build(args.build_only, env, args.layers, args.k, args.dim, args.extras)
         return
     largest = args.dim * args.dim * 4
     with tempfile.TemporaryDirectory(prefix="bench-resolve-", dir=os.environ.get("BENCH_DIR")) as d:
@@ -172,6 +220,7 @@ def main() -> None:
                 str(args.k),
                 "--dim",
                 str(args.dim),
+                *(["--extras"] if needs_extras(args.strategies) else []),
             ],
             env=env,
             check=True,

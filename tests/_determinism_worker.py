@@ -8,12 +8,13 @@ lines.  Inputs come from a fixed RandomStream (never the torch RNG).
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 
 import torch
 
 from git_crdt_merge import numerics
-from git_crdt_merge.strategies import all_strategies, resolve_params, run_strategy
+from git_crdt_merge.strategies import all_strategies, registry, resolve_params, run_strategy
 
 ROOT = bytes(range(32))
 CONTRIBUTIONS = ["3a-contribution", "7f-contribution", "c0-contribution"]
@@ -51,10 +52,34 @@ def inputs() -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
     return table
 
 
+def extra_inputs(
+    stream: numerics.RandomStream, data: dict[str, tuple[torch.Tensor, list[torch.Tensor]]]
+) -> dict[str, dict[str, list[torch.Tensor | None]]]:
+    """Fisher diagonals (|values|) for every tensor and Gram matrices X^T X (X: 16 rows of fixed
+    values, product through numerics.matmul) for the small 2-D weights; none for big.weight,
+    which then takes the weighted-average path of regression_mean (a 2048 x 2048 solve is
+    slow)."""
+    table: dict[str, dict[str, list[torch.Tensor | None]]] = {}
+    for name, (base, xs) in data.items():
+        fisher: list[torch.Tensor | None] = [
+            _values(stream, name, f"fisher-{cid}", tuple(base.shape)).abs() for cid in CONTRIBUTIONS
+        ]
+        gram: list[torch.Tensor | None] = [None] * len(xs)
+        if base.dim() == 2 and name != "big.weight":
+            inner = base.shape[1]
+            gram = []
+            for cid in CONTRIBUTIONS:
+                x = _values(stream, name, f"gram-{cid}", (16, inner))
+                gram.append(numerics.matmul(x.T, x).to(torch.float32))
+        table[name] = {"fisher": fisher, "gram": gram}
+    return table
+
+
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
     rng = numerics.RandomStream(ROOT)
     data = inputs()
+    extra = extra_inputs(numerics.RandomStream(b"\x43" * 32), data)
     for strategy in all_strategies():
         names = {p.name for p in strategy.params}
         raw: dict[str, object] = {}
@@ -67,10 +92,32 @@ def main(threads: int) -> None:
         n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
-        for name, (base, xs) in data.items():
+        weights = [1.0, 0.5, 2.0][:n]
+        model = None
+        tensors = data
+        if strategy.model_pass is not None:
+            # the statistics pass is exact dot products (checked on big.weight below) and the
+            # merge a weighted sum (checked by linear): the 2048 x 2048 input only costs time
+            tensors = {k: v for k, v in data.items() if k != "big.weight"}
+            summaries = {
+                name: registry.collect_statistics(
+                    strategy, name, base, xs[:n], ids, weights, params, rng
+                )
+                for name, (base, xs) in tensors.items()
+            }
+            numels = {name: base.numel() for name, (base, _) in tensors.items()}
+            model = registry.finish_statistics(
+                strategy, summaries, numels, ids, weights, params, rng, True
+            )
+            print(strategy.name, "statistics", json.dumps(model.report, sort_keys=True))
+        for name, (base, xs) in tensors.items():
             if name == "big.weight" and strategy.name in SKIP_BIG:
                 continue
-            out = run_strategy(strategy, name, base, xs[:n], ids, [1.0, 0.5, 2.0][:n], params, rng)
+            kinds = strategy.extra_inputs
+            extras = {kind: extra[name][kind][:n] for kind in kinds}
+            out = run_strategy(
+                strategy, name, base, xs[:n], ids, weights, params, rng, extras=extras, model=model
+            )
             digest = hashlib.sha256(
                 out.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
             )

@@ -13,22 +13,30 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
+from .. import plugins
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
 
 __all__ = [
+    "EXTRA_KINDS",
     "REQUIRED",
+    "ModelContext",
+    "ModelPass",
+    "ModelValues",
     "Param",
     "Strategy",
     "TensorInputs",
     "all_strategies",
     "check_contract",
     "check_weights",
+    "collect_statistics",
+    "finish_statistics",
+    "prepare_inputs",
     "get_strategy",
     "register",
     "resolve_params",
@@ -68,9 +76,58 @@ class TensorInputs:
     contribution_ids: list[str]
     weights: list[float]  # per-contribution weight from each descriptor (default 1.0)
     rng: RandomStream
+    # extra inputs by kind (``Strategy.extra_inputs``), aligned with ``tensors``: a contribution's
+    # tensor of that kind for this name in compute dtype, or None where it has none
+    extras: Mapping[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    # what the whole-model statistics pass (``Strategy.model_pass``) found for this tensor name
+    model: Any = None
 
 
 MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]
+
+EXTRA_KINDS: dict[str, str] = {
+    "fisher": "Fisher information diagonals: one tensor per model tensor, same shape, >= 0",
+    "gram": "RegMean Gram matrices X^T X: keyed by a 2-D weight (out, in), shape (in, in)",
+}
+"""The kinds of extra inputs a contribution can carry (``add-contribution --KIND FILE``)."""
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What the end of a statistics pass sees: one summary per floating tensor name."""
+
+    summaries: dict[str, Any]  # tensor name -> what ``ModelPass.collect`` returned, name order
+    numels: dict[str, int]  # tensor name -> element count
+    contribution_ids: list[str]
+    weights: list[float]
+    rng: RandomStream
+    has_base: bool
+    # a fresh copy of one tensor name's inputs (compute dtype), read from the object store on
+    # demand, one name at a time (objective plugins that evaluate a candidate model use it);
+    # None when no store is behind the pass
+    read: Callable[[str], TensorInputs] | None = None
+
+
+@dataclass(frozen=True)
+class ModelValues:
+    """The result of a statistics pass: a value per tensor name for the per-tensor pass, and a
+    JSON-ready report for ``resolution.json`` (e.g. the coefficients a search found)."""
+
+    per_tensor: dict[str, Any]
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    """A whole-model statistics pass run before the per-tensor pass.
+
+    ``collect`` sees one tensor name at a time (streamed, like the merge) and returns a small
+    summary (a few floats per contribution pair, never a tensor of the model's size);
+    ``finish`` turns all summaries into :class:`ModelValues`.  Both are pure functions of the
+    set, so the Merkle root already names their result."""
+
+    collect: Callable[[TensorInputs, Mapping[str, Any]], Any]
+    finish: Callable[[ModelContext, Mapping[str, Any]], ModelValues]
 
 
 @dataclass(frozen=True)
@@ -89,6 +146,19 @@ class Strategy:
     # False for methods whose formula has no per-contribution weight: a contribution added with
     # a weight other than 1 is then refused (check_weights) instead of being silently ignored
     uses_weights: bool = True
+    # kinds of extra inputs (EXTRA_KINDS) the merge function reads from each contribution
+    extra_inputs: tuple[str, ...] = ()
+    # which of ``extra_inputs`` the resolved parameters make mandatory (default: all of them),
+    # for methods that also offer an explicitly requested data-free variant
+    required_extras: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
+    # a whole-model statistics pass run before the per-tensor pass (None: purely per tensor)
+    model_pass: ModelPass | None = None
+
+    def needed_extras(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The extra-input kinds every contribution must carry under ``params``."""
+        if self.required_extras is None:
+            return self.extra_inputs
+        return self.required_extras(params)
 
     @property
     def formula(self) -> str:
@@ -117,8 +187,28 @@ def register(strategy: Strategy) -> Strategy:
     return strategy
 
 
+def _register_installed(name: str) -> None:
+    """Register the third-party strategy that the installed entry point ``name`` of group
+    ``git_crdt_merge.strategies`` names (nothing if there is none)."""
+    if not plugins.installed(plugins.STRATEGY_GROUP, name):
+        return
+    found = plugins.load_entry_point(plugins.STRATEGY_GROUP, name)
+    where = f"plugin {name!r} of entry point group {plugins.STRATEGY_GROUP!r}"
+    if not isinstance(found, Strategy):
+        raise ResolveError(f"{where} is not a git_crdt_merge Strategy")
+    if found.name != name:
+        raise ResolveError(f"{where} declares the strategy name {found.name!r}")
+    try:
+        register(found)
+    except ValueError as exc:
+        raise ResolveError(f"{where}: {exc}") from None
+
+
 def get_strategy(name: str) -> Strategy:
-    """The strategy called ``name`` (or one of its aliases)."""
+    """The strategy called ``name`` (or one of its aliases): a built-in one, or an installed
+    third-party one (entry point group ``git_crdt_merge.strategies``) registered on first use."""
+    if _ALIASES.get(name, name) not in _REGISTRY:
+        _register_installed(name)
     key = _ALIASES.get(name, name)
     try:
         return _REGISTRY[key]
@@ -287,37 +377,26 @@ def _own(converted: torch.Tensor, original: torch.Tensor, owned: bool) -> torch.
     return converted if owned or converted is not original else converted.clone()
 
 
-def run_strategy(
+def _prepare(
     strategy: Strategy,
     name: str,
     base: torch.Tensor | None,
     tensors: Sequence[torch.Tensor],
     contribution_ids: Sequence[str],
     weights: Sequence[float],
-    params: Mapping[str, Any],
     rng: RandomStream,
-    compute_dtype: torch.dtype = torch.float32,
-    *,
-    owned: bool = False,
-) -> torch.Tensor:
-    """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
-
-    ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
-    strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
-    (position ids, masks, counters) are passed through unchanged from that same source: averaging
-    integers has no meaning that every tool would agree on.  Inputs are converted to
-    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
-
-    Strategies may overwrite the contributions' compute tensors (never the base): pass
-    ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
-    K + 3 tensors); otherwise they are copied first when the conversion did not copy them."""
+    compute_dtype: torch.dtype,
+    owned: bool,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None,
+    model: Any,
+) -> tuple[TensorInputs | None, torch.Tensor, torch.dtype]:
+    """Check and convert the inputs of one tensor name: (inputs or None when the tensor passes
+    through unchanged, the source tensor (base, else first contribution), storage dtype)."""
     if compute_dtype not in FLOAT_COMPUTE_DTYPES:
         raise ResolveError(
             f"strategy {strategy.name}: compute dtype must be float32 or float64, "
             f"not {compute_dtype}"
         )
-    if strategy.base == "ignored":
-        base = None
     check_contract(strategy, len(tensors), base is not None)
     if not (len(tensors) == len(contribution_ids) == len(weights)):
         raise ResolveError(
@@ -332,9 +411,18 @@ def run_strategy(
                 f"contribution {cid} but {tuple(source.shape)} in the "
                 f"{'base' if base is not None else 'first contribution'}"
             )
-    storage_dtype = source.dtype
     if not source.is_floating_point() or source.numel() == 0:
-        return source.clone()
+        return None, source, source.dtype
+    converted_extras: dict[str, list[torch.Tensor | None]] = {}
+    for kind, items in (extras or {}).items():
+        if len(items) != len(tensors):
+            raise ResolveError(
+                f"strategy {strategy.name}: tensor {name}: {len(items)} {kind} inputs for "
+                f"{len(tensors)} contributions"
+            )
+        converted_extras[kind] = [
+            None if x is None else _own(to_compute(x, compute_dtype), x, owned) for x in items
+        ]
     inputs = TensorInputs(
         name=name,
         base=None if base is None else to_compute(base, compute_dtype),
@@ -342,6 +430,159 @@ def run_strategy(
         contribution_ids=list(contribution_ids),
         weights=[float(w) for w in weights],
         rng=rng,
+        extras=converted_extras,
+        model=model,
     )
+    return inputs, source, source.dtype
+
+
+def run_strategy(
+    strategy: Strategy,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    params: Mapping[str, Any],
+    rng: RandomStream,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    owned: bool = False,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    model: ModelValues | None = None,
+) -> torch.Tensor:
+    """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
+
+    ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
+    strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
+    (position ids, masks, counters) are passed through unchanged from that same source: averaging
+    integers has no meaning that every tool would agree on.  Inputs are converted to
+    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
+    ``extras`` maps an extra-input kind to one tensor (or None) per contribution for this name;
+    ``model`` is the result of :func:`finish_statistics` for strategies with a statistics pass.
+
+    Strategies may overwrite the contributions' compute tensors (never the base): pass
+    ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
+    K + 3 tensors); otherwise they are copied first when the conversion did not copy them."""
+    if strategy.base == "ignored":
+        base = None
+    if strategy.model_pass is not None and model is None:
+        raise ResolveError(
+            f"strategy {strategy.name} needs its whole-model statistics pass before merging"
+        )
+    inputs, source, storage_dtype = _prepare(
+        strategy,
+        name,
+        base,
+        tensors,
+        contribution_ids,
+        weights,
+        rng,
+        compute_dtype,
+        owned,
+        extras,
+        None if model is None else model.per_tensor.get(name),
+    )
+    if inputs is None:
+        return source.clone()
     merged = strategy.merge(inputs, params)
     return from_compute(merged.reshape(source.shape), storage_dtype)
+
+
+def collect_statistics(
+    strategy: Strategy,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    params: Mapping[str, Any],
+    rng: RandomStream,
+    compute_dtype: torch.dtype = torch.float32,
+    *,
+    owned: bool = False,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+) -> Any:
+    """The statistics-pass summary of one tensor name (None for tensors that pass through
+    unchanged: integers and empty tensors).  Same inputs and checks as :func:`run_strategy`."""
+    if strategy.model_pass is None:
+        raise ResolveError(f"strategy {strategy.name} has no statistics pass")
+    if strategy.base == "ignored":
+        base = None
+    inputs, _, _ = _prepare(
+        strategy,
+        name,
+        base,
+        tensors,
+        contribution_ids,
+        weights,
+        rng,
+        compute_dtype,
+        owned,
+        extras,
+        None,
+    )
+    return None if inputs is None else strategy.model_pass.collect(inputs, params)
+
+
+def finish_statistics(
+    strategy: Strategy,
+    summaries: Mapping[str, Any],
+    numels: Mapping[str, int],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    params: Mapping[str, Any],
+    rng: RandomStream,
+    has_base: bool,
+    read: Callable[[str], TensorInputs] | None = None,
+) -> ModelValues:
+    """Turn the per-tensor summaries (None entries dropped) into :class:`ModelValues`.
+
+    ``read`` gives the search access to one tensor name's inputs at a time (see
+    :class:`ModelContext`)."""
+    if strategy.model_pass is None:
+        raise ResolveError(f"strategy {strategy.name} has no statistics pass")
+    kept = {n: summaries[n] for n in sorted(summaries) if summaries[n] is not None}
+    context = ModelContext(
+        summaries=kept,
+        numels={n: int(numels[n]) for n in kept},
+        contribution_ids=list(contribution_ids),
+        weights=[float(w) for w in weights],
+        rng=rng,
+        has_base=has_base and strategy.base != "ignored",
+        read=read,
+    )
+    return strategy.model_pass.finish(context, params)
+
+
+def prepare_inputs(
+    strategy: Strategy,
+    name: str,
+    base: torch.Tensor | None,
+    tensors: Sequence[torch.Tensor],
+    contribution_ids: Sequence[str],
+    weights: Sequence[float],
+    rng: RandomStream,
+    compute_dtype: torch.dtype = torch.float32,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+) -> TensorInputs | None:
+    """The checked :class:`TensorInputs` of one tensor name, copies in compute dtype that the
+    caller may keep (None for a tensor that passes through: integers, empty)."""
+    if strategy.base == "ignored":
+        base = None
+    inputs, _, _ = _prepare(
+        strategy,
+        name,
+        base,
+        tensors,
+        contribution_ids,
+        weights,
+        rng,
+        compute_dtype,
+        False,
+        extras,
+        None,
+    )
+    if inputs is not None and inputs.base is not None and inputs.base is base:
+        inputs = replace(inputs, base=inputs.base.clone())
+    return inputs
