@@ -494,6 +494,56 @@ def merge_driver(args: Annotated[list[str] | None, typer.Argument()] = None) -> 
 
 
 @app.command()
+def demo(
+    keep: Annotated[
+        Path | None,
+        typer.Option("--keep", help="Leave the repositories in this folder (new or empty)."),
+    ] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a digits classifier, fine-tune it in three clones, merge in different orders,
+    and show that every clone gets the same model (offline, about a minute)."""
+    import shutil
+    import tempfile
+
+    from .demo import STEPS, run_demo
+    from .render import demo_tables, step_progress
+
+    with handle_errors():
+        if keep is not None and keep.exists() and any(keep.iterdir()):
+            raise UsageError(f"--keep {keep}: the folder exists and is not empty")
+        work = keep if keep is not None else Path(tempfile.mkdtemp(prefix="git-crdt-demo-"))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            with step_progress(err, len(STEPS), not (json_ or quiet)) as step:
+                report = run_demo(work.resolve(), kept=keep is not None, step=step).as_dict()
+            if keep is not None:
+                (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        finally:
+            if keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+    if json_:
+        emit_json(report)
+        return
+    if not quiet:
+        for table in demo_tables(report):
+            err.print(table)
+        err.print(
+            "Each fine-tune is best on its own digits and forgets the others; the merged "
+            "models recover all of them. Three clones merged in different orders (merge, "
+            "rebase) and got the same Merkle root and byte-identical files, with no "
+            f"coordination. Done in {report['seconds']:.0f} s.",
+            markup=False,
+        )
+        if keep is not None:
+            err.print(
+                f"Repositories kept in {keep}: try 'cd {keep}/alice && git crdt status'",
+                markup=False,
+            )
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     sys.stdout.write(f"git-crdt-merge {__version__}\n")
