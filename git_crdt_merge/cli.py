@@ -435,6 +435,67 @@ def log(
 
 
 @app.command()
+def diff(
+    rev_a: Annotated[str | None, typer.Argument(help="First state (default HEAD).")] = None,
+    rev_b: Annotated[str | None, typer.Argument(help="Second state (default: work tree).")] = None,
+    tensors: Annotated[
+        bool,
+        typer.Option(
+            "--tensors",
+            help="Per-tensor statistics between two models: each argument is a contribution "
+            "(name or id), 'base', a model file or folder, or a revision (its merged model).",
+        ),
+    ] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Contributions added and removed and register changes between two states; with
+    --tensors, L2 distance, cosine similarity, max |difference| and fraction changed per
+    tensor."""
+    from .render import model_diff_table, print_state_diff
+
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        if not tensors:
+            from .diff import state_diff
+
+            data = state_diff(repo, rev_a or "HEAD", rev_b)
+        else:
+            from . import tensordiff as diffs
+
+            a = diffs.open_model(repo, rev_a or "HEAD")
+            b = diffs.open_model(repo, rev_b) if rev_b else diffs.work_tree_model(repo)
+            with byte_progress("diff", not (json_ or quiet)) as (start, advance):
+                start(diffs.model_bytes(a))
+                data = diffs.model_diff(a, b, advance)
+    if json_:
+        emit_json(data)
+    elif tensors:
+        err.print(model_diff_table(data))
+    else:
+        print_state_diff(err, data)
+
+
+@app.command()
+def show(
+    name_or_id: Annotated[str, typer.Argument(help="Contribution name or id prefix, or 'base'.")],
+    json_: JsonOpt = False,
+) -> None:
+    """A contribution's descriptor, tensors, sizes, extra inputs and the commit that added it."""
+    from .render import print_show
+    from .show import show as do_show
+
+    with handle_errors():
+        repo = open_repo()
+        data = do_show(repo, name_or_id)
+    if json_:
+        emit_json(data)
+    else:
+        print_show(err, data)
+
+
+@app.command()
 def repair(
     drop_invalid: Annotated[
         bool, typer.Option(help="Set unparseable lines aside in .git/crdt/ instead of failing.")

@@ -6,11 +6,13 @@ output on stdout stays clean.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -98,3 +100,92 @@ def demo_tables(report: dict[str, Any]) -> list[Table]:
     for row in report["accuracy"]:
         acc.add_row(row["model"], row["kind"], *[_pct(row[t]) for t in tasks])
     return [agree, acc]
+
+
+# -- diff and show -------------------------------------------------------------------------------
+def _value(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def print_state_diff(console: Console, data: dict[str, Any]) -> None:
+    console.print(f"a: {data['a']}  (root {data['merkle_root_a'][:16]})", markup=False)
+    console.print(f"b: {data['b']}  (root {data['merkle_root_b'][:16]})", markup=False)
+    if not (data["added"] or data["removed"] or data["renamed"] or data["registers"]):
+        console.print("no difference")
+        return
+    for c in data["added"]:
+        console.print(f"[green]+ {c['id'][:12]}  {escape(c['name'])}[/green]")
+    for c in data["removed"]:
+        console.print(f"[red]- {c['id'][:12]}  {escape(c['name'])}[/red]")
+    for c in data["renamed"]:
+        console.print(f"~ {c['id'][:12]}  {c['a']} -> {c['b']}", markup=False)
+    for r in data["registers"]:
+        console.print(f"{r['key']}: {_value(r['a'])} -> {_value(r['b'])}", markup=False)
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def model_diff_table(data: dict[str, Any]) -> Table:
+    total = data["total"]
+    table = Table(
+        title=f"a: {data['a']}\nb: {data['b']}",
+        title_justify="left",
+        caption=(
+            f"{total['tensors_differing']} of {len(data['tensors'])} tensors differ; "
+            f"L2 distance {total['l2']:.6g}, {100 * total['changed']:.2f}% of "
+            f"{total['elements']} elements changed"
+        ),
+        caption_justify="left",
+    )
+    table.add_column("tensor", overflow="fold")
+    table.add_column("shape")
+    for col in ("L2 distance", "cosine", "max |a-b|", "changed"):
+        table.add_column(col, justify="right")
+    for r in data["tensors"]:
+        if r["status"] != "compared":
+            table.add_row(r["name"], r["status"], "", "", "", "")
+            continue
+        table.add_row(
+            r["name"],
+            "x".join(map(str, r["shape"])) or "scalar",
+            _num(r["l2"]),
+            _num(r["cosine"], ".6f"),
+            _num(r["max_abs"]),
+            f"{100 * r['changed']:.1f}%",
+        )
+    return table
+
+
+def print_show(console: Console, data: dict[str, Any]) -> None:
+    title = f"contribution {data['name']}" if data["role"] == "contribution" else "base model"
+    console.print(title, markup=False)
+    console.print(f"id          {data['id']}")
+    console.print(f"kind        {data['kind']}   weight {data['weight']}   format {data['format']}")
+    console.print(
+        f"size        {human_bytes(data['total_bytes'])} in {len(data['tensors'])} tensors, "
+        f"{data['parameters']:,} parameters"
+    )
+    for add in data["added_by"]:
+        where = (
+            f"commit {add['commit'][:12]} {add['subject']!r} by {add['author']} ({add['date']})"
+            if add["commit"]
+            else "not committed yet"
+        )
+        console.print(f"added       {where}", markup=False)
+        if add.get("message"):
+            console.print(f"message     {add['message']}", markup=False)
+    if data["files"]:
+        console.print(f"files       {', '.join(data['files'])}", markup=False)
+    for key, value in data["metadata"].items():
+        console.print(f"metadata    {key} = {value}", markup=False)
+    for kind, info in data["extra_inputs"].items():
+        console.print(f"extra input {kind}: {_value(info)}", markup=False)
+    table = Table("tensor", "dtype", "shape", "size", "chunks")
+    for t in data["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        table.add_row(
+            escape(t["name"]), t["dtype"], shape, human_bytes(t["bytes"]), str(t["chunks"])
+        )
+    console.print(table)
