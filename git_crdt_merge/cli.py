@@ -605,6 +605,37 @@ def demo(
 
 
 @app.command()
+def completion(
+    path: Annotated[bool, typer.Option("--path", help="Print the script's path instead.")] = False,
+) -> None:
+    """Print the bash completion script for 'git crdt <TAB>' and 'git-crdt <TAB>'.
+
+    Add 'source "$(git-crdt completion --path)"' to ~/.bashrc, after git's own completion."""
+    from .clidocs import BASH_COMPLETION
+
+    sys.stdout.write(f"{BASH_COMPLETION}\n" if path else BASH_COMPLETION.read_text())
+
+
+@app.command("man")
+def man_(
+    path: Annotated[bool, typer.Option("--path", help="Print the page's path instead.")] = False,
+) -> None:
+    """Show the manual page, which 'git crdt --help' opens (it needs the page on MANPATH;
+    this works without); plain text when 'man' is not installed."""
+    import shutil
+    import subprocess
+
+    from .clidocs import MAN_PAGE, markdown
+
+    if path:
+        sys.stdout.write(f"{MAN_PAGE}\n")
+        return
+    if shutil.which("man"):
+        raise typer.Exit(subprocess.call(["man", "-l", str(MAN_PAGE)]))
+    sys.stdout.write(markdown())
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     sys.stdout.write(f"git-crdt-merge {__version__}\n")
