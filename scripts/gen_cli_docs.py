@@ -1,7 +1,7 @@
 """Regenerate docs/cli.md, the man page and the bash completion from the typer app.
 
-    .venv/bin/python scripts/gen_cli_docs.py          # write the files
-    .venv/bin/python scripts/gen_cli_docs.py --check  # exit 1 if any is out of date
+.venv/bin/python scripts/gen_cli_docs.py          # write the files
+.venv/bin/python scripts/gen_cli_docs.py --check  # exit 1 if any is out of date
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ _git_crdt() {
 # 'git-crdt ...' typed directly.
 _git_crdt_direct() {
     local cur="${COMP_WORDS[COMP_CWORD]}"
-    local candidates; candidates="$(__git_crdt_candidates "${COMP_WORDS[@]:1:COMP_CWORD}")"
+    local words_after=("${COMP_WORDS[@]:1:COMP_CWORD}")
+    local candidates; candidates="$(__git_crdt_candidates "${words_after[@]}")"
     if [ -n "$candidates" ]; then
         COMPREPLY=($(compgen -W "$candidates" -- "$cur"))
     else
