@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +15,29 @@ from safetensors.numpy import save_file
 SHAPES = {"layer.weight": (6, 5), "layer.bias": (6,)}
 
 
-@pytest.fixture
-def two(tmp_path: Path) -> Path:
-    """A repo with base + 'one' committed, and 'two' plus a strategy change in the work tree."""
-    r = new_repo(tmp_path / "repo")
+_TEMPLATE: dict[str, Path] = {}
+
+
+def _build(tmp: Path) -> Path:
+    r = new_repo(tmp / "repo")
     git(r, "config", "crdt.autoResolve", "false")  # hooks stay cheap: no torch import
     for i in range(3):
-        make_model(tmp_path / f"m{i}.safetensors", i, SHAPES)
-    crdt(r, "set-base", str(tmp_path / "m0.safetensors"), "-q")
-    crdt(r, "add-contribution", str(tmp_path / "m1.safetensors"), "-n", "one", "-q")
+        make_model(tmp / f"m{i}.safetensors", i, SHAPES)
+    crdt(r, "set-base", str(tmp / "m0.safetensors"), "-q")
+    crdt(r, "add-contribution", str(tmp / "m1.safetensors"), "-n", "one", "-q")
     git(r, "commit", "-q", "-m", "add one")
-    crdt(r, "add-contribution", str(tmp_path / "m2.safetensors"), "-n", "two", "-q", "-m", "hi")
+    crdt(r, "add-contribution", str(tmp / "m2.safetensors"), "-n", "two", "-q", "-m", "hi")
     crdt(r, "strategy", "task_arithmetic", "--param", "lambda=0.5")
     return r
+
+
+@pytest.fixture
+def two(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo with base + 'one' committed, and 'two' plus a strategy change in the work tree
+    (built once, copied for each test)."""
+    if "two" not in _TEMPLATE:
+        _TEMPLATE["two"] = _build(tmp_path_factory.mktemp("diff-template"))
+    return Path(shutil.copytree(_TEMPLATE["two"], tmp_path / "repo", symlinks=True))
 
 
 def test_state_diff_lists_added_removed_and_register_changes(two: Path) -> None:
