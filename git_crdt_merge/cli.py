@@ -426,12 +426,9 @@ def log(
     if json_:
         emit_json([e.as_dict() for e in entries])
         return
-    table = Table("commit", "op", "record")
-    for e in entries:
-        rec = json.loads(e.line)
-        op = rec.pop("op")
-        table.add_row((e.commit or "-")[:10], op, json.dumps(rec, sort_keys=True))
-    err.print(table)
+    from .render import log_table
+
+    err.print(log_table([e.as_dict() for e in entries]))
 
 
 @app.command()

@@ -189,3 +189,28 @@ def print_show(console: Console, data: dict[str, Any]) -> None:
             escape(t["name"]), t["dtype"], shape, human_bytes(t["bytes"]), str(t["chunks"])
         )
     console.print(table)
+
+
+# -- log -----------------------------------------------------------------------------------------
+def log_table(entries: list[dict[str, Any]]) -> Table:
+    """``git crdt log``: one row per record, summarised (``--json`` has the records as they
+    are)."""
+    records = [json.loads(e["record"]) for e in entries]
+    names = {r["tag"]: f"{r['name']} {r['id'][:12]}" for r in records if r.get("op") == "add"}
+    table = Table("commit", "subject", "op", "record")
+    for e, rec in zip(entries, records, strict=True):
+        op = rec.get("op", "?")
+        if op == "add":
+            what = f"{rec['name']} {rec['id'][:12]}"
+            if rec.get("message"):
+                what += f" ({rec['message']})"
+        elif op == "remove":
+            what = ", ".join(names.get(t, t[:12]) for t in rec["observed"])
+        elif op == "set":
+            value = rec["value"]
+            shown = value[:12] if rec["key"] == "base" and isinstance(value, str) else value
+            what = f"{rec['key']} = {_value(shown)}  (clock {rec['clock']})"
+        else:
+            what = _value(rec)
+        table.add_row((e["commit"] or "-")[:10], e["subject"], op, what)
+    return table
