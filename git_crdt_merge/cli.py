@@ -563,11 +563,18 @@ def demo(
     """Train a digits classifier, fine-tune it in three clones, merge in different orders,
     and show that every clone gets the same model (offline, about a minute)."""
     import shutil
+    import signal
     import tempfile
 
     from .demo import STEPS, run_demo
     from .render import demo_tables, step_progress
 
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so the temporary folder is removed on a closed terminal too
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupted)
     with handle_errors():
         if keep is not None and keep.exists() and any(keep.iterdir()):
             raise UsageError(f"--keep {keep}: the folder exists and is not empty")

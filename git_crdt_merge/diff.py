@@ -24,12 +24,20 @@ def state_label(rev: str | None) -> str:
 
 
 def read_state(repo: Repo, rev: str | None) -> Manifest:
-    """The manifest at ``rev`` (None: the work tree); a revision without one is an empty set."""
+    """The manifest at ``rev`` (None: the work tree); a revision without one, and ``HEAD``
+    before the first commit, are the empty set."""
     if rev is not None and rev != ":":
         proc = gitops.run(
             ["rev-parse", "--verify", "-q", f"{rev}^{{commit}}"], repo.root, check=False
         )
         if proc.returncode != 0:
+            unborn = (
+                rev == "HEAD"
+                and gitops.run(["symbolic-ref", "-q", "HEAD"], repo.root, check=False).returncode
+                == 0
+            )
+            if unborn:
+                return Manifest.parse(b"", rev)
             raise NotFoundError(f"unknown revision {rev!r}")
         if gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             return Manifest.parse(b"", rev)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from conftest import crdt, git
@@ -50,6 +53,7 @@ def test_demo_clones_agree_and_merged_models_beat_each_fine_tune(tmp_path: Path)
         assert acc[who]["all"] < acc["base"]["all"]  # ... and forgot the others
     for merged in ("ties", "task_arithmetic"):
         assert acc[merged]["all"] > max(acc[w]["all"] for w in ("alice", "bob", "carol"))
+        assert acc[merged]["all"] > acc["base"]["all"]
         assert f"{100 * acc[merged]['all']:.1f}%" in proc.stderr
 
     # --keep leaves real, installed clones; check their agreement independently of the report.
@@ -79,3 +83,17 @@ def test_demo_refuses_a_non_empty_keep_folder(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "not empty" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["x"]
+
+
+def test_demo_killed_midway_removes_its_temporary_folder(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen(["git-crdt", "demo", "-q"], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp.glob("git-crdt-demo-*/models/base.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert list(tmp.glob("git-crdt-demo-*")) == []

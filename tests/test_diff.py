@@ -74,6 +74,15 @@ def test_state_diff_lists_added_removed_and_register_changes(two: Path) -> None:
     assert "no difference" in crdt(two, "diff", "HEAD", "HEAD").stderr
 
 
+def test_diff_before_the_first_commit_compares_with_the_empty_set(tmp_path: Path) -> None:
+    r = new_repo(tmp_path / "fresh", init_crdt=False)
+    crdt(r, "init", "-q")
+    make_model(tmp_path / "m.safetensors", 1, SHAPES)
+    crdt(r, "add-contribution", str(tmp_path / "m.safetensors"), "-n", "m", "-q")
+    data = json.loads(crdt(r, "diff", "--json").stdout)
+    assert [c["name"] for c in data["added"]] == ["m"] and data["removed"] == []
+
+
 def test_diff_unknown_revision_is_not_found(two: Path) -> None:
     proc = crdt(two, "diff", "no-such-rev", check=False)
     assert proc.returncode == 8
