@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the end-to-end demo in a temporary directory.
+# Set up (idempotent) and run `git crdt demo`: a digits classifier fine-tuned in three clones,
+# merged in different orders, with the same model in every clone. Options go to the demo
+# (e.g. --keep DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python scripts/e2e_demo.py "$@"
+exec git crdt demo "$@"

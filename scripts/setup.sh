@@ -10,3 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# `git crdt --help` runs `man git-crdt`, and man finds <venv>/share/man from PATH. A wheel
+# install puts the page there; an editable install does not, so link it.
+mkdir -p .venv/share/man/man1
+ln -sf ../../../../git_crdt_merge/share/git-crdt.1 .venv/share/man/man1/git-crdt.1

@@ -1,0 +1,106 @@
+"""``git crdt show``: one contribution's descriptor, tensors, sizes, extra inputs, and the commit
+that added it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import contributions, gitops, history
+from .errors import NotFoundError
+from .repo import Repo
+from .store import ObjectStore
+
+# Descriptor keys every contribution has.  Extra inputs of strategies (Fisher diagonals, Gram
+# matrices) live under "extras" as {kind: {"tensors": {name: tensor info}}}; any other key is
+# shown as it is.
+CORE_KEYS = {"format", "kind", "tensors", "files", "metadata", "weight"}
+
+
+def extra_inputs(desc: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in sorted(desc.items()):
+        if key in CORE_KEYS:
+            continue
+        if key == "extras" and isinstance(value, dict):
+            for kind, table in sorted(value.items()):
+                ts = table.get("tensors", {}) if isinstance(table, dict) else {}
+                out[kind] = {
+                    "tensors": len(ts),
+                    "bytes": sum(int(t.get("bytes", 0)) for t in ts.values()),
+                }
+        else:
+            out[key] = value
+    return out
+
+
+def _added_by(repo: Repo, cid: str) -> list[dict[str, Any]]:
+    """Every add record of ``cid`` with the commit that introduced it (None: not committed)."""
+    out = []
+    for entry in history.record_log(repo):
+        rec = json.loads(entry.line)
+        if rec.get("op") != "add" or rec.get("id") != cid:
+            continue
+        info: dict[str, Any] = {
+            "tag": rec["tag"],
+            "name": rec["name"],
+            "message": rec.get("message"),
+            "commit": entry.commit,
+            "subject": entry.subject,
+        }
+        if entry.commit is not None:
+            who, when = gitops.out(
+                ["log", "-1", "--format=%an <%ae>%x00%aI", entry.commit], repo.root
+            ).split("\0")
+            info.update(author=who, date=when)
+        out.append(info)
+    return out
+
+
+def show(repo: Repo, name_or_id: str) -> dict[str, Any]:
+    """Everything known about a visible contribution (or the base, as ``base``)."""
+    repo.require_initialized()
+    manifest = repo.read_manifest()
+    store = ObjectStore(repo.root)
+    try:
+        cid = contributions.find_contribution(manifest, name_or_id)
+        name: str | None = dict(manifest.visible_contributions())[cid]
+        role = "contribution"
+    except NotFoundError:
+        base = manifest.base()
+        if name_or_id != "base" or base is None:
+            raise
+        cid, name, role = base, None, "base"
+    desc = contributions.load_descriptor(store, cid)
+    tensors = [
+        {
+            "name": tname,
+            "dtype": t["dtype"],
+            "shape": list(t["shape"]),
+            "bytes": t["bytes"],
+            "chunks": len(t["chunks"]),
+        }
+        for tname, t in sorted(desc["tensors"].items())
+    ]
+    return {
+        "id": cid,
+        "name": name,
+        "role": role,
+        "kind": desc.get("kind", "full"),
+        "format": desc.get("format"),
+        "weight": desc.get("weight", 1.0),
+        "tensors": tensors,
+        "total_bytes": sum(t["bytes"] for t in tensors),
+        "parameters": sum(_numel(t["shape"]) for t in tensors),
+        "files": dict(sorted(desc.get("files", {}).items())),
+        "metadata": desc.get("metadata", {}),
+        "extra_inputs": extra_inputs(desc),
+        "added_by": _added_by(repo, cid) if role == "contribution" else [],
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
