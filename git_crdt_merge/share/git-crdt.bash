@@ -11,7 +11,7 @@ __git_crdt_options() {
         install) echo '--global -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
         doctor) echo '--json -h --help' ;;
-        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --json -q --quiet -h --help' ;;
+        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
         set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet -h --help' ;;
         strategy) echo '-p --param -h --help' ;;
