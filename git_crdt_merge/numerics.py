@@ -537,9 +537,15 @@ def run_side_by_side(task: Callable[[int], None], items: Iterable[int]) -> None:
             task(item)
         return
     pool = _side_pool(workers)
+    device = torch.get_default_device()  # a `with torch.device(...)` is per thread: pass it on
+
+    def run(item: int) -> None:
+        with torch.device(device):
+            task(item)
+
     torch.set_num_threads(1)
     try:
-        for future in [pool.submit(task, item) for item in todo]:
+        for future in [pool.submit(run, item) for item in todo]:
             future.result()
     finally:
         torch.set_num_threads(workers)

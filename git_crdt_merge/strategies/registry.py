@@ -485,7 +485,10 @@ def run_strategy(
     )
     if inputs is None:
         return source.clone()
-    merged = strategy.merge(inputs, params)
+    # factory calls inside strategies and numerics (zeros, empty, tensor ...) allocate on the
+    # inputs' device, so that --device cuda runs the same code
+    with torch.device(source.device):
+        merged = strategy.merge(inputs, params)
     return from_compute(merged.reshape(source.shape), storage_dtype)
 
 
@@ -522,7 +525,10 @@ def collect_statistics(
         extras,
         None,
     )
-    return None if inputs is None else strategy.model_pass.collect(inputs, params)
+    if inputs is None:
+        return None
+    with torch.device(inputs.tensors[0].device if inputs.tensors else "cpu"):
+        return strategy.model_pass.collect(inputs, params)
 
 
 def finish_statistics(
