@@ -387,7 +387,9 @@ def bound_heap(largest_tensor: int) -> None:
     One arena for every thread: strategies run contributions side by side on worker threads,
     and per-thread arenas would each keep their own freed tensors (measured: +15-40 MB of peak
     RSS on that benchmark)."""
-    threshold = min(largest_tensor + (1 << 20), _MMAP_THRESHOLD_MAX)
+    threshold = int(os.environ.get("CRDT_MMAP_THRESHOLD", 0)) or min(
+        largest_tensor + (1 << 20), _MMAP_THRESHOLD_MAX
+    )
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
