@@ -14,7 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-from . import gitops
+from . import faults, gitops
+from .errors import ResolveError
 from .repo import Repo
 
 RESOLUTION_FILE = "resolution.json"
@@ -80,6 +81,8 @@ def publish(cache_dir: Path, out_dir: Path) -> None:
     the old model or the new one, never a mixture of files.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out_dir)
+    _remove_stale_siblings(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -90,14 +93,46 @@ def publish(cache_dir: Path, out_dir: Path) -> None:
         except OSError:
             shutil.copy2(f, tmp / f.name)
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    faults.point("publish:assembled")
     if out_dir.exists() or out_dir.is_symlink():
         os.replace(out_dir, old)
+        faults.point("publish:old-moved")
     os.replace(tmp, out_dir)
     if old.exists() or old.is_symlink():
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an earlier output (or nothing) may be replaced: a manifest from an untrusted pull
+    could point the ``output`` register at a folder of the user's, and publishing swaps the
+    folder out whole."""
+    if out_dir.is_symlink() or not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and output_key(out_dir) is None):
+        raise ResolveError(
+            f"output folder {out_dir} exists and is not a merged model written by git-crdt; "
+            "refusing to replace it (move it away, or choose another with 'git crdt output')"
+        )
+
+
+def _remove_stale_siblings(out_dir: Path) -> None:
+    """Drop the temporary folders of a publish that was killed (its process is gone)."""
+    for sibling in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        parts = sibling.name[len(out_dir.name) + 2 :].split("-")
+        if parts[0] not in ("tmp", "old") or not parts[1:] or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def try_publish(repo: Repo, key: str, out_dir: Path) -> bool:

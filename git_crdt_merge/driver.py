@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import faults
 from .errors import CrdtError
 from .manifest import Manifest, join
 
@@ -46,8 +47,9 @@ def conflict_text(ours: bytes, theirs: bytes, marker_size: int) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".crdt-tmp")
+    tmp = path.with_name(f"{path.name}.crdt-tmp-{os.getpid()}")
     tmp.write_bytes(data)
+    faults.point("driver:tmp-written")
     os.replace(tmp, path)
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gitops
+from . import faults, gitops
 from .errors import LockError, NotARepositoryError
 from .manifest import MANIFEST_PATH, Manifest
 
@@ -30,6 +30,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        faults.point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,7 +75,18 @@ class Repo:
     def write_manifest(self, manifest: Manifest) -> None:
         """Write the manifest atomically and stage it (``git add``)."""
         atomic_write(self.manifest_path, manifest.serialize())
+        faults.point("manifest:written")
         gitops.stage_file(self.root, MANIFEST_PATH)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a writer that was killed (we hold the lock, so none is live):
+        the manifest's, and the merge driver's (named by a pid that is gone)."""
+        for tmp in (self.root / ".crdt").glob(".manifest.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for tmp in self.root.glob(".merge_file_*.crdt-tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def replica_id(self) -> str:
         """This clone's replica id, kept in its local git config (created on first use)."""
@@ -103,9 +115,20 @@ class Repo:
                             f"another git-crdt process holds {self.state_dir / 'lock'}"
                         ) from None
                     time.sleep(0.05)
+            self._remove_stale_temporaries()
             yield
         finally:
             os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def new_tag() -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache
+from . import cache, faults
 from .errors import ResolveError
 from .repo import Repo
 from .store import ObjectStore
@@ -37,6 +37,19 @@ class Outcome:
         }
 
 
+def _no_symlink_on_the_way(root: Path, out_dir: Path) -> None:
+    """The ``output`` register comes from repository content: never follow a symbolic link
+    (committed by anyone) out of the work tree."""
+    cur = root
+    for part in out_dir.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise ResolveError(
+                f"output path {out_dir.relative_to(root)} goes through the symbolic link "
+                f"{cur.relative_to(root)}; refusing to write through it"
+            )
+
+
 def resolve(
     repo: Repo,
     *,
@@ -55,6 +68,8 @@ def resolve(
         raise ResolveError(f"the maximum shard size must be at least 1 byte, not {max_shard}")
     manifest = repo.read_manifest()
     out_dir = output if output is not None else repo.root / manifest.output()
+    if output is None:
+        _no_symlink_on_the_way(repo.root, out_dir)
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
         return Outcome(root, out_dir, False, empty=True)
@@ -71,6 +86,12 @@ def resolve(
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
+
+    def advance(n: int) -> None:
+        faults.point("resolve:tensor")
+        if progress is not None:
+            progress(n)
+
     try:
         engine.compute(
             plan,
@@ -79,8 +100,9 @@ def resolve(
             device=device,
             compute_dtype=compute_dtype,
             max_shard=max_shard,
-            progress=progress,
+            progress=advance,
         )
+        faults.point("resolve:computed")
         final = cache.commit_to_cache(repo, key, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
