@@ -453,7 +453,6 @@ def repair(
     """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
     sides, as the merge driver would have made it; then stage it."""
     from .repair import repair_bytes
-    from .repo import atomic_write
 
     with handle_errors():
         repo = open_repo()
@@ -473,8 +472,7 @@ def repair(
                 with open(saved, "a", encoding="utf-8") as fh:
                     fh.write("".join(line + "\n" for line in result.invalid))
             with repo.lock():
-                atomic_write(repo.manifest_path, result.manifest.serialize())
-                gitops.stage_file(repo.root, ".crdt/manifest")
+                repo.write_manifest(result.manifest)
     info = {
         "records": result.records,
         "conflict_markers": result.markers,

@@ -305,6 +305,8 @@ def _check_registers(
     value = manifest.strategy()
     try:
         strategy = registry.get_strategy(value["name"])
+        if not visible:
+            return  # an empty set resolves to nothing: no contract to meet yet
         registry.check_contract(strategy, len(visible), manifest.base() is not None)
         registry.resolve_params(strategy, value["params"], visible)
         weights = [float(descs[c].get("weight", 1.0)) for c, _ in visible if c in descs]
