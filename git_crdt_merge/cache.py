@@ -87,7 +87,7 @@ def publish(cache_dir: Path, out_dir: Path) -> None:
     or the new one, never a mixture of files and never a half-written folder.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_replaceable(out_dir)
+    check_replaceable(out_dir)
     remove_stale_work(cache_dir.parent)
     _remove_stale_siblings(out_dir)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
@@ -170,7 +170,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_replaceable(out_dir: Path) -> None:
+def check_replaceable(out_dir: Path) -> None:
     """Only an earlier output (or nothing) may be replaced: a manifest from an untrusted pull
     could point the ``output`` register at a folder of the user's, and publishing swaps the
     folder out whole."""

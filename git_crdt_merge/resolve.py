@@ -70,6 +70,7 @@ def resolve(
     out_dir = output if output is not None else repo.root / manifest.output()
     if output is None:
         _no_symlink_on_the_way(repo.root, out_dir)
+    cache.check_replaceable(out_dir)  # before any work: never computed only to be refused
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
         return Outcome(root, out_dir, False, empty=True)
