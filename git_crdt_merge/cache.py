@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import faults, gitops
 from .errors import ResolveError
-from .repo import Repo
+from .repo import Repo, atomic_write
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -214,9 +214,9 @@ def keep_out_of_git(repo: Repo, out_dir: Path) -> None:
     if proc.returncode == 0:
         return
     exclude = gitops.git_dir(repo.root) / "info" / "exclude"
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    with open(exclude, "a", encoding="utf-8") as fh:
-        fh.write(f"/{rel.as_posix()}/\n")
+    text = exclude.read_text("utf-8") if exclude.exists() else ""
+    sep = "" if not text or text.endswith("\n") else "\n"
+    atomic_write(exclude, f"{text}{sep}/{rel.as_posix()}/\n".encode())
 
 
 def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:

@@ -453,6 +453,7 @@ def repair(
     """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
     sides, as the merge driver would have made it; then stage it."""
     from .repair import repair_bytes
+    from .repo import atomic_write
 
     with handle_errors():
         repo = open_repo()
@@ -469,8 +470,8 @@ def repair(
             if result.invalid:
                 repo.state_dir.mkdir(parents=True, exist_ok=True)
                 saved = repo.state_dir / "repair-invalid-lines.txt"
-                with open(saved, "a", encoding="utf-8") as fh:
-                    fh.write("".join(line + "\n" for line in result.invalid))
+                old = saved.read_bytes() if saved.exists() else b""
+                atomic_write(saved, old + "".join(f"{x}\n" for x in result.invalid).encode())
             with repo.lock():
                 repo.write_manifest(result.manifest)
     info = {
