@@ -190,13 +190,20 @@ def _check_objects(
     required = {cid: f"contribution {name!r} ({cid[:12]})" for cid, name in visible}
     if base:
         required[base] = f"base ({base[:12]})"
-    removed = {r.fields["id"] for r in manifest.adds()} - set(required)
+    # removed contributions and earlier bases: not needed, but their objects are not strays
+    removed = {r.fields["id"] for r in manifest.adds()}
+    removed |= {
+        r.fields["value"]
+        for r in manifest.records.values()
+        if r.op == "set" and r.fields["key"] == "base" and isinstance(r.fields["value"], str)
+    }
+    removed -= set(required)
     known = store.known()
     sizes = gitops.object_sizes(repo.root, known.values())
     descs: dict[str, dict[str, Any]] = {}
     referenced: set[str] = set()
     for cid in sorted(required) + sorted(removed):
-        what = required.get(cid, f"removed contribution {cid[:12]}")
+        what = required.get(cid, f"removed contribution or earlier base {cid[:12]}")
         must = cid in required
         referenced.add(cid)
         sha = known.get(cid)
