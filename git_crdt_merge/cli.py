@@ -511,7 +511,7 @@ def verify(
             open_repo(),
             ":" if staged else rev,
             full=full,
-            registers=True,
+            resolvable=True,
             progress=adv,
             on_start=st,
         )

@@ -7,11 +7,15 @@ Fast checks (no torch, no tensor bytes read): the manifest parses strictly (ever
 listed); every visible contribution's and the base's descriptor is present, within the size
 limit and well formed; every object a descriptor references (chunks, files, and anything nested,
 such as extra inputs) is staged or committed *and* present in the object database; chunk sizes
-add up to each tensor's byte count; contributions agree with each other and with the base on
-tensor names, dtypes and shapes.  ``registers=True`` (the CLI's default) also checks the
-strategy register against the installed registry (known strategy, valid parameters, input
-contract, weights, extra inputs); the hooks leave that out, since it needs torch and a peer may
-run a newer version.  ``full=True`` re-hashes every object with blake3.
+add up to each tensor's byte count.  That is the integrity of Layer 1, what the hooks check.
+
+``resolvable=True`` (the CLI's default) also checks that the set can be resolved: contributions
+agree with each other and with the base on tensor names, dtypes and shapes, and the strategy
+register passes the installed registry (known strategy, valid parameters, input contract,
+weights, extra inputs).  The hooks leave that out, like the resolving hooks that only report
+such problems: it needs torch, a peer may run a newer version, and the set itself is sound (a
+``git crdt remove-contribution`` or ``strategy`` fixes it).  ``full=True`` re-hashes every
+object with blake3.
 
 Problems make the state invalid; *notes* name a recoverable state (an interrupted command, a
 merge in progress) and its fix.
@@ -148,7 +152,7 @@ def verify(
     rev: str | None = ":",
     *,
     full: bool = False,
-    registers: bool = False,
+    resolvable: bool = False,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> Report:
@@ -174,7 +178,7 @@ def verify(
         if note:
             report.notes.append(note)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
-    _check_objects(repo, store, manifest, report, registers)
+    _check_objects(repo, store, manifest, report, resolvable)
     if full and not any(p.kind == "conflict" for p in report.problems):
         _rehash(repo, store, report, progress, on_start)
     report.seconds = time.perf_counter() - t0
@@ -182,7 +186,7 @@ def verify(
 
 
 def _check_objects(
-    repo: Repo, store: ObjectStore, manifest: Manifest, report: Report, registers: bool
+    repo: Repo, store: ObjectStore, manifest: Manifest, report: Report, resolvable: bool
 ) -> None:
     visible = manifest.visible_contributions()
     report.contributions = len(visible)
@@ -243,10 +247,9 @@ def _check_objects(
         if must:
             _check_chunk_sizes(desc, what, known, sizes, report)
     report.objects = len(referenced & set(known))
-    _check_compatibility(
-        [(cid, required[cid]) for cid, _ in visible if cid in descs], base, descs, report
-    )
-    if registers:
+    if resolvable:
+        compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
+        _check_compatibility(compatible, base, descs, report)
         _check_registers(manifest, visible, descs, report)
     if store.rev is None:
         stray = sorted(set(known) - referenced)
