@@ -156,6 +156,9 @@ def test_missing_descriptor_and_missing_chunk_are_listed_with_their_fix(
     assert f"descriptor {ghost[:16]} is not staged or committed" in text
     assert "/tensors/" in text and "fetch the commit that has it" in text
     assert any("not staged" in n for n in data["notes"])  # the work tree is ahead of the index
+    resolve = crdt(repo, "resolve", check=False)  # resolution refuses, in one line
+    assert resolve.returncode == errors.StoreError.exit_code, resolve.stderr
+    assert len(resolve.stderr.strip().splitlines()) == 1 and "Traceback" not in resolve.stderr
 
 
 def test_every_malformed_manifest_line_is_listed(two: tuple[Path, list[str]]) -> None:
