@@ -18,7 +18,7 @@ from git_crdt_merge.repair import repair_bytes
 IDS = [blake3.blake3(bytes([i])).hexdigest() for i in range(5)]
 REPLICAS = ["a" * 16, "b" * 16, "0123456789abcdef"]
 SETTINGS = settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
