@@ -520,10 +520,10 @@ def verify(
     else:
         for p in report.problems:
             err.print(f"problem: {p.message}\n  fix: {p.fix}", markup=False, soft_wrap=True)
-        for note in report.notes:
-            err.print(f"note: {note}", markup=False, soft_wrap=True)
         if not quiet:
-            speed = report.bytes_hashed / max(report.seconds, 1e-9) / 1e6
+            for note in report.notes:
+                err.print(f"note: {note}", markup=False, soft_wrap=True)
+            speed = report.bytes_hashed / max(report.hash_seconds, 1e-9) / 1e6
             hashed = f", {human_bytes(report.bytes_hashed)} hashed at {speed:.0f} MB/s"
             verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
             err.print(

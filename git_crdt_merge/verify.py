@@ -76,6 +76,7 @@ class Report:
     contributions: int = 0
     objects: int = 0
     bytes_hashed: int = 0
+    hash_seconds: float = 0.0
     seconds: float = 0.0
 
     def add(self, kind: str, message: str) -> None:
@@ -90,6 +91,7 @@ class Report:
             "contributions": self.contributions,
             "objects": self.objects,
             "bytes_hashed": self.bytes_hashed,
+            "hash_seconds": round(self.hash_seconds, 3),
             "seconds": round(self.seconds, 3),
         }
 
@@ -180,7 +182,9 @@ def verify(
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
     _check_objects(repo, store, manifest, report, resolvable)
     if full and not any(p.kind == "conflict" for p in report.problems):
+        t1 = time.perf_counter()
         _rehash(repo, store, report, progress, on_start)
+        report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
 
