@@ -4,8 +4,9 @@
   A no-op on a cache hit (no torch import), quiet unless there is work, and never fails the
   user's git command: a resolution error is reported and the hook exits 0.
   ``git config crdt.autoResolve false`` turns them off.
-- ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify every
-  pushed commit.  These block a bad commit, merge or push with a message saying how to fix it.
+- ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify the tip
+  of every pushed ref.  These check integrity only (``verify(resolvable=False)``) and block a
+  bad commit, merge or push with a message saying how to fix it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
 
 
 def pushed_revs(stdin_text: str) -> list[str]:
-    """The local commits a push sends: from git's pre-push input, or from the pre-commit
+    """The tip commit of every ref a push sends (the state that lands on the remote; commits
+    below a tip are not checked): from git's pre-push input, or from the pre-commit
     framework, which consumes that input and passes ``PRE_COMMIT_TO_REF`` instead."""
     revs = []
     for line in stdin_text.splitlines():
