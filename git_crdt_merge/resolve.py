@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, faults
-from .errors import ResolveError
+from . import cache, checks, faults
+from .errors import ResolveError, StoreError
 from .repo import Repo
 from .store import ObjectStore
 
@@ -48,6 +48,25 @@ def _no_symlink_on_the_way(root: Path, out_dir: Path) -> None:
                 f"output path {out_dir.relative_to(root)} goes through the symbolic link "
                 f"{cur.relative_to(root)}; refusing to write through it"
             )
+
+
+def check_inputs(store: ObjectStore, descriptors: list[dict[str, Any]]) -> None:
+    """Refuse descriptors whose tables contradict themselves or their chunks (sizes read from
+    the object headers), before any buffer is sized from them: a hostile descriptor must give
+    a one-line error, not an allocation of its claimed size."""
+    for desc in descriptors:
+        problems = checks.descriptor_problems(desc, "a descriptor")
+        if problems:
+            raise StoreError(problems[0])
+        for name, info in desc["tensors"].items():
+            sizes = [store.size(c) for c in info["chunks"]]
+            if None in sizes:
+                continue  # reading it reports the missing object
+            if sum(s or 0 for s in sizes) != info["bytes"]:
+                raise StoreError(
+                    f"tensor {name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, the "
+                    f"descriptor says {info['bytes']} (run 'git crdt verify --full')"
+                )
 
 
 def resolve(
@@ -84,6 +103,7 @@ def resolve(
         raise ResolveError("--device cuda: no CUDA device is available")
     store = ObjectStore(repo.root)
     plan = engine.make_plan(store, manifest)
+    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)

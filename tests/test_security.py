@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import crdt, git, make_model, new_repo
 
-from git_crdt_merge.contributions import set_register
+from git_crdt_merge.contributions import remove_contribution, set_register
 from git_crdt_merge.repo import Repo
 
 
@@ -42,3 +42,31 @@ def test_committed_symlink_on_the_output_path_is_never_followed(tmp_path: Path) 
     assert proc.returncode == 9
     assert "goes through the symbolic link out" in proc.stderr
     assert list(victim.iterdir()) == []
+
+
+def test_descriptor_claiming_a_huge_tensor_is_a_one_line_error_not_an_allocation(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from git_crdt_merge.manifest import add_record, canonical_json
+    from git_crdt_merge.repo import new_tag
+    from git_crdt_merge.store import ObjectStore
+
+    repo = new_repo(tmp_path / "repo")
+    git(repo, "config", "crdt.autoResolve", "false")
+    crdt(repo, "add-contribution", str(make_model(tmp_path / "m.safetensors", 1)), "-q")
+    r = Repo.open(repo)
+    store = ObjectStore(repo)
+    cid = r.read_manifest().visible_contributions()[0][0]
+    desc = json.loads(store.get(cid))
+    for info in desc["tensors"].values():  # same chunks, claimed 2**40 elements each
+        info["shape"], info["bytes"] = [2**40], 2**42
+    hostile = store.put(canonical_json(desc).encode())
+    store.flush()
+    r.write_manifest(r.read_manifest().with_records([add_record(new_tag(), hostile, "huge")]))
+    remove_contribution(r, "m")  # the hostile one alone: nothing else to disagree with
+    proc = crdt(repo, "resolve", check=False)
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "the descriptor says 4398046511104" in proc.stderr and "Traceback" not in proc.stderr
