@@ -8,14 +8,19 @@ imports no torch, so a checkout that returns to a known set costs a few file ope
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from . import gitops
-from .repo import Repo
+from . import faults, gitops
+from .errors import ResolveError
+from .repo import Repo, atomic_write
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -76,28 +81,114 @@ def output_is_current(out_dir: Path, key: str, cache_dir: Path) -> bool:
 def publish(cache_dir: Path, out_dir: Path) -> None:
     """Make ``out_dir`` a set of links to ``cache_dir``'s files, replacing it whole.
 
-    The new folder is assembled beside the old one and swapped in by rename, so a reader sees
-    the old model or the new one, never a mixture of files.
+    The new folder is assembled inside the cache (so an interrupted publish leaves nothing in
+    the work tree) and swapped with the old one in one atomic exchange (``renameat2``
+    ``RENAME_EXCHANGE``; two renames where the kernel lacks it), so a reader sees the old model
+    or the new one, never a mixture of files and never a half-written folder.
     """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    check_replaceable(out_dir)
+    remove_stale_work(cache_dir.parent)
+    _remove_stale_siblings(out_dir)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmp = cache_dir.parent / f".publish-{stamp}"
+    try:
+        _assemble(cache_dir, tmp)
+        faults.point("publish:assembled")
+        _swap_in(tmp, out_dir, cache_dir.parent / f".old-{stamp}")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno != errno.EXDEV:
+            raise
+        # the output lies on another file system than the cache: assemble beside it
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{stamp}")
+        _assemble(cache_dir, tmp)
+        _swap_in(tmp, out_dir, out_dir.with_name(f".{out_dir.name}.old-{stamp}"))
+
+
+def _assemble(cache_dir: Path, tmp: Path) -> None:
     tmp.mkdir()
     for f in sorted(cache_dir.iterdir()):
         try:
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copy2(f, tmp / f.name)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-    if out_dir.exists() or out_dir.is_symlink():
-        os.replace(out_dir, old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(tmp: Path, out_dir: Path, old: Path) -> None:
+    """Put the assembled folder ``tmp`` at ``out_dir``; the previous folder is deleted."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.replace(tmp, out_dir)
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink() and _exchange(tmp, out_dir):
+        faults.point("publish:old-moved")  # tmp now holds the old folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    os.replace(out_dir, old)
+    faults.point("publish:old-moved")
     os.replace(tmp, out_dir)
-    if old.exists() or old.is_symlink():
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+_STALE = re.compile(r"\.(?:tmp-[0-9a-f]+|publish|old)-(\d+)-\d+\Z")
+
+
+def remove_stale_work(base: Path) -> None:
+    """Drop the folders a killed resolve or publish left in the cache (their process is gone)."""
+    for path in base.glob(".*-*-*"):
+        m = _STALE.match(path.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Only an earlier output (or nothing) may be replaced: a manifest from an untrusted pull
+    could point the ``output`` register at a folder of the user's, and publishing swaps the
+    folder out whole."""
+    if out_dir.is_symlink() or not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and output_key(out_dir) is None):
+        raise ResolveError(
+            f"output folder {out_dir} exists and is not a merged model written by git-crdt; "
+            "refusing to replace it (move it away, or choose another with 'git crdt output')"
+        )
+
+
+def _remove_stale_siblings(out_dir: Path) -> None:
+    """Drop the folders a publish across file systems left beside the output when killed."""
+    for sibling in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
+        m = re.match(r"(?:tmp|old)-(\d+)-\d+\Z", sibling.name[len(out_dir.name) + 2 :])
+        if m and not _alive(int(m.group(1))) and sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def try_publish(repo: Repo, key: str, out_dir: Path) -> bool:
@@ -105,6 +196,7 @@ def try_publish(repo: Repo, key: str, out_dir: Path) -> bool:
     hit = cached(repo, key)
     if hit is None:
         return False
+    remove_stale_work(hit.parent)
     if not output_is_current(out_dir, key, hit):
         publish(hit, out_dir)
         keep_out_of_git(repo, out_dir)
@@ -122,9 +214,9 @@ def keep_out_of_git(repo: Repo, out_dir: Path) -> None:
     if proc.returncode == 0:
         return
     exclude = gitops.git_dir(repo.root) / "info" / "exclude"
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    with open(exclude, "a", encoding="utf-8") as fh:
-        fh.write(f"/{rel.as_posix()}/\n")
+    text = exclude.read_text("utf-8") if exclude.exists() else ""
+    sep = "" if not text or text.endswith("\n") else "\n"
+    atomic_write(exclude, f"{text}{sep}/{rel.as_posix()}/\n".encode())
 
 
 def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:
@@ -143,6 +235,7 @@ def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:
 def new_work_dir(repo: Repo, key: str) -> Path:
     base = cache_root(repo)
     base.mkdir(parents=True, exist_ok=True)
+    remove_stale_work(base)
     path = base / f".tmp-{key[:16]}-{os.getpid()}-{time.monotonic_ns()}"
     path.mkdir()
     return path

@@ -32,7 +32,7 @@ from . import install as installer
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
 from .repo import Repo
-from .store import DEFAULT_CHUNK_SIZE, ObjectStore
+from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES, ObjectStore
 
 err = Console(stderr=True, highlight=False)
 
@@ -166,7 +166,7 @@ def add_contribution(
     message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
     chunk_size: Annotated[
-        int, typer.Option(min=1, help="Largest object in bytes.")
+        int, typer.Option(min=1, max=MAX_OBJECT_BYTES, help="Largest object in bytes.")
     ] = DEFAULT_CHUNK_SIZE,
     fisher: Annotated[
         Path | None, typer.Option("--fisher", help="Fisher diagonals (.safetensors).")
@@ -179,6 +179,7 @@ def add_contribution(
     ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
 ) -> None:
     """Store a fine-tuned model as a contribution (staged, like git add).
 
@@ -197,6 +198,7 @@ def add_contribution(
             on_start=start,
             progress=advance,
             extra_inputs=extra_inputs,
+            allow_nonfinite=allow_nonfinite,
         )
     if json_:
         emit_json(result.as_dict())
@@ -229,11 +231,17 @@ def set_base(
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
 ) -> None:
     """Store the base model and record it in the 'base' register."""
     with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
         result = contributions.set_base(
-            open_repo(), path, allow_pickle=allow_pickle, on_start=start, progress=advance
+            open_repo(),
+            path,
+            allow_pickle=allow_pickle,
+            on_start=start,
+            progress=advance,
+            allow_nonfinite=allow_nonfinite,
         )
     if json_:
         emit_json(result.as_dict())
@@ -536,11 +544,10 @@ def repair(
             if result.invalid:
                 repo.state_dir.mkdir(parents=True, exist_ok=True)
                 saved = repo.state_dir / "repair-invalid-lines.txt"
-                with open(saved, "a", encoding="utf-8") as fh:
-                    fh.write("".join(line + "\n" for line in result.invalid))
+                old = saved.read_bytes() if saved.exists() else b""
+                atomic_write(saved, old + "".join(f"{x}\n" for x in result.invalid).encode())
             with repo.lock():
-                atomic_write(repo.manifest_path, result.manifest.serialize())
-                gitops.stage_file(repo.root, ".crdt/manifest")
+                repo.write_manifest(result.manifest)
     info = {
         "records": result.records,
         "conflict_markers": result.markers,
@@ -557,6 +564,49 @@ def repair(
         )
         if saved:
             err.print(f"{len(result.invalid)} unparseable lines saved to {saved}", markup=False)
+
+
+@app.command()
+def verify(
+    staged: Annotated[bool, typer.Option("--staged", help="Check the index (pre-commit).")] = False,
+    rev: Annotated[str | None, typer.Option("--rev", help="Check a commit instead.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check the manifest, every record, descriptor and object, the compatibility of the
+    contributions and the strategy; exit 1 listing every problem (and how to fix it)."""
+    from .verify import verify as do_verify
+
+    if staged and rev is not None:
+        raise fail(UsageError("--staged and --rev are exclusive"))
+    with handle_errors(), byte_progress("verify", full and not (json_ or quiet)) as (st, adv):
+        report = do_verify(
+            open_repo(),
+            ":" if staged else rev,
+            full=full,
+            resolvable=True,
+            progress=adv,
+            on_start=st,
+        )
+    if json_:
+        emit_json(report.as_dict())
+    else:
+        for p in report.problems:
+            err.print(f"problem: {p.message}\n  fix: {p.fix}", markup=False, soft_wrap=True)
+        if not quiet:
+            for note in report.notes:
+                err.print(f"note: {note}", markup=False, soft_wrap=True)
+            speed = report.bytes_hashed / max(report.hash_seconds, 1e-9) / 1e6
+            hashed = f", {human_bytes(report.bytes_hashed)} hashed at {speed:.0f} MB/s"
+            verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
+            err.print(
+                f"{verdict}: {report.state}, {report.contributions} contributions, "
+                f"{report.objects} objects{hashed if full else ''}",
+                markup=False,
+            )
+    if report.problems:
+        raise typer.Exit(1)
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, extras, formats
-from .errors import InputError, ManifestError, NotFoundError
+from . import FORMAT_VERSION, checks, extras, faults, formats, gitops
+from .errors import CrdtError, InputError, ManifestError, NotFoundError
 from .manifest import (
+    MANIFEST_PATH,
     Manifest,
     add_record,
     canonical_json,
@@ -147,6 +148,9 @@ def _ingest(
 
 
 def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
+    size = store.size(contribution_id)
+    if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
+        raise ManifestError(f"descriptor {contribution_id[:16]} is larger than the limit")
     data = store.get(contribution_id)
     try:
         desc = json.loads(data)
@@ -179,6 +183,7 @@ def add_contribution(
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     extra_inputs: Mapping[str, Path] | None = None,
+    allow_nonfinite: bool = False,
 ) -> IngestResult:
     """Store the model at ``path`` and record it in the manifest (both staged).
 
@@ -194,9 +199,11 @@ def add_contribution(
         raise InputError(str(exc)) from None
     if message is not None and len(message) > 4096:
         raise InputError("--message is longer than 4096 characters")
+    table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
+        check_fits(store, manifest, table, source.kind, f"model {name!r}")
         cid, desc, total, new_bytes = _ingest(
             store, source, weight, chunk_size, on_start, progress, extra_inputs
         )
@@ -209,8 +216,11 @@ def add_contribution(
                     "first or pass --name"
                 )
         n_tensors = len(json.loads(desc)["tensors"])
+        faults.point("add:objects-written")
         new_objects = store.flush()
+        faults.point("add:objects-staged")
         if any(other_id == cid for other_id, _ in visible):
+            gitops.stage_file(repo.root, MANIFEST_PATH)  # completes an interrupted earlier add
             return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
         manifest = manifest.with_records([add_record(new_tag(), cid, name, message)])
         repo.write_manifest(manifest)
@@ -231,6 +241,39 @@ def parse_extra_inputs(
             raise InputError(f"extra input {kind!r} is given twice")
         found[kind] = path
     return found
+
+
+def check_fits(
+    store: ObjectStore,
+    manifest: Manifest,
+    table: checks.TensorTable,
+    kind: str,
+    what: str,
+    *,
+    as_base: bool = False,
+) -> None:
+    """Refuse a model whose tensor names, dtypes or shapes differ from the base's (for a full
+    model) or the visible contributions', or whose kind differs from theirs.  One reference
+    is enough: the rest of the set was checked the same way when it was added."""
+    base = manifest.base()
+    refs = [(base, "the base")] if base and kind == "full" and not as_base else []
+    refs += [(c, f"contribution {n!r} ({c[:12]})") for c, n in manifest.visible_contributions()]
+    for ref, label in refs:
+        try:
+            desc = load_descriptor(store, ref)
+        except CrdtError:
+            continue  # a missing descriptor is verify's to report
+        other_kind = desc.get("kind", "full")
+        if ref != base and other_kind != kind:
+            if as_base:
+                continue
+            raise InputError(
+                f"{what} is a {kind} model but {label} is {other_kind}: merge like with like"
+            )
+        diffs = checks.table_differences(table, checks.tensor_table(desc), what, label)
+        if diffs:
+            raise InputError(f"{diffs[0]}: all contributions must match the base and each other")
+        return
 
 
 def find_contribution(manifest: Manifest, name_or_id: str) -> str:
@@ -256,7 +299,15 @@ def remove_contribution(repo: Repo, name_or_id: str) -> str:
     repo.require_initialized()
     with repo.lock():
         manifest = repo.read_manifest()
-        cid = find_contribution(manifest, name_or_id)
+        try:
+            cid = find_contribution(manifest, name_or_id)
+        except NotFoundError:
+            # An earlier remove may have been killed after writing the manifest and before
+            # staging it: then the staged state still shows the contribution.  Complete it.
+            staged = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
+            cid = find_contribution(Manifest.parse(staged, "staged manifest"), name_or_id)
+            gitops.stage_file(repo.root, MANIFEST_PATH)
+            return cid
         tags = [r.tag for r in manifest.visible_adds() if r.fields["id"] == cid]
         manifest = manifest.with_records([remove_record(new_tag(), tags)])
         repo.write_manifest(manifest)
@@ -281,12 +332,15 @@ def set_base(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> IngestResult:
     """Store the base model and point the ``base`` register at its descriptor."""
     repo.require_initialized()
     source = formats.discover(path, allow_pickle=allow_pickle)
+    table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
     with repo.lock():
         store = ObjectStore(repo.root)
+        check_fits(store, repo.read_manifest(), table, source.kind, "the base", as_base=True)
         cid, desc, total, new_bytes = _ingest(store, source, None, chunk_size, on_start, progress)
         new_objects = store.flush()
     set_register(repo, "base", cid)

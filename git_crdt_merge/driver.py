@@ -12,10 +12,12 @@ between conflict markers into ``%A``: git records a conflict and nothing is drop
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
 
+from . import faults, gitops
 from .errors import CrdtError
 from .manifest import Manifest, join
 
@@ -46,9 +48,27 @@ def conflict_text(ours: bytes, theirs: bytes, marker_size: int) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".crdt-tmp")
+    """Replace ``path`` (git's %A) atomically.  The temporary file lives in ``.git/crdt/``, so a
+    driver killed half-way leaves nothing in the work tree (the next git-crdt writer removes
+    it); beside %A only when the two are on different file systems."""
+    name = f"merge-driver-{os.getpid()}.tmp"
+    try:
+        state = gitops.common_dir(Path.cwd()) / "crdt"
+        state.mkdir(exist_ok=True)
+        tmp = state / name
+    except (CrdtError, OSError):
+        tmp = path.with_name(f"{path.name}.{name}")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    faults.point("driver:tmp-written")
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = path.with_name(f"{path.name}.{name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
 def main(argv: list[str]) -> int:

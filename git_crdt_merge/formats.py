@@ -92,6 +92,23 @@ def _no_symlink(path: Path) -> None:
         raise InputError(f"{path}: is a symbolic link; pass the file it points to")
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """True if ``path`` starts with a valid safetensors header (whatever its name says)."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            head = fh.read(8)
+            if len(head) < 8:
+                return False
+            (hlen,) = struct.unpack("<Q", head)
+            if not 2 <= hlen <= min(MAX_HEADER_BYTES, size - 8):
+                return False
+            return isinstance(json.loads(fh.read(hlen)), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
     """Find the weight files of PATH (a file or a Hugging Face / PEFT directory)."""
     if not path.exists() and not path.is_symlink():
@@ -99,6 +116,11 @@ def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
     _no_symlink(path)
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
+            if _looks_like_safetensors(path):
+                raise InputError(
+                    f"{path}: is a safetensors file despite its {path.suffix} name; rename it "
+                    "to .safetensors"
+                )
             if not allow_pickle:
                 raise InputError(
                     f"{path}: pickled checkpoints can run code when loaded; convert it to "
@@ -160,6 +182,11 @@ def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], in
         raise InputError(f"{path}: too short to be a safetensors file")
     (hlen,) = struct.unpack("<Q", buf[:8])
     if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        if bytes(buf[:4]) == b"PK\x03\x04" or bytes(buf[:1]) == b"\x80":
+            raise InputError(
+                f"{path}: is a pickled checkpoint (torch.save), not safetensors despite its name; "
+                "convert it to safetensors (or rename it .pt and pass --allow-pickle)"
+            )
         raise InputError(f"{path}: not a safetensors file (header length {hlen} is invalid)")
     try:
         header = json.loads(bytes(buf[8 : 8 + hlen]).decode("utf-8"))

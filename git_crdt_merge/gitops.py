@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from . import faults
 from .errors import GitError, NotARepositoryError
 
 
@@ -160,6 +161,7 @@ def write_loose_blob(objects_dir: Path, data: bytes | memoryview, sha: str | Non
         os.close(fd)
         fd = -1
         os.chmod(tmp, 0o444)
+        faults.point("object:tmp-written")
         os.replace(tmp, path)
     except BaseException:
         if fd >= 0:
@@ -373,3 +375,23 @@ def manifest_history(
             )
         )
     return out
+
+
+def object_sizes(root: Path, shas: Iterable[str]) -> dict[str, int | None]:
+    """SHA-1 -> size of each object in the object database (None: missing or not a blob)."""
+    shas = sorted(set(shas))
+    if not shas:
+        return {}
+    fmt = "--batch-check=%(objectname) %(objecttype) %(objectsize)"
+    text = run(["cat-file", fmt], root, input="".join(f"{s}\n" for s in shas).encode())
+    sizes: dict[str, int | None] = {}
+    for sha, line in zip(shas, text.stdout.decode().splitlines(), strict=True):
+        parts = line.split()
+        ok = len(parts) == 3 and parts[0] == sha and parts[1] == "blob"
+        sizes[sha] = int(parts[2]) if ok else None
+    return sizes
+
+
+def unmerged_paths(root: Path, path: str) -> bool:
+    """True if ``path`` has unmerged (conflict) entries in the index."""
+    return bool(run(["ls-files", "-u", "--", path], root).stdout.strip())

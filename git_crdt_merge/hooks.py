@@ -4,12 +4,14 @@
   A no-op on a cache hit (no torch import), quiet unless there is work, and never fails the
   user's git command: a resolution error is reported and the hook exits 0.
   ``git config crdt.autoResolve false`` turns them off.
-- ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify every
-  pushed commit.  These block a bad commit, merge or push with a message saying how to fix it.
+- ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify the tip
+  of every pushed ref.  These check integrity only (``verify(resolvable=False)``) and block a
+  bad commit, merge or push with a message saying how to fix it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from . import gitops
@@ -43,19 +45,27 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     return 0
 
 
+def pushed_revs(stdin_text: str) -> list[str]:
+    """The tip commit of every ref a push sends (the state that lands on the remote; commits
+    below a tip are not checked): from git's pre-push input, or from the pre-commit
+    framework, which consumes that input and passes ``PRE_COMMIT_TO_REF`` instead."""
+    revs = []
+    for line in stdin_text.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[1] != ZERO:
+            revs.append(parts[1])
+    framework = os.environ.get("PRE_COMMIT_TO_REF")
+    if not revs and framework:
+        revs.append(framework)
+    return revs
+
+
 def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
     from .verify import verify
 
     if not repo.is_initialized():
         return 0
-    if name == "pre-push":
-        revs = []
-        for line in sys.stdin.read().splitlines():
-            parts = line.split()
-            if len(parts) == 4 and parts[1] != ZERO:
-                revs.append(parts[1])
-    else:
-        revs = [":"]
+    revs = pushed_revs(sys.stdin.read()) if name == "pre-push" else [":"]
     for rev in revs:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
@@ -63,11 +73,11 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
         if report.problems:
             where = "the staged state" if rev == ":" else f"commit {rev[:10]}"
             for p in report.problems[:10]:
-                _say(f"{name}: {where}: {p}")
-            _say(
-                f"{name} blocked. Fix: 'git crdt repair' for a broken manifest, re-run "
-                "'git crdt add-contribution' for missing objects; 'git crdt verify' explains."
-            )
+                _say(f"{name}: {where}: {p.message}")
+            if len(report.problems) > 10:
+                _say(f"{name}: ... and {len(report.problems) - 10} more ('git crdt verify')")
+            fixes = dict.fromkeys(p.fix for p in report.problems)
+            _say(f"{name} blocked. Fix: " + "; ".join(fixes) + ".")
             return 1
     return 0
 

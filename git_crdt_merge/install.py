@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import gitops
 from .errors import NotARepositoryError
-from .repo import Repo
+from .repo import Repo, atomic_write
 
 HOOKS = (
     "post-checkout",
@@ -114,7 +114,7 @@ def ensure_attributes(root: Path) -> bool:
         return False
     if text and not text.endswith("\n"):
         text += "\n"
-    path.write_text(text + "".join(f"{line}\n" for line in missing))
+    atomic_write(path, (text + "".join(f"{line}\n" for line in missing)).encode())
     return True
 
 
@@ -151,14 +151,15 @@ def init(cwd: Path | str = ".") -> list[str]:
     notes = []
     (repo.root / ".crdt").mkdir(exist_ok=True)
     if not repo.manifest_path.exists():
-        repo.manifest_path.write_bytes(b"")
+        atomic_write(repo.manifest_path, b"")
         notes.append("created .crdt/manifest")
     if ensure_attributes(repo.root):
         notes.append("bound .crdt/manifest to the crdt merge driver in .gitattributes")
     ignore = repo.root / ".gitignore"
     text = ignore.read_text() if ignore.exists() else ""
     if "/merged/" not in text.splitlines():
-        ignore.write_text(text + ("" if not text or text.endswith("\n") else "\n") + "/merged/\n")
+        sep = "" if not text or text.endswith("\n") else "\n"
+        atomic_write(ignore, (text + sep + "/merged/\n").encode())
     gitops.run(["add", "--", ".crdt/manifest", ".gitattributes", ".gitignore"], repo.root)
     notes += install(repo.root)
     return notes

@@ -13,24 +13,38 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gitops
+from . import faults, gitops
 from .errors import LockError, NotARepositoryError
 from .manifest import MANIFEST_PATH, Manifest
 
 LOCK_TIMEOUT_S = 120.0
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename: readers see old or new."""
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = 0o644, tmp_dir: Path | None = None
+) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename: readers see old or new.
+
+    ``tmp_dir`` (on the same file system) keeps the temporary file out of sight, e.g. out of
+    the work tree, if the process is killed before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    where = tmp_dir if tmp_dir is not None else path.parent
+    where.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        faults.point(f"write:{path.name}")
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or tmp_dir is None:
+                raise
+            Path(tmp).unlink(missing_ok=True)
+            atomic_write(path, data, mode=mode)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -73,8 +87,20 @@ class Repo:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Write the manifest atomically and stage it (``git add``)."""
-        atomic_write(self.manifest_path, manifest.serialize())
+        atomic_write(self.manifest_path, manifest.serialize(), tmp_dir=self.state_dir)
+        faults.point("manifest:written")
         gitops.stage_file(self.root, MANIFEST_PATH)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a writer that was killed (we hold the lock, so none is live):
+        the manifest's, and the merge driver's (named by a pid that is gone)."""
+        for where in (self.root / ".crdt", self.state_dir):
+            for tmp in where.glob(".manifest.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        for tmp in self.state_dir.glob("merge-driver-*.tmp"):
+            pid = tmp.name[len("merge-driver-") : -len(".tmp")]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def replica_id(self) -> str:
         """This clone's replica id, kept in its local git config (created on first use)."""
@@ -103,9 +129,20 @@ class Repo:
                             f"another git-crdt process holds {self.state_dir / 'lock'}"
                         ) from None
                     time.sleep(0.05)
+            self._remove_stale_temporaries()
             yield
         finally:
             os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def new_tag() -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache
-from .errors import ResolveError
+from . import cache, checks, faults
+from .errors import ResolveError, StoreError
 from .repo import Repo
 from .store import ObjectStore
 
@@ -37,6 +37,38 @@ class Outcome:
         }
 
 
+def _no_symlink_on_the_way(root: Path, out_dir: Path) -> None:
+    """The ``output`` register comes from repository content: never follow a symbolic link
+    (committed by anyone) out of the work tree."""
+    cur = root
+    for part in out_dir.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise ResolveError(
+                f"output path {out_dir.relative_to(root)} goes through the symbolic link "
+                f"{cur.relative_to(root)}; refusing to write through it"
+            )
+
+
+def check_inputs(store: ObjectStore, descriptors: list[dict[str, Any]]) -> None:
+    """Refuse descriptors whose tables contradict themselves or their chunks (sizes read from
+    the object headers), before any buffer is sized from them: a hostile descriptor must give
+    a one-line error, not an allocation of its claimed size."""
+    for desc in descriptors:
+        problems = checks.descriptor_problems(desc, "a descriptor")
+        if problems:
+            raise StoreError(problems[0])
+        for name, info in desc["tensors"].items():
+            sizes = [store.size(c) for c in info["chunks"]]
+            if None in sizes:
+                continue  # reading it reports the missing object
+            if sum(s or 0 for s in sizes) != info["bytes"]:
+                raise StoreError(
+                    f"tensor {name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, the "
+                    f"descriptor says {info['bytes']} (run 'git crdt verify --full')"
+                )
+
+
 def resolve(
     repo: Repo,
     *,
@@ -55,6 +87,9 @@ def resolve(
         raise ResolveError(f"the maximum shard size must be at least 1 byte, not {max_shard}")
     manifest = repo.read_manifest()
     out_dir = output if output is not None else repo.root / manifest.output()
+    if output is None:
+        _no_symlink_on_the_way(repo.root, out_dir)
+    cache.check_replaceable(out_dir)  # before any work: never computed only to be refused
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
         return Outcome(root, out_dir, False, empty=True)
@@ -68,9 +103,16 @@ def resolve(
         raise ResolveError("--device cuda: no CUDA device is available")
     store = ObjectStore(repo.root)
     plan = engine.make_plan(store, manifest)
+    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
+
+    def advance(n: int) -> None:
+        faults.point("resolve:tensor")
+        if progress is not None:
+            progress(n)
+
     try:
         engine.compute(
             plan,
@@ -79,8 +121,9 @@ def resolve(
             device=device,
             compute_dtype=compute_dtype,
             max_shard=max_shard,
-            progress=progress,
+            progress=advance,
         )
+        faults.point("resolve:computed")
         final = cache.commit_to_cache(repo, key, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,8 @@ from .errors import StoreError, UsageError
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+# The largest object git-crdt writes (ingest) or accepts (verify): a sane bound on memory.
+MAX_OBJECT_BYTES = 1024**3
 
 
 def object_path(object_id: str) -> str:
@@ -37,6 +39,8 @@ def object_id_of_path(path: str) -> str | None:
 def split_chunks(data: memoryview, chunk_size: int) -> list[memoryview]:
     if chunk_size < 1:
         raise UsageError(f"chunk size must be at least 1 byte, not {chunk_size}")
+    if chunk_size > MAX_OBJECT_BYTES:
+        raise UsageError(f"chunk size must be at most {MAX_OBJECT_BYTES} bytes, not {chunk_size}")
     if len(data) == 0:
         return [data]
     return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
@@ -127,6 +131,17 @@ class ObjectStore:
         return len(items)
 
     # -- reading -----------------------------------------------------------------------------
+    def size(self, object_id: str) -> int | None:
+        """The object's size in bytes without reading it (None: not stored)."""
+        sha = self.sha_of(object_id)
+        if sha is None:
+            return None
+        try:
+            loose = gitops.loose_blob_size(self.objects_dir, sha)
+        except gitops.GitError:
+            return None
+        return loose if loose is not None else gitops.object_sizes(self.root, [sha])[sha]
+
     def get(self, object_id: str, *, verify: bool = False) -> bytes:
         sha = self.sha_of(object_id)
         if sha is None:

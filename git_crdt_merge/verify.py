@@ -1,38 +1,98 @@
-"""Fast verification of a manifest state and the objects it references (no torch).
+"""``git crdt verify``: check a state of the replicated set and every object it needs.
 
-Checks: the manifest parses strictly; every visible contribution's descriptor, the base's
-descriptor, and every chunk and file they reference are present in the same state (index or
-revision).  ``full=True`` also re-hashes every object with blake3.
+A state is the work-tree manifest with the index's objects (the default), the staged state
+(``--staged``, what ``pre-commit`` checks) or a revision (``--rev``, what ``pre-push`` checks).
+
+Fast checks (no torch, no tensor bytes read): the manifest parses strictly (every bad line is
+listed); every visible contribution's and the base's descriptor is present, within the size
+limit and well formed; every object a descriptor references (chunks, files, and anything nested,
+such as extra inputs) is staged or committed *and* present in the object database; chunk sizes
+add up to each tensor's byte count.  That is the integrity of Layer 1, what the hooks check.
+
+``resolvable=True`` (the CLI's default) also checks that the set can be resolved: contributions
+agree with each other and with the base on tensor names, dtypes and shapes, and the strategy
+register passes the installed registry (known strategy, valid parameters, input contract,
+weights, extra inputs).  The hooks leave that out, like the resolving hooks that only report
+such problems: it needs torch, a peer may run a newer version, and the set itself is sound (a
+``git crdt remove-contribution`` or ``strategy`` fixes it).  ``full=True`` re-hashes every
+object with blake3.
+
+Problems make the state invalid; *notes* name a recoverable state (an interrupted command, a
+merge in progress) and its fix.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 
-from . import gitops
-from .errors import CrdtError, ManifestError
-from .manifest import MANIFEST_PATH, Manifest
+from . import checks, gitops
+from .errors import CrdtError, ManifestError, NotFoundError
+from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
-from .store import ObjectStore
+from .store import MAX_OBJECT_BYTES, ObjectStore
+
+FIXES = {
+    "manifest": "run 'git crdt repair' (it keeps every valid record), or redo the merge after "
+    "'git crdt install'",
+    "conflict": "run 'git crdt repair' (the union of both sides), then 'git commit'",
+    "missing-object": "fetch the commit that has it, re-run 'git crdt add-contribution' with the "
+    "same model, or 'git crdt remove-contribution' it",
+    "corrupt-object": "re-run 'git crdt add-contribution' with the same model (rewrites the "
+    "object), or fetch it again from a good clone",
+    "descriptor": "'git crdt remove-contribution' it and add the model again",
+    "incompatible": "'git crdt remove-contribution' the odd one out; every contribution must "
+    "have the base's tensor names, dtypes and shapes",
+    "register": "'git crdt strategy NAME --param KEY=VALUE' (see 'git crdt strategies')",
+}
+
+
+@dataclass
+class Problem:
+    kind: str
+    message: str
+
+    @property
+    def fix(self) -> str:
+        return FIXES[self.kind]
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message, "fix": self.fix}
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
 class Report:
-    problems: list[str] = field(default_factory=list)
+    state: str = "work tree"
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     contributions: int = 0
     objects: int = 0
+    bytes_hashed: int = 0
+    hash_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.append(Problem(kind, message))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": not self.problems,
-            "problems": self.problems,
+            "state": self.state,
+            "problems": [p.as_dict() for p in self.problems],
+            "notes": self.notes,
             "contributions": self.contributions,
             "objects": self.objects,
+            "bytes_hashed": self.bytes_hashed,
+            "hash_seconds": round(self.hash_seconds, 3),
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -45,56 +105,267 @@ def load_state(repo: Repo, rev: str | None) -> Manifest:
     return Manifest.parse(data or b"", spec)
 
 
+def _manifest_bytes(repo: Repo, rev: str | None) -> tuple[bytes, str]:
+    if rev is None:
+        path = repo.manifest_path
+        return (path.read_bytes() if path.exists() else b""), MANIFEST_PATH
+    spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"
+    return gitops.show_blob(repo.root, spec) or b"", spec
+
+
+def _parse_leniently(data: bytes, source: str, report: Report) -> Manifest | None:
+    """Strict parse; on failure list every bad line and go on with the valid records."""
+    try:
+        return Manifest.parse(data, source)
+    except ManifestError as exc:
+        report.add("manifest", str(exc))
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    valid = []
+    for no, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            valid.append(parse_record(line))
+        except ManifestError as exc:
+            msg = f"{source}:{no}: {exc}"
+            if len(report.problems) < 1000 and msg != report.problems[0].message:
+                report.add("manifest", msg)
+    try:
+        return Manifest({}).with_records(valid)
+    except ManifestError:
+        return None
+
+
+def _unstaged_note(repo: Repo) -> str | None:
+    work = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+    staged = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
+    if work == staged:
+        return None
+    if set(staged.splitlines()) <= set(work.splitlines()):
+        return (
+            "the work-tree manifest has records that are not staged (an interrupted git-crdt "
+            "command, or an unstaged edit): 'git add .crdt/manifest', or re-run the command"
+        )
+    return "the work-tree manifest differs from the staged one: 'git add .crdt/manifest'"
+
+
 def verify(
     repo: Repo,
     rev: str | None = ":",
     *,
     full: bool = False,
+    resolvable: bool = False,
     progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> Report:
-    """Verify the state at ``rev`` (":" = staged, None = work tree manifest + index objects)."""
-    report = Report()
-    try:
-        manifest = load_state(repo, rev)
-    except ManifestError as exc:
-        report.problems.append(str(exc))
+    """Verify the state at ``rev`` (None: work tree manifest + index objects; ":" staged)."""
+    t0 = time.perf_counter()
+    repo.require_initialized()
+    report = Report(state={None: "work tree", ":": "staged"}.get(rev, f"revision {rev}"))
+    if rev not in (None, ":"):
+        spec = f"{rev}^{{commit}}"
+        proc = gitops.run(["rev-parse", "--verify", "-q", spec], repo.root, check=False)
+        if proc.returncode != 0:
+            raise NotFoundError(f"no commit {rev!r}")
+        rev = proc.stdout.decode().strip()
+    elif gitops.unmerged_paths(repo.root, MANIFEST_PATH):
+        report.add("conflict", f"{MANIFEST_PATH} has an unresolved merge conflict")
         return report
+    data, source = _manifest_bytes(repo, rev)
+    manifest = _parse_leniently(data, source, report)
+    if manifest is None:
+        return report
+    if rev is None or rev == ":":
+        note = _unstaged_note(repo)
+        if note:
+            report.notes.append(note)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
-    ids = [cid for cid, _ in manifest.visible_contributions()]
-    report.contributions = len(ids)
+    _check_objects(repo, store, manifest, report, resolvable)
+    if full and not any(p.kind == "conflict" for p in report.problems):
+        t1 = time.perf_counter()
+        _rehash(repo, store, report, progress, on_start)
+        report.hash_seconds = time.perf_counter() - t1
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _check_objects(
+    repo: Repo, store: ObjectStore, manifest: Manifest, report: Report, resolvable: bool
+) -> None:
+    visible = manifest.visible_contributions()
+    report.contributions = len(visible)
     base = manifest.base()
-    needed: dict[str, str] = {}
-    for cid in ids + ([base] if base else []):
-        what = "base" if cid == base else "contribution"
+    required = {cid: f"contribution {name!r} ({cid[:12]})" for cid, name in visible}
+    if base:
+        required[base] = f"base ({base[:12]})"
+    # removed contributions and earlier bases: not needed, but their objects are not strays
+    removed = {r.fields["id"] for r in manifest.adds()}
+    removed |= {
+        r.fields["value"]
+        for r in manifest.records.values()
+        if r.op == "set" and r.fields["key"] == "base" and isinstance(r.fields["value"], str)
+    }
+    removed -= set(required)
+    known = store.known()
+    sizes = gitops.object_sizes(repo.root, known.values())
+    descs: dict[str, dict[str, Any]] = {}
+    referenced: set[str] = set()
+    for cid in sorted(required) + sorted(removed):
+        what = required.get(cid, f"removed contribution or earlier base {cid[:12]}")
+        must = cid in required
+        referenced.add(cid)
+        sha = known.get(cid)
+        if sha is None or sizes.get(sha) is None:
+            if must:
+                where = "staged or committed" if sha is None else "in the object database"
+                report.add("missing-object", f"{what}: descriptor {cid[:16]} is not {where}")
+            continue
+        if (sizes[sha] or 0) > checks.MAX_DESCRIPTOR_BYTES:
+            report.add("descriptor", f"{what}: descriptor larger than the limit")
+            continue
         try:
             desc = json.loads(store.get(cid))
-            tensors = desc["tensors"]
-            files = desc.get("files", {})
         except CrdtError as exc:
-            report.problems.append(f"{what} {cid[:12]}: {exc}")
+            report.add("missing-object", f"{what}: {exc}")
             continue
-        except (ValueError, KeyError, TypeError):
-            report.problems.append(f"{what} {cid[:12]}: descriptor is malformed")
+        except ValueError:
+            report.add("descriptor", f"{what}: descriptor is not JSON")
             continue
-        needed[cid] = f"descriptor of {what} {cid[:12]}"
-        for tname, info in tensors.items():
-            for oid in info.get("chunks", []):
-                needed.setdefault(oid, f"chunk of tensor {tname!r} in {what} {cid[:12]}")
-        for fname, oid in files.items():
-            needed.setdefault(oid, f"file {fname} of {what} {cid[:12]}")
-        for kind, table in desc.get("extras", {}).items():
-            for tname, info in table.get("tensors", {}).items():
-                for oid in info.get("chunks", []):
-                    needed.setdefault(oid, f"chunk of {kind} {tname!r} in {what} {cid[:12]}")
-    for oid, what in sorted(needed.items()):
-        if not store.has(oid):
-            report.problems.append(f"missing object {oid[:16]} ({what})")
+        found = checks.descriptor_problems(desc, what)
+        if must:
+            for msg in found:
+                report.add("descriptor", msg)
+        if found:
             continue
-        report.objects += 1
-        if full:
-            data = store.get(oid)
-            if blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest() != oid:
-                report.problems.append(f"object {oid[:16]} does not match its hash ({what})")
-            if progress is not None:
-                progress(len(data))
-    return report
+        descs[cid] = desc
+        for oid, path in checks.object_references(desc):
+            referenced.add(oid)
+            osha = known.get(oid)
+            if not must:
+                continue
+            if osha is None or sizes.get(osha) is None:
+                where = "staged or committed" if osha is None else "in the object database"
+                report.add("missing-object", f"{what}: object {oid[:16]} ({path}) is not {where}")
+            elif (sizes[osha] or 0) > MAX_OBJECT_BYTES:
+                report.add("descriptor", f"{what}: object {oid[:16]} ({path}) is too large")
+        if must:
+            _check_chunk_sizes(desc, what, known, sizes, report)
+    report.objects = len(referenced & set(known))
+    if resolvable:
+        compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
+        _check_compatibility(compatible, base, descs, report)
+        _check_registers(manifest, visible, descs, report)
+    if store.rev is None:
+        stray = sorted(set(known) - referenced)
+        if stray:
+            report.notes.append(
+                f"{len(stray)} staged objects are referenced by no record (left by an "
+                "interrupted add-contribution or set-base; harmless: a re-run reuses them)"
+            )
+
+
+def _check_chunk_sizes(
+    desc: dict[str, Any],
+    what: str,
+    known: dict[str, str],
+    sizes: dict[str, int | None],
+    report: Report,
+) -> None:
+    entries = [(f"/tensors/{n}", n, e) for n, e in desc["tensors"].items()]
+    entries += list(checks.nested_tensor_entries(desc))
+    for path, name, entry in entries:
+        got = [sizes.get(known.get(c, ""), None) for c in entry["chunks"]]
+        if any(g is None for g in got):
+            continue  # reported as missing
+        total = sum(g or 0 for g in got)
+        if total != entry["bytes"]:
+            report.add(
+                "corrupt-object",
+                f"{what}: tensor {name!r} ({path}) has chunks of {total} bytes, "
+                f"expected {entry['bytes']} (truncated or substituted object)",
+            )
+
+
+def _check_compatibility(
+    visible: list[tuple[str, str]],
+    base: str | None,
+    descs: dict[str, dict[str, Any]],
+    report: Report,
+) -> None:
+    kinds = {descs[cid].get("kind", "full") for cid, _ in visible}
+    if len(kinds) > 1:
+        report.add("incompatible", f"contributions mix kinds {sorted(kinds)}")
+        return
+    if base in descs and kinds <= {"full"}:
+        ref, ref_what = checks.tensor_table(descs[base]), "the base"
+    elif visible:
+        ref, ref_what = checks.tensor_table(descs[visible[0][0]]), visible[0][1]
+        visible = visible[1:]
+    else:
+        return
+    for cid, what in visible:
+        for diff in checks.table_differences(checks.tensor_table(descs[cid]), ref, what, ref_what):
+            report.add("incompatible", diff)
+
+
+def _check_registers(
+    manifest: Manifest,
+    visible: list[tuple[str, str]],
+    descs: dict[str, dict[str, Any]],
+    report: Report,
+) -> None:
+    from .strategies import registry  # imports torch: only the full CLI check comes here
+
+    value = manifest.strategy()
+    try:
+        strategy = registry.get_strategy(value["name"])
+        if not visible:
+            return  # an empty set resolves to nothing: no contract to meet yet
+        registry.check_contract(strategy, len(visible), manifest.base() is not None)
+        registry.resolve_params(strategy, value["params"], visible)
+        weights = [float(descs[c].get("weight", 1.0)) for c, _ in visible if c in descs]
+        if len(weights) == len(visible):
+            registry.check_weights(strategy, weights, visible)
+    except CrdtError as exc:
+        report.add("register", str(exc))
+        return
+    for kind in getattr(strategy, "extra_inputs", ()) or ():
+        for cid, name in visible:
+            extras = descs.get(cid, {}).get("extras", {})
+            if not isinstance(extras, dict) or kind not in extras:
+                report.add(
+                    "register",
+                    f"strategy {strategy.name} needs extra input {kind!r}, which contribution "
+                    f"{name!r} ({cid[:12]}) lacks",
+                )
+
+
+def _rehash(
+    repo: Repo,
+    store: ObjectStore,
+    report: Report,
+    progress: Callable[[int], None] | None,
+    on_start: Callable[[int], None] | None,
+) -> None:
+    """blake3 of every object against its name, at disk speed: each object is read straight
+    into one reusable buffer and hashed with all cores."""
+    known = store.known()
+    sizes = gitops.object_sizes(repo.root, known.values())
+    items = sorted((oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None)
+    if on_start is not None:
+        on_start(sum(sizes[sha] or 0 for _, sha in items))
+    reader = gitops.BlobReader(repo.root)
+    buf = bytearray(max((sizes[sha] or 0 for _, sha in items), default=0))
+    for oid, sha in items:
+        n = sizes[sha] or 0
+        view = memoryview(buf)[:n]
+        try:
+            reader.read_into(sha, view)
+        except Exception as exc:  # corrupt zlib stream, truncated file, bad pack entry
+            report.add("corrupt-object", f"object {oid[:16]} cannot be read ({exc})")
+            continue
+        if blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest() != oid:
+            report.add("corrupt-object", f"object {oid[:16]} does not match its blake3 name")
+        report.bytes_hashed += n
+        if progress is not None:
+            progress(n)

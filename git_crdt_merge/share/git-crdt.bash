@@ -3,7 +3,7 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair merge-driver demo completion man version'
+__git_crdt_commands='init install uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair verify merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
@@ -11,9 +11,9 @@ __git_crdt_options() {
         install) echo '--global -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
         doctor) echo '--json -h --help' ;;
-        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet -h --help' ;;
+        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
-        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet -h --help' ;;
+        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         strategy) echo '-p --param -h --help' ;;
         strategies) echo '--json -h --help' ;;
         resolve) echo '-o --output --device --compute-dtype --max-shard-size --json -q --quiet -h --help' ;;
@@ -24,6 +24,7 @@ __git_crdt_options() {
         diff) echo '--tensors --json -q --quiet -h --help' ;;
         show) echo '--json -h --help' ;;
         repair) echo '--drop-invalid --no-drop-invalid --dry-run --no-dry-run --json -h --help' ;;
+        verify) echo '--staged --rev --full --json -q --quiet -h --help' ;;
         merge-driver) echo '-h --help' ;;
         demo) echo '--keep --json -q --quiet -h --help' ;;
         completion) echo '--path -h --help' ;;

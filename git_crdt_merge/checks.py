@@ -1,0 +1,202 @@
+"""Validation shared by ingest and ``verify`` (no torch): descriptors, tensor tables, finiteness.
+
+Layer 1 only: a descriptor is checked as data (fields, dtypes, shapes, byte counts, object ids),
+and two tensor tables are compared by name, dtype and shape.  Object references are found by
+walking the whole descriptor (except ``metadata``, which holds free-form strings), so extra
+inputs added by later format additions (nested tensor tables, object ids) are checked too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .formats import DTYPE_SIZES, ModelSource, check_tensor_name, iter_tensors
+from .manifest import ID_RE
+
+# A descriptor is read into memory whole: a sane limit (objects in general: store.py).
+MAX_DESCRIPTOR_BYTES = 64 * 1024**2
+DESCRIPTOR_KINDS = ("full", "lora")
+TENSOR_KEYS = {"bytes", "chunks", "dtype", "shape"}
+
+# Non-finite test on the bit pattern: (bits & mask) == mask means exponent all ones
+# (NaN or Inf); F8_E4M3 (the "fn" variant) has no Inf and NaN is S.1111.111.
+_NONFINITE_MASKS: dict[str, tuple[Any, int, int]] = {
+    "F64": (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000, 0x7F800000),
+    "F16": (np.uint16, 0x7C00, 0x7C00),
+    "BF16": (np.uint16, 0x7F80, 0x7F80),
+    "F8_E5M2": (np.uint8, 0x7C, 0x7C),
+    "F8_E4M3": (np.uint8, 0x7F, 0x7F),
+}
+_FLOAT_VIEWS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+_BLOCK = 1 << 22  # elements per pass: bounded temporaries, cache friendly
+
+
+def count_nonfinite(dtype: str, data: memoryview) -> int:
+    """The number of NaN or infinite elements in raw little-endian tensor bytes."""
+    if dtype not in _NONFINITE_MASKS or len(data) == 0:
+        return 0
+    if dtype in _FLOAT_VIEWS:
+        arr = np.frombuffer(data, dtype=np.dtype(_FLOAT_VIEWS[dtype]).newbyteorder("<"))
+        total = 0
+        for i in range(0, arr.size, _BLOCK):
+            block = arr[i : i + _BLOCK]
+            total += block.size - int(np.count_nonzero(np.isfinite(block)))
+        return total
+    utype, mask, want = _NONFINITE_MASKS[dtype]
+    bits = np.frombuffer(data, dtype=np.dtype(utype).newbyteorder("<"))
+    total = 0
+    for i in range(0, bits.size, _BLOCK):
+        block = bits[i : i + _BLOCK]
+        total += int(np.count_nonzero((block & utype(mask)) == utype(want)))
+    return total
+
+
+TensorTable = Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+def tensor_table(desc: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a (validated) descriptor."""
+    return {n: (t["dtype"], tuple(t["shape"])) for n, t in desc["tensors"].items()}
+
+
+def table_differences(a: TensorTable, b: TensorTable, what_a: str, what_b: str) -> list[str]:
+    """Every way tables ``a`` and ``b`` disagree (names, dtypes, shapes), one line each."""
+    out = []
+    for name in sorted(set(a) - set(b))[:5]:
+        out.append(f"{what_a} has tensor {name!r} that {what_b} lacks")
+    for name in sorted(set(b) - set(a))[:5]:
+        out.append(f"{what_a} lacks tensor {name!r} that {what_b} has")
+    for name in sorted(set(a) & set(b)):
+        (da, sa), (db, sb) = a[name], b[name]
+        if sa != sb:
+            out.append(f"tensor {name!r} has shape {list(sa)} in {what_a}, {list(sb)} in {what_b}")
+        elif da != db:
+            out.append(f"tensor {name!r} has dtype {da} in {what_a}, {db} in {what_b}")
+        if len(out) >= 10:
+            break
+    return out
+
+
+def _tensor_entry_problems(name: str, info: Any, where: str) -> list[str]:
+    try:
+        check_tensor_name(name)
+    except InputError as exc:
+        return [f"{where}: {exc}"]
+    if not isinstance(info, dict) or set(info) != TENSOR_KEYS:
+        return [f"{where}: tensor {name!r} must have exactly {sorted(TENSOR_KEYS)}"]
+    dtype, shape, chunks, nbytes = info["dtype"], info["shape"], info["chunks"], info["bytes"]
+    if dtype not in DTYPE_SIZES:
+        return [f"{where}: tensor {name!r} has unknown dtype {dtype!r}"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape
+    ):
+        return [f"{where}: tensor {name!r} has an invalid shape {shape!r}"]
+    if not isinstance(chunks, list) or not chunks:
+        return [f"{where}: tensor {name!r} has no chunk list"]
+    if not all(isinstance(c, str) and ID_RE.match(c) for c in chunks):
+        return [f"{where}: tensor {name!r} has a malformed chunk id"]
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != expected:
+        return [f"{where}: tensor {name!r} says {nbytes!r} bytes, dtype and shape give {expected}"]
+    return []
+
+
+def descriptor_problems(desc: Any, where: str) -> list[str]:
+    """Everything structurally wrong with a decoded descriptor (empty list: valid)."""
+    if not isinstance(desc, dict):
+        return [f"{where}: descriptor is not a JSON object"]
+    out = []
+    if desc.get("format") != 1:
+        out.append(f"{where}: descriptor format {desc.get('format')!r} is not 1")
+    if desc.get("kind", "full") not in DESCRIPTOR_KINDS:
+        out.append(f"{where}: unknown descriptor kind {desc.get('kind')!r}")
+    tensors = desc.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        return out + [f"{where}: descriptor has no tensor table (an empty model?)"]
+    for name, info in tensors.items():
+        out += _tensor_entry_problems(name, info, where)
+    files = desc.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str)
+        and k
+        and "/" not in k
+        and "\\" not in k
+        and ".." not in k
+        and isinstance(v, str)
+        and ID_RE.match(v)
+        for k, v in files.items()
+    ):
+        out.append(f"{where}: 'files' must map plain file names to object ids")
+    weight = desc.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        out.append(f"{where}: weight {weight!r} is not a finite number")
+    meta = desc.get("metadata", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        out.append(f"{where}: 'metadata' must map strings to strings")
+    return out
+
+
+def object_references(desc: Any) -> Iterator[tuple[str, str]]:
+    """(object id, JSON path) of every object the descriptor references, nested ones included.
+
+    Every string that is a 64-hex blake3 id is a reference, wherever it sits, except under
+    ``metadata`` (free-form strings copied from the source files)."""
+
+    def walk(node: Any, path: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, str):
+            if ID_RE.match(node):
+                yield node, path
+        elif isinstance(node, dict):
+            for key in sorted(node):
+                if path == "" and key == "metadata":
+                    continue
+                yield from walk(node[key], f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                yield from walk(item, f"{path}/{i}")
+
+    yield from walk(desc, "")
+
+
+def nested_tensor_entries(desc: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(path, tensor name, entry) of tensor entries outside the main table (extra inputs)."""
+
+    def walk(node: Any, path: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        if isinstance(node, dict):
+            if set(node) == TENSOR_KEYS:
+                yield path, path.rsplit("/", 1)[-1], node
+                return
+            for key in sorted(node):
+                if path == "" and key in ("metadata", "tensors"):
+                    continue
+                yield from walk(node[key], f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                yield from walk(item, f"{path}/{i}")
+
+    yield from walk(desc, "")
+
+
+def scan_source(
+    source: ModelSource, *, allow_nonfinite: bool
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensor table of a model to ingest; refuses NaN or Inf unless ``allow_nonfinite``.
+
+    Runs before anything is written, so a refused model leaves no trace in the store."""
+    table: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for t in iter_tensors(source):
+        if not allow_nonfinite:
+            bad = count_nonfinite(t.dtype, t.data)
+            if bad:
+                raise InputError(
+                    f"{source.path}: tensor {t.name!r} holds {bad} NaN or infinite values; "
+                    "fix the model or pass --allow-nonfinite"
+                )
+        table[t.name] = (t.dtype, tuple(t.shape))
+    return table
