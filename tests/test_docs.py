@@ -44,6 +44,16 @@ NOT_RUN = {
     "bash scripts/test.sh": "runs this very test suite",
     'export PATH="$PWD/.venv/bin:$PATH"': "shell set-up for the reader",
     "git crdt demo --keep demo": "tests/test_demo.py runs it with --keep",
+    # docs/security.md: commit signing needs the reader's own key and trusted signers
+    "git config gpg.format ssh": "needs the reader's signing key",
+    "git config user.signingkey ~/.ssh/id_ed25519.pub": "needs the reader's signing key",
+    "git config commit.gpgsign true": "needs the reader's signing key",
+    "git config gpg.ssh.allowedSignersFile ~/.config/git/allowed_signers": (
+        "needs the reader's list of trusted signers"
+    ),
+    "git log --show-signature -- .crdt/manifest": "needs signed commits",
+    "git crdt log": "run by the README's console examples",
+    "git merge --verify-signatures origin/main": "needs signed commits on a remote",
 }
 
 
