@@ -18,10 +18,13 @@ directory: the user's global git config is never read or written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from . import gitops
 from .errors import CrdtError, GitError, UsageError
 
 CLONES = ("alice", "bob", "carol")
@@ -227,11 +229,28 @@ class Git:
         self.env = env
 
     def __call__(self, cwd: Path, *args: str) -> str:
-        proc = gitops.run(list(args), cwd, check=False, env=self.env)
+        # Its own process group: if the demo is interrupted, git and the hooks it started
+        # (which resolve, and write into the demo's folder) are killed before that folder is
+        # removed, so nothing re-creates it afterwards.
+        proc = subprocess.Popen(
+            ["git", *args],
+            cwd=cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         if proc.returncode != 0:
-            text = (proc.stderr or proc.stdout).decode(errors="replace").strip()
+            text = (stderr or stdout).decode(errors="replace").strip()
             raise GitError(f"git {' '.join(args)} failed in {cwd.name}: {text}")
-        return proc.stdout.decode()
+        return stdout.decode()
 
     def crdt(self, cwd: Path, *args: str) -> str:
         return self(cwd, "crdt", *args)
