@@ -167,6 +167,44 @@ def test_surgery_reduces_the_representation_error_on_the_task_data(ridge: float)
                 assert after == pytest.approx(best, rel=1e-9)
 
 
+def _objective(m: np.ndarray, wm: np.ndarray, wt: np.ndarray, g: np.ndarray, ridge: float) -> float:
+    """sum_x ||(I - M) W_m x - W_t x||^2 + lambda ||M||_F^2, from the Gram matrix."""
+    r = (np.eye(wm.shape[0]) - m) @ wm - wt
+    lam = ridge * np.trace(wm @ g @ wm.T) / wm.shape[0]
+    return float(np.trace(r @ g @ r.T) + lam * np.sum(m * m))
+
+
+def test_rank_r_modules_are_the_reduced_rank_optimum_as_two_factors() -> None:
+    ridge, rank = 0.01, 2
+    merged, modules = run({"ridge": ridge, "rank": rank})
+    full, full_modules = run({"ridge": ridge})
+    assert all(torch.equal(merged[n], full[n]) for n in SHAPES)
+    assert set(modules) == {f"{k}.{f}" for k in full_modules for f in ("up", "down")}
+    for k, cid in enumerate(IDS):
+        for n, g in GRAM[k].items():
+            up, down = modules[f"{cid}/{n}.up"].numpy(), modules[f"{cid}/{n}.down"].numpy()
+            out = SHAPES[n][0]
+            assert up.shape == (out, rank) and down.shape == (rank, out)
+            np.testing.assert_allclose(up.T @ up, np.eye(rank), atol=1e-12)
+            wm, wt = merged[n].numpy(), XS[k][n]
+            m = ref_module(wm, wt, g, ridge)
+            p = wm @ g @ wm.T
+            lam = ridge * np.trace(p) / out
+            values, vectors = np.linalg.eigh(m @ (p + lam * np.eye(out)) @ m.T)
+            u = vectors[:, ::-1][:, :rank]
+            np.testing.assert_allclose(up @ down, u @ u.T @ m, rtol=1e-7, atol=1e-9)
+            # no rank-r module does better; the truncated SVD of M, for one, does worse
+            svd_u, svd_s, svd_vh = np.linalg.svd(m)
+            truncated = svd_u[:, :rank] @ np.diag(svd_s[:rank]) @ svd_vh[:rank]
+            best = _objective(up @ down, wm, wt, g, ridge)
+            assert best <= _objective(truncated, wm, wt, g, ridge) * (1 + 1e-12)
+            assert best < _objective(np.zeros_like(m), wm, wt, g, ridge)
+    _, wide = run({"ridge": ridge, "rank": 100})  # rank >= out: the full module
+    for key, m in full_modules.items():
+        product = wide[f"{key}.up"] @ wide[f"{key}.down"]
+        np.testing.assert_allclose(product.numpy(), m.numpy(), rtol=1e-8, atol=1e-10)
+
+
 def test_merged_model_is_bit_identical_to_task_arithmetic_in_every_storage_dtype() -> None:
     ta = get_strategy("task_arithmetic")
     for storage in (torch.float32, torch.float16, torch.bfloat16):
@@ -210,6 +248,10 @@ def test_a_task_without_the_gram_of_a_layer_gets_no_module_there() -> None:
 def test_parameters_and_singular_systems_are_one_line_errors() -> None:
     with pytest.raises(ResolveError, match="ridge must be >= 0"):
         run({"ridge": -1.0})
+    with pytest.raises(ResolveError, match="rank must be >= 0"):
+        run({"rank": -1})
+    with pytest.raises(ResolveError, match="rank must be an integer"):
+        run({"rank": 1.5})
     with pytest.raises(ResolveError, match="unknown parameter 'alpha'"):
         run({"alpha": 0.5})
     with pytest.raises(ResolveError, match="must be a number"):

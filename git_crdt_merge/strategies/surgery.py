@@ -19,7 +19,7 @@ from ..errors import ResolveError
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
-__all__ = ["SURGERY_FILE", "merge_representation_surgery", "surgery_module"]
+__all__ = ["SURGERY_FILE", "merge_representation_surgery", "surgery_factors", "surgery_module"]
 
 SURGERY_FILE = "surgery.safetensors"
 """The output folder's file of surgery modules: tensor ``"<contribution id>/<weight name>"``."""
@@ -40,6 +40,33 @@ def surgery_module(
     (P + lambda I)^-1, computed in that form (no cancellation against I).  Products through
     numerics.matmul, P symmetrised as (P + P^T) / 2 (exact halving), lambda's trace summed with
     math.fsum (correctly rounded), M^T = solve(P + lambda I, C^T) with numerics.solve."""
+    return _fit(merged, task, gram, ridge)[0]
+
+
+def surgery_factors(
+    merged: torch.Tensor, task: torch.Tensor, gram: torch.Tensor, ridge: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, D) with U (out, r) and D = U^T M (r, out), r = min(rank, out): M_r = U D is the
+    best module of rank <= r for the same objective (reduced-rank ridge regression).
+
+    The objective is ||M Z - R||^2 + lambda ||M||^2 with Z = W_m X^T, R = (W_m - W_t) X^T, a
+    least-squares fit on the data augmented by sqrt(lambda) I; its rank-r optimum projects the
+    full solution M onto the r leading eigenvectors U of the fitted values' covariance
+    M (P + lambda I) M^T = C M^T (C = (W_m - W_t) G W_m^T), taken with numerics.eigh
+    (deterministic signs), largest eigenvalue first."""
+    module, c = _fit(merged, task, gram, ridge)
+    fitted = numerics.matmul(c, module.T)
+    fitted = (fitted + fitted.T) * 0.5
+    _, vectors = numerics.eigh(fitted)
+    r = min(rank, module.shape[0])
+    up = vectors[:, vectors.shape[1] - r :].flip(1).contiguous()
+    return up, numerics.matmul(up.T, module)
+
+
+def _fit(
+    merged: torch.Tensor, task: torch.Tensor, gram: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, C) of :func:`surgery_module`, C = (W_m - W_t) G W_m^T."""
     merged64 = merged.to(torch.float64)
     diff = merged64 - task.to(torch.float64)  # one rounding per element
     gw = numerics.matmul(gram, merged64.T)  # (in, out) = G W_m^T
@@ -50,7 +77,7 @@ def surgery_module(
     trace = math.fsum(p.diagonal().tolist())
     lam = ridge * trace / out
     if trace == 0.0:  # no signal in this task's inputs through W_m: nothing to correct
-        return torch.zeros_like(c)
+        return torch.zeros_like(c), c
     if lam != 0.0:
         p.diagonal().add_(lam)
     try:
@@ -59,7 +86,7 @@ def surgery_module(
         raise ResolveError(
             "W_m G W_m^T is singular (fewer independent inputs than outputs); set ridge > 0"
         ) from None
-    return module_t.T.contiguous()
+    return module_t.T.contiguous(), c
 
 
 def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
@@ -76,12 +103,19 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
     closed form, where the paper trains an adapter under an L1 loss with Adam).  The merged
     weights are task arithmetic (``lambda``, ``normalize`` and the weights w_i as in
     task_arithmetic).  The modules go to the side file ``surgery.safetensors`` as
-    ``"<contribution id>/<weight name>"`` (out, out) in the weight's dtype; a task without a
+    ``"<contribution id>/<weight name>"`` (out, out) in the weight's dtype, or with ``rank``
+    r > 0 as the factors ``...up`` (out, r) and ``...down`` (r, out) of the best rank-r module
+    M_t ~ up @ down (reduced-rank ridge regression; see surgery_factors); a task without a
     Gram matrix for a weight gets no module there (the identity: z^ = z_m)."""
     ridge: float = params["ridge"]
     if not ridge >= 0:
         raise ResolveError(
             f"strategy representation_surgery: parameter ridge must be >= 0, got {ridge}"
+        )
+    rank: int = params["rank"]
+    if rank < 0:
+        raise ResolveError(
+            f"strategy representation_surgery: parameter rank must be >= 0, got {rank}"
         )
     grams = inputs.extras.get("gram", [None] * len(inputs.tensors))
     side = inputs.side
@@ -101,15 +135,21 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
     for i in sorted(originals):
         gram = grams[i]
         assert gram is not None
+        key = f"{inputs.contribution_ids[i]}/{inputs.name}"
+        task, gram2d = originals.pop(i), gram.reshape(inner, inner)
+        # float64 here, rounded once to the weight's storage dtype by run_strategy
         try:
-            module = surgery_module(merged, originals.pop(i), gram.reshape(inner, inner), ridge)
+            if rank == 0:
+                side[key] = surgery_module(merged, task, gram2d, ridge)
+            else:
+                side[f"{key}.up"], side[f"{key}.down"] = surgery_factors(
+                    merged, task, gram2d, ridge, rank
+                )
         except ResolveError as exc:
             raise ResolveError(
                 f"strategy representation_surgery: tensor {inputs.name!r}, contribution "
                 f"{inputs.contribution_ids[i][:12]}: {exc}"
             ) from None
-        # float64 here, rounded once to the weight's storage dtype by run_strategy
-        side[f"{inputs.contribution_ids[i]}/{inputs.name}"] = module
     return merged
 
 
@@ -120,6 +160,14 @@ register(
         params=(
             Param("lambda", float, 1.0, False, "scale of the merged task vector"),
             Param("normalize", bool, False, False, "divide by the sum of the weights"),
+            Param(
+                "rank",
+                int,
+                0,
+                False,
+                "0: full out x out modules; r > 0: the best rank-r module, stored as two "
+                "factors .up (out, r) and .down (r, out)",
+            ),
             Param(
                 "ridge",
                 float,
