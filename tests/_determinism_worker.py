@@ -95,6 +95,8 @@ def main(threads: int) -> None:
             raw["t"] = 0.5
         if "select_topk" in names:  # exercise the selection step
             raw["select_topk"] = 0.5
+        if "rank" in names:  # representation_surgery's low-rank path: its solve, then eigh
+            raw["rank"] = 3
         n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
