@@ -293,6 +293,7 @@ def strategies(json_: JsonOpt = False) -> None:
                 "uses_weights": st.uses_weights,
                 "extra_inputs": list(st.extra_inputs),
                 "statistics_pass": st.model_pass is not None,
+                "side_output": st.side_output,
                 "summary": st.summary,
                 "params": [
                     {

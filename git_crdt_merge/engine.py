@@ -4,9 +4,11 @@ For every tensor name, in sorted order, the tensors of all visible contributions
 order: by contribution id) and of the base are read from the object store, merged by the
 strategy in the manifest, cast back to the contributions' dtype and appended to the output.
 Only one tensor name is in memory at a time, so peak memory is about (K + 2) x the largest
-tensor, whatever the model size.  The result is written into the cache under the Merkle root
-and published to the output folder (``cache``).  ``resolve`` drives it; this module is the
-only one on that path that imports torch.
+tensor, whatever the model size.  A strategy may also emit side tensors (``Strategy.side_output``,
+e.g. representation_surgery's per-task modules): they are streamed to a second safetensors
+file of the same folder (:class:`SideFile`).  The result is written into the cache under the
+Merkle root and published to the output folder (``cache``).  ``resolve`` drives it; this
+module is the only one on that path that imports torch.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .manifest import Manifest
 from .numerics import RandomStream
 from .store import ObjectStore
 from .strategies import registry
-from .tensorio import NAME_TO_TORCH
+from .tensorio import NAME_TO_TORCH, TORCH_TO_NAME
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -256,13 +258,16 @@ def merge_tensor(
     slots: InputSlots,
     extra_slots: InputSlots | None = None,
     model: registry.ModelValues | None = None,
+    side: SideFile | None = None,
 ) -> torch.Tensor:
     """Read every input of one tensor name and merge it; returns the storage dtype on CPU.
 
     The inputs live in ``slots`` and are overwritten by the next call: the result is written
-    out before that (a strategy may return a view of an input, e.g. integer pass-through)."""
+    out before that (a strategy may return a view of an input, e.g. integer pass-through).
+    Side tensors the strategy computed for this name are appended to ``side``."""
     extra_slots = extra_slots or InputSlots(0, 0)
     base, tensors, extras = _load_inputs(plan, spec, store, device, slots, extra_slots)
+    side_tensors: dict[str, torch.Tensor] | None = {} if side is not None else None
     out = registry.run_strategy(
         plan.strategy,
         spec.name,
@@ -276,7 +281,11 @@ def merge_tensor(
         owned=True,
         extras=extras,
         model=model,
+        side=side_tensors,
     )
+    if side is not None and side_tensors:
+        for key, tensor in side_tensors.items():
+            side.add(key, tensor.to("cpu"))
     return out.to("cpu")
 
 
@@ -346,6 +355,7 @@ def resolution_record(
     device: str,
     max_shard: int,
     statistics: dict[str, Any] | None = None,
+    side_output: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     record = {
         "format": FORMAT_VERSION,
@@ -365,6 +375,8 @@ def resolution_record(
     }
     if statistics is not None:  # what the whole-model pass found (e.g. coefficients)
         record["statistics"] = statistics
+    if side_output is not None:  # the strategy's second file of side tensors
+        record["side_output"] = side_output
     return record
 
 
@@ -424,12 +436,15 @@ def compute(
     model = None
     if plan.strategy.model_pass is not None:
         model = statistics_pass(plan, store, rng, compute, device, slots, extra_slots)
+    side = None
+    if plan.strategy.side_output is not None:
+        side = SideFile(work / plan.strategy.side_output)
     for fname, specs in zip(names, layout, strict=True):
         with open(work / fname, "wb") as fh:
             fh.write(safetensors_header(specs, metadata))
             for spec in specs:
                 out = merge_tensor(
-                    plan, spec, store, rng, compute, device, slots, extra_slots, model
+                    plan, spec, store, rng, compute, device, slots, extra_slots, model, side
                 )
                 _write_tensor(fh, out, spec)
                 if progress is not None:
@@ -446,14 +461,25 @@ def compute(
         (work / "model.safetensors.index.json").write_text(
             json.dumps(index, indent=2, sort_keys=True) + "\n"
         )
+    side_record = None if side is None else side.finish(metadata)
     for fname, oid in sorted(plan.files.items()):
         if fname == "adapter_config.json" or "/" in fname or fname.startswith("."):
             continue
+        if side is not None and fname == side.path.name:
+            raise ResolveError(
+                f"the model's file {fname!r} has the name of the side output of strategy "
+                f"{plan.strategy.name}"
+            )
         (work / fname).write_bytes(store.get(oid))
     (work / cache.RESOLUTION_FILE).write_text(
         json.dumps(
             resolution_record(
-                plan, compute_dtype, device, max_shard, None if model is None else model.report
+                plan,
+                compute_dtype,
+                device,
+                max_shard,
+                None if model is None else model.report,
+                side_record,
             ),
             indent=2,
             sort_keys=True,
@@ -473,3 +499,52 @@ def _write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
         raise ResolveError(f"tensor {spec.name!r}: {nbytes} bytes, expected {spec.nbytes}")
     if nbytes:
         fh.write(flat.view(torch.uint8).numpy().data)  # no copy of the tensor
+
+
+class SideFile:
+    """The safetensors file of a strategy's side tensors (``Strategy.side_output``), written
+    beside the model in the same work folder, so it is published (or dropped) with it.
+
+    Side tensors arrive tensor name by tensor name during the streamed pass; each is appended
+    to a hidden data file at once, so memory holds one of them at a time.  :meth:`finish` writes
+    the header and copies the data in side-tensor name order (the layout the model files use),
+    in bounded pieces, then deletes the data file."""
+
+    _COPY = 16 << 20  # bytes per read while assembling
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data_path = path.with_name(f".{path.name}.data")
+        self._data: BinaryIO = open(self._data_path, "wb")  # noqa: SIM115 - closed in finish
+        self._entries: dict[str, tuple[TensorSpec, int]] = {}  # name -> (spec, data offset)
+        self._size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ResolveError(f"side tensor {name!r} of {self.path.name} given twice")
+        if tensor.dtype not in TORCH_TO_NAME:
+            raise ResolveError(f"side tensor {name!r} has unsupported dtype {tensor.dtype}")
+        spec = TensorSpec(name, TORCH_TO_NAME[tensor.dtype], list(tensor.shape))
+        self._entries[name] = (spec, self._size)
+        _write_tensor(self._data, tensor, spec)
+        self._size += spec.nbytes
+
+    def finish(self, metadata: dict[str, str]) -> dict[str, Any]:
+        """Write the file; returns its summary for ``resolution.json``."""
+        self._data.close()
+        specs = [self._entries[n][0] for n in sorted(self._entries)]
+        with open(self._data_path, "rb") as src, open(self.path, "wb") as fh:
+            fh.write(safetensors_header(specs, metadata))
+            for spec in specs:
+                src.seek(self._entries[spec.name][1])
+                left = spec.nbytes
+                while left:
+                    piece = src.read(min(left, self._COPY))
+                    if not piece:  # pragma: no cover - the data file is ours
+                        raise ResolveError(f"side tensor {spec.name!r}: data file truncated")
+                    fh.write(piece)
+                    left -= len(piece)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._data_path.unlink()
+        return {"file": self.path.name, "tensors": len(specs), "bytes": self._size}

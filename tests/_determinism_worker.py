@@ -75,6 +75,12 @@ def extra_inputs(
     return table
 
 
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(
+        t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
+
+
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
     rng = numerics.RandomStream(ROOT)
@@ -89,6 +95,8 @@ def main(threads: int) -> None:
             raw["t"] = 0.5
         if "select_topk" in names:  # exercise the selection step
             raw["select_topk"] = 0.5
+        if "rank" in names:  # representation_surgery's low-rank path: its solve, then eigh
+            raw["rank"] = 3
         n = min(len(CONTRIBUTIONS), strategy.max_inputs or len(CONTRIBUTIONS))
         ids = CONTRIBUTIONS[:n]
         params = resolve_params(strategy, raw, [(c, c) for c in ids])
@@ -115,13 +123,24 @@ def main(threads: int) -> None:
                 continue
             kinds = strategy.extra_inputs
             extras = {kind: extra[name][kind][:n] for kind in kinds}
+            # the side file's tensors (representation_surgery's modules) are output too
+            side: dict[str, torch.Tensor] | None = {} if strategy.side_output else None
             out = run_strategy(
-                strategy, name, base, xs[:n], ids, weights, params, rng, extras=extras, model=model
+                strategy,
+                name,
+                base,
+                xs[:n],
+                ids,
+                weights,
+                params,
+                rng,
+                extras=extras,
+                model=model,
+                side=side,
             )
-            digest = hashlib.sha256(
-                out.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-            )
-            print(f"{strategy.name} {name} {out.dtype} {digest.hexdigest()}")
+            print(f"{strategy.name} {name} {out.dtype} {_digest(out)}")
+            for key, tensor in sorted((side or {}).items()):
+                print(f"{strategy.name} side {key} {tensor.dtype} {_digest(tensor)}")
     x = data["big.weight"][1][0]
     # elementwise exp/log on values spanning their whole range (subnormal results and inputs,
     # overflow, the reduction boundaries), plus part of the big input

@@ -16,6 +16,7 @@ from . import (
     selective,
     spectral,
     spherical,
+    surgery,
     task_arithmetic,
 )
 from .registry import (
@@ -49,5 +50,6 @@ __all__ = [
     "selective",
     "spectral",
     "spherical",
+    "surgery",
     "task_arithmetic",
 ]

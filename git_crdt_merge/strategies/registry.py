@@ -81,6 +81,10 @@ class TensorInputs:
     extras: Mapping[str, list[torch.Tensor | None]] = field(default_factory=dict)
     # what the whole-model statistics pass (``Strategy.model_pass``) found for this tensor name
     model: Any = None
+    # where a strategy with a ``side_output`` file puts the side tensors it computes for this
+    # name (side tensor name -> float tensor, rounded once to the storage dtype); None when
+    # the caller does not want them (the strategy may then skip computing them)
+    side: dict[str, torch.Tensor] | None = None
 
 
 MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]
@@ -153,6 +157,10 @@ class Strategy:
     required_extras: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     # a whole-model statistics pass run before the per-tensor pass (None: purely per tensor)
     model_pass: ModelPass | None = None
+    # name of a second safetensors file of the output folder (e.g. ``surgery.safetensors``)
+    # that holds the side tensors the merge function puts in ``TensorInputs.side``; the model
+    # files keep exactly the model's tensor names
+    side_output: str | None = None
 
     def needed_extras(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The extra-input kinds every contribution must carry under ``params``."""
@@ -389,6 +397,7 @@ def _prepare(
     owned: bool,
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None,
     model: Any,
+    side: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TensorInputs | None, torch.Tensor, torch.dtype]:
     """Check and convert the inputs of one tensor name: (inputs or None when the tensor passes
     through unchanged, the source tensor (base, else first contribution), storage dtype)."""
@@ -432,6 +441,7 @@ def _prepare(
         rng=rng,
         extras=converted_extras,
         model=model,
+        side=side,
     )
     return inputs, source, source.dtype
 
@@ -450,6 +460,7 @@ def run_strategy(
     owned: bool = False,
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     model: ModelValues | None = None,
+    side: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
 
@@ -460,6 +471,9 @@ def run_strategy(
     ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
     ``extras`` maps an extra-input kind to one tensor (or None) per contribution for this name;
     ``model`` is the result of :func:`finish_statistics` for strategies with a statistics pass.
+    ``side``, for a strategy with a ``side_output`` file, receives the side tensors it computed
+    for this name (side tensor name -> tensor in the same storage dtype as the result; nothing
+    for a tensor that passes through); without it the strategy may skip computing them.
 
     Strategies may overwrite the contributions' compute tensors (never the base): pass
     ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
@@ -482,6 +496,7 @@ def run_strategy(
         owned,
         extras,
         None if model is None else model.per_tensor.get(name),
+        {} if side is not None and strategy.side_output is not None else None,
     )
     if inputs is None:
         return source.clone()
@@ -489,6 +504,11 @@ def run_strategy(
     # inputs' device, so that --device cuda runs the same code
     with torch.device(source.device):
         merged = strategy.merge(inputs, params)
+    if side is not None and inputs.side:
+        for key in sorted(inputs.side):
+            if key in side:
+                raise ResolveError(f"strategy {strategy.name}: side tensor {key!r} given twice")
+            side[key] = from_compute(inputs.side[key], storage_dtype)
     return from_compute(merged.reshape(source.shape), storage_dtype)
 
 
