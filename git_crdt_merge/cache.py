@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import faults, gitops
 from .errors import ResolveError
-from .repo import Repo, atomic_write
+from .repo import Repo, atomic_write, pid_alive
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -156,18 +156,8 @@ def remove_stale_work(base: Path) -> None:
     """Drop the folders a killed resolve or publish left in the cache (their process is gone)."""
     for path in base.glob(".*-*-*"):
         m = _STALE.match(path.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def check_replaceable(out_dir: Path) -> None:
@@ -187,7 +177,7 @@ def _remove_stale_siblings(out_dir: Path) -> None:
     """Drop the folders a publish across file systems left beside the output when killed."""
     for sibling in out_dir.parent.glob(f".{out_dir.name}.*-*-*"):
         m = re.match(r"(?:tmp|old)-(\d+)-\d+\Z", sibling.name[len(out_dir.name) + 2 :])
-        if m and not _alive(int(m.group(1))) and sibling.is_dir() and not sibling.is_symlink():
+        if m and not pid_alive(int(m.group(1))) and sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
 
 

@@ -99,7 +99,7 @@ class Repo:
                 tmp.unlink(missing_ok=True)
         for tmp in self.state_dir.glob("merge-driver-*.tmp"):
             pid = tmp.name[len("merge-driver-") : -len(".tmp")]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
 
     def replica_id(self) -> str:
@@ -135,7 +135,8 @@ class Repo:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
