@@ -14,25 +14,30 @@ import pytest
 BIN = str(Path(sys.executable).parent)
 
 
-@pytest.fixture(autouse=True)
-def isolated_git(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
-    """Point git at an empty global config and put this venv's ``git-crdt`` on PATH."""
-    home = tmp_path_factory.mktemp("home")
+def isolate_git(home: Path, mp: pytest.MonkeyPatch) -> None:
+    """Point git at an empty global config in ``home`` and put this venv's ``git-crdt`` on
+    PATH (also for module-scoped fixtures, through ``pytest.MonkeyPatch.context()``)."""
     gconf = home / ".gitconfig"
     gconf.write_text(
         "[user]\n\tname = Test User\n\temail = test@example.com\n"
         "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n"
     )
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gconf))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-    monkeypatch.setenv("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
-    monkeypatch.delenv("GIT_DIR", raising=False)
-    monkeypatch.delenv("GIT_WORK_TREE", raising=False)
+    mp.setenv("HOME", str(home))
+    mp.setenv("GIT_CONFIG_GLOBAL", str(gconf))
+    mp.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    mp.setenv("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+    mp.setenv("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+    mp.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+    mp.delenv("GIT_DIR", raising=False)
+    mp.delenv("GIT_WORK_TREE", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def isolated_git(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Point git at an empty global config and put this venv's ``git-crdt`` on PATH."""
+    isolate_git(tmp_path_factory.mktemp("home"), monkeypatch)
     yield
 
 
