@@ -44,3 +44,17 @@ def test_ingest_and_resolve_show_bars_only_on_a_terminal(tmp_path: Path) -> None
     assert "resolve" in bar and "MB" in bar
     as_json = _on_a_terminal(r, "resolve", "-o", "out2", "--json")
     assert "MB" not in as_json and '"cache_hit": true' in as_json
+
+
+def test_verify_full_shows_a_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    r = new_repo(tmp_path / "repo")
+    git(r, "config", "crdt.autoResolve", "false")
+    save_file({"w": np.ones((1024, 1024), np.float32)}, str(tmp_path / "m.safetensors"))
+    crdt(r, "add-contribution", str(tmp_path / "m.safetensors"), "-q")
+    git(r, "commit", "-q", "-m", "m")
+    shown = _on_a_terminal(r, "verify", "--full")
+    assert "verify" in shown and "/4.2 MB" in shown  # a bar with byte counts
+    quiet = _on_a_terminal(r, "verify", "--full", "-q")
+    assert "/4.2 MB" not in quiet
+    piped = crdt(r, "verify", "--full")
+    assert "/4.2 MB" not in piped.stderr and piped.stderr.startswith("ok:")  # the summary only
