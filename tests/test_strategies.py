@@ -431,3 +431,11 @@ def test_linear_rejects_zero_weight_sum() -> None:
             {"normalize": True},
             RandomStream(ROOT),
         )
+
+
+def test_the_catalogue_index_names_every_strategy_and_alias() -> None:
+    text = DOCS.read_text()
+    index = text[text.index("## Where each name is") : text.index("## Summary")]
+    for strategy in all_strategies():
+        for name in (strategy.name, *strategy.aliases):
+            assert f"`{name}`" in index, name
