@@ -92,7 +92,7 @@ def main() -> None:
             st = by_name[name]
             k = 4 if st.max_inputs is None else min(4, st.max_inputs)
             branch = {4: "main", 3: "main", 2: "k2", 1: "k1"}[k]
-            bench_resolve.sh(repo, env, "git", "checkout", "-q", branch)
+            bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)  # drop the register
             row: dict[str, object] = {"bench": "catalogue", "strategy": name, "k": k}
             try:
                 proc = subprocess.run(
