@@ -311,7 +311,7 @@ def strategies(json_: JsonOpt = False) -> None:
     if json_:
         emit_json(rows)
         return
-    table = Table("name", "base", "inputs", "parameters (default)", "summary")
+    table = Table("name", "base", "inputs", "weights", "parameters (default)", "summary")
     for r in rows:
         inputs = f"{r['min_inputs']}..{r['max_inputs'] or 'n'}"
         params = ", ".join(
@@ -320,7 +320,8 @@ def strategies(json_: JsonOpt = False) -> None:
             for p in r["params"]
         )
         names = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        table.add_row(names, r["base"], inputs, params, r["summary"])
+        weights = "yes" if r["uses_weights"] else "no (refused)"
+        table.add_row(names, r["base"], inputs, weights, params, r["summary"])
     err.print(table)
     err.print("* per-contribution parameter", markup=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -293,3 +294,14 @@ def test_log_keeps_records_whose_name_holds_a_unicode_line_separator(
         :-1
     ]
     assert crdt(repo, "log", check=False).returncode == 0
+
+
+def test_strategies_table_says_which_strategies_take_weights(tmp_path: Path) -> None:
+    env = dict(os.environ, COLUMNS="300")
+    proc = subprocess.run(
+        ["git", "crdt", "strategies"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("│")[1].strip(): line for line in proc.stderr.splitlines() if "│" in line}
+    assert "no (refused)" in rows["slerp"] and "no (refused)" in rows["karcher"]
+    assert "│ yes" in rows["linear (weight_average)"] and "│ yes" in rows["ties"]
