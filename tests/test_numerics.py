@@ -16,6 +16,11 @@ from hypothesis import strategies as st
 
 from git_crdt_merge import numerics
 
+FLOAT_BITS_OF = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+}
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
 finite64 = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300)
 
@@ -86,6 +91,55 @@ def test_reduction_edge_cases() -> None:
     assert numerics.mean(torch.tensor([])) == 0.0
     rows = numerics.exact_sum_rows(torch.tensor([[1.0, math.nan], [1.0, 2.0], [0.0, 0.0]]))
     assert math.isnan(rows[0]) and rows[1] == 3.0 and rows[2] == 0.0
+
+
+def _fold_in_python(values: list[float], lanes: int) -> float:
+    """The fold of numerics.fold_sum written out in Python floats (IEEE binary64)."""
+    acc = [0.0] * lanes
+    for i, v in enumerate(values):
+        acc[i % lanes] += v
+    while lanes > 1:
+        lanes //= 2
+        for j in range(lanes):
+            acc[j] += acc[j + lanes]
+    return acc[0]
+
+
+@pytest.mark.parametrize(
+    ("n", "dtype"),
+    [(1, torch.float32), (5, torch.float64), (1000, torch.float16), (150_001, torch.float32)],
+)
+def test_fold_sum_is_the_documented_fold_bit_for_bit(n: int, dtype: torch.dtype) -> None:
+    """Values over 30 binades (so the float64 additions do round), against the fold written
+    out in Python; the lane count is the power of two >= n, at most 2**16."""
+    rng = np.random.default_rng(n)
+    raw = rng.standard_normal(n) * np.exp2(rng.integers(-15, 15, n))
+    x = torch.from_numpy(raw).to(dtype)
+    values = x.double().tolist()
+    lanes = min(1 << 16, 1 << (n - 1).bit_length())
+    assert numerics.fold_sum(x).hex() == _fold_in_python(values, lanes).hex()
+    want = _fold_in_python([abs(v) for v in values], lanes)
+    assert numerics.l1_norm(x).hex() == want.hex()
+    assert numerics.l1_norm(x.reshape(-1, 1)) == numerics.l1_norm(x)  # flat order only
+    exact = math.fsum(abs(v) for v in values)
+    assert abs(numerics.l1_norm(x) - exact) <= 1e-13 * exact
+
+
+def test_fold_sum_does_not_depend_on_threads_and_propagates_specials() -> None:
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(3)) * 1e3
+    old = torch.get_num_threads()
+    try:
+        results = set()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.add(numerics.l1_norm(x).hex())
+    finally:
+        torch.set_num_threads(old)
+    assert len(results) == 1
+    assert numerics.fold_sum(torch.tensor([])) == 0.0
+    assert numerics.fold_sum(torch.tensor([1.0, math.inf])) == math.inf
+    assert math.isnan(numerics.l1_norm(torch.tensor([1.0, math.nan])))
+    assert numerics.l1_norm(torch.tensor([-math.inf, 2.0])) == math.inf
 
 
 def _ulps(a: float, b: float) -> float:
@@ -266,6 +320,20 @@ def test_bernoulli_mask_drawn_in_blocks_equals_the_word_comparison() -> None:
     assert torch.equal(mask, words < numerics.threshold_u32(0.3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keep_bernoulli_in_place_is_keep_where_of_the_mask(dtype: torch.dtype) -> None:
+    """Drawn and applied in blocks (700K words: several, the last one partial)."""
+    rng = numerics.RandomStream(bytes(range(32)))
+    x = torch.randn(700_000, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x[::11] = -0.0
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for p in (0.0, 0.3, 0.9, 1.0):
+        mask = rng.bernoulli_mask("w", "c", x.shape, p)
+        want = torch.where(mask, x, torch.zeros_like(x))
+        got = rng.keep_bernoulli_(x.clone(), "w", "c", p)
+        assert torch.equal(got.view(bits), want.view(bits)), p
+
+
 def test_keep_where_in_blocks_is_where_bit_for_bit() -> None:
     n = 600_000  # more than two blocks
     x = torch.from_numpy(np.random.default_rng(5).standard_normal(n).astype(np.float32))
@@ -277,16 +345,42 @@ def test_keep_where_in_blocks_is_where_bit_for_bit() -> None:
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
-@pytest.mark.parametrize("n", [1000, 700_000])
-def test_topk_magnitude_mask_matches_a_stable_sort_of_magnitudes(n: int) -> None:
-    """Signed values with many equal magnitudes; the input is left untouched."""
+@pytest.mark.parametrize(
+    ("n", "dtype"),
+    [
+        (1000, torch.float32),
+        (700_000, torch.float32),
+        (300_000, torch.float64),
+        (5000, torch.bfloat16),
+    ],
+)
+def test_topk_magnitude_mask_matches_a_stable_sort_of_magnitudes(
+    n: int, dtype: torch.dtype
+) -> None:
+    """Signed values with many equal magnitudes (-0.0 ties with +0.0); the input is left
+    untouched."""
     rng = np.random.default_rng(n)
     values = (rng.integers(-9, 10, n) / 8).astype(np.float32)
-    x = torch.from_numpy(values.copy())
+    values[::7] = -0.0
+    x = torch.from_numpy(values.copy()).to(dtype)
     before = x.clone()
     for k in (1, n // 3, n - 1):
         order = np.argsort(-np.abs(values), kind="stable")
         want = np.zeros(n, dtype=bool)
         want[order[:k]] = True
         assert torch.equal(numerics.topk_magnitude_mask(x, k), torch.from_numpy(want)), k
+        bits = FLOAT_BITS_OF[dtype]
+        trimmed = numerics.keep_topk_magnitude_(x.clone(), k)
+        expect = torch.where(torch.from_numpy(want), x, torch.zeros_like(x))
+        assert torch.equal(trimmed.view(bits), expect.view(bits)), k
     assert torch.equal(x, before)
+
+
+def test_topk_magnitude_mask_orders_infinities_and_nan_above_finite_values() -> None:
+    x = torch.tensor([1.0, -math.inf, math.nan, 3.0, math.inf, -2.0])
+    assert numerics.topk_magnitude_mask(x, 3).tolist() == [False, True, True, False, True, False]
+    assert numerics.topk_magnitude_mask(x, 4).tolist() == [False, True, True, True, True, False]
+    kept = numerics.keep_topk_magnitude_(x.clone(), 2)
+    assert kept[1] == -math.inf and math.isnan(kept[2])
+    assert kept[[0, 3, 4, 5]].view(torch.int32).tolist() == [0, 0, 0, 0]  # +0.0 bits
+    assert numerics.keep_topk_magnitude_(x.clone(), 0).view(torch.int32).tolist() == [0] * 6

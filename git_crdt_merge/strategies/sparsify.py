@@ -22,8 +22,10 @@ __all__ = [
     "Sparsifier",
     "della_magprune_mask",
     "l1_rescale_in_place",
+    "magnitude_keep",
     "magnitude_mask",
     "magnitude_outliers_mask",
+    "random_keep",
     "random_mask",
 ]
 
@@ -38,16 +40,22 @@ class MaskKey:
 
 
 MaskFn = Callable[[torch.Tensor, float, float, MaskKey], "torch.Tensor | None"]
+KeepFn = Callable[[torch.Tensor, float, float, MaskKey], bool]
 
 
 @dataclass(frozen=True)
 class Sparsifier:
-    """A sparsifier and the name of its extra per-contribution parameter (if any)."""
+    """A sparsifier and the name of its extra per-contribution parameter (if any).
+
+    ``keep``, where given, applies the mask in place without building it (same bits as
+    ``keep_where_(delta, mask(...))``) and returns whether anything could have been dropped
+    (False exactly where ``mask`` returns None)."""
 
     name: str
     extra_param: str | None
     mask: MaskFn
     stochastic: bool
+    keep: KeepFn | None = None
 
 
 def magnitude_mask(
@@ -64,6 +72,20 @@ def magnitude_mask(
     return numerics.topk_magnitude_mask(delta, k)
 
 
+def magnitude_keep(delta: torch.Tensor, density: float, _: float, __: MaskKey) -> bool:
+    """:func:`magnitude_mask` applied in place (contiguous CPU ``delta``; elsewhere through the
+    mask); False, with ``delta`` untouched, when density >= 1."""
+    n = delta.numel()
+    if density >= 1:
+        return False
+    k = 0 if density <= 0 or n == 0 else max(1, math.floor(density * n))
+    if delta.device.type == "cpu" and delta.is_contiguous():
+        numerics.keep_topk_magnitude_(delta, k)
+    else:
+        numerics.keep_where_(delta, numerics.topk_magnitude_mask(delta, k))
+    return True
+
+
 def random_mask(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> torch.Tensor | None:
     """DARE drop: keep each entry independently with probability
     floor(density * 2**32) / 2**32, from the (tensor, contribution) stream.  density >= 1:
@@ -71,6 +93,18 @@ def random_mask(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> 
     if density >= 1:
         return None
     return key.rng.bernoulli_mask(key.tensor_name, key.contribution_id, delta.shape, density)
+
+
+def random_keep(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> bool:
+    """:func:`random_mask` applied in place (contiguous CPU ``delta``; elsewhere through the
+    mask); False, with ``delta`` untouched, when density >= 1."""
+    if density >= 1:
+        return False
+    if delta.device.type == "cpu" and delta.is_contiguous():
+        key.rng.keep_bernoulli_(delta, key.tensor_name, key.contribution_id, density)
+    else:
+        numerics.keep_where_(delta, random_mask(delta, density, 0.0, key))
+    return True
 
 
 def magnitude_outliers_mask(
@@ -132,8 +166,8 @@ def l1_rescale_in_place(kept: torch.Tensor, full_l1: float) -> None:
 SPARSIFIERS: dict[str, Sparsifier] = {
     s.name: s
     for s in (
-        Sparsifier("magnitude", None, magnitude_mask, stochastic=False),
-        Sparsifier("random", None, random_mask, stochastic=True),
+        Sparsifier("magnitude", None, magnitude_mask, stochastic=False, keep=magnitude_keep),
+        Sparsifier("random", None, random_mask, stochastic=True, keep=random_keep),
         Sparsifier("magnitude_outliers", "gamma", magnitude_outliers_mask, stochastic=False),
         Sparsifier("della_magprune", "epsilon", della_magprune_mask, stochastic=True),
     )

@@ -62,8 +62,14 @@ def _sparsify_in_place(
                 "and density + epsilon < 1"
             )
     key = MaskKey(inputs.rng, inputs.name, inputs.contribution_ids[index])
+    rescale = params.get("rescale", False)
+    if sparsifier.keep is not None:  # in place, no mask
+        full = l1_norm(delta) if rescale and density < 1 else 0.0
+        if sparsifier.keep(delta, density, extra, key) and rescale:
+            l1_rescale_in_place(delta, full)
+        return None
     mask = sparsifier.mask(delta, density, extra, key)
-    if mask is None or not params.get("rescale", False):
+    if mask is None or not rescale:
         return mask
     full_l1 = l1_norm(delta)
     keep_where_(delta, mask)
@@ -153,24 +159,10 @@ def _combine_block(
     base: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """out = base + lambda * (consensus) sum of the weighted deltas, on one block (in place)."""
+    """out = base + lambda * (consensus) sum of the weighted deltas, on one block (in place;
+    the deltas are consumed)."""
     if variant.consensus:
-        # The elected sign s = +1 where S = sum_i D_i >= 0 (an exact 0 counts as +), else -1
-        # (nan too).  m_i = [D_i * s > 0]: exact (s is +-1), false for pruned zeros and nan.
-        negative = ~(ordered_sum(deltas) >= 0)
-        sign = torch.ones_like(base).view(FLOAT_BITS[base.dtype])
-        sign.bitwise_or_(negative.to(sign.dtype) << (8 * base.element_size() - 1))
-        elected = sign.view(base.dtype)
-        den = torch.zeros_like(base) if params["normalize"] else None
-        for d, w in zip(deltas, weights, strict=True):
-            agree = (d * elected) > 0
-            keep_where_(d, agree)
-            if den is not None:  # den += w_i * m_i (a bool adds as 0 or 1: exact)
-                den.add_(agree if w == 1.0 else agree.to(den.dtype).mul_(scalar(w, den)))
-        num = ordered_sum(deltas)
-        if den is not None:
-            den.add_((den == 0).to(den.dtype))  # 1 where no weight agreed (0 + 1 is exact)
-            num.div_(den)
+        num = _consensus(deltas, weights, params["normalize"])
     else:
         num = ordered_sum(deltas)
         if params["normalize"]:
@@ -180,6 +172,68 @@ def _combine_block(
     if lam != 1.0:
         num.mul_(scalar(lam, num))
     torch.add(num, base, out=out)
+
+
+def _consensus(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES sign election and disjoint sum of the weighted deltas ``D_i`` (overwritten).
+
+    The elected sign is + where S = sum_i D_i >= 0 (an exact 0 counts as +), - elsewhere (nan
+    too); m_i = [D_i * s > 0] (pruned zeros and nan never agree); returns num = sum_i m_i D_i,
+    divided by den = sum_i m_i w_i (1 where 0) if ``normalize``.  Blocks whose S is all finite
+    (every D_i finite) take integer operations on the float bits, which give the same bits as
+    the comparisons of :func:`_consensus_by_comparison` at a third of the cost."""
+    total = ordered_sum(deltas)
+    if not math.isfinite(float(total.sum())):  # a nan or inf somewhere (or a huge block)
+        return _consensus_by_comparison(total, deltas, weights, normalize)
+    int_type = FLOAT_BITS[total.dtype]
+    shift = 8 * total.element_size() - 1
+    elected_negative = total.view(int_type) >> shift  # all ones where S < 0 (or S is -0.0)
+    den = torch.zeros_like(total) if normalize else None
+    agree = torch.empty_like(elected_negative)  # one scratch buffer for every contribution
+    for d, w in zip(deltas, weights, strict=True):
+        bits = d.view(int_type)
+        torch.bitwise_right_shift(bits, shift, out=agree)
+        agree ^= elected_negative  # zero where D_i's sign bit is the elected one
+        agree.bitwise_not_()
+        bits &= agree  # D_i where the signs match (zeros keep their sign), else +0.0
+        if den is not None:  # den += w_i where the kept value is non-zero, else += +0.0
+            torch.bitwise_and(bits, torch.iinfo(int_type).max, out=agree)
+            agree.sub_(1)
+            agree >>= shift  # all ones where D_i is (now) zero
+            agree.bitwise_not_()
+            agree &= int(scalar(w, total).view(int_type))
+            den.add_(agree.view(total.dtype))
+    num = deltas[0]
+    for d in deltas[1:]:
+        num.add_(d)
+    # The nonzero kept values all have the elected sign, so num is zero only if every kept
+    # value is: -0.0 when all of them are -0.0, where the comparisons' rule gives +0.0.
+    num.add_(scalar(0.0, num))  # -0.0 -> +0.0, every other value unchanged
+    if den is not None:
+        den.add_((den == 0).to(den.dtype))  # 1 where no weight agreed (0 + 1 is exact)
+        num.div_(den)
+    return num
+
+
+def _consensus_by_comparison(
+    total: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], normalize: bool
+) -> torch.Tensor:
+    """:func:`_consensus` written with float comparisons: the definition, for any values."""
+    negative = ~(total >= 0)
+    sign = torch.ones_like(total).view(FLOAT_BITS[total.dtype])
+    sign.bitwise_or_(negative.to(sign.dtype) << (8 * total.element_size() - 1))
+    elected = sign.view(total.dtype)
+    den = torch.zeros_like(total) if normalize else None
+    for d, w in zip(deltas, weights, strict=True):
+        agree = (d * elected) > 0
+        keep_where_(d, agree)
+        if den is not None:  # den += w_i * m_i (a bool adds as 0 or 1: exact)
+            den.add_(agree if w == 1.0 else agree.to(den.dtype).mul_(scalar(w, den)))
+    num = ordered_sum(deltas)
+    if den is not None:
+        den.add_((den == 0).to(den.dtype))  # 1 where no weight agreed (0 + 1 is exact)
+        num.div_(den)
+    return num
 
 
 def _params(variant: Variant) -> tuple[Param, ...]:
