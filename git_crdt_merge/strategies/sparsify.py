@@ -103,7 +103,8 @@ def random_keep(delta: torch.Tensor, density: float, _: float, key: MaskKey) -> 
     if delta.device.type == "cpu" and delta.is_contiguous():
         key.rng.keep_bernoulli_(delta, key.tensor_name, key.contribution_id, density)
     else:
-        numerics.keep_where_(delta, random_mask(delta, density, 0.0, key))
+        mask = key.rng.bernoulli_mask(key.tensor_name, key.contribution_id, delta.shape, density)
+        numerics.keep_where_(delta, mask)
     return True
 
 
