@@ -72,6 +72,38 @@ def test_reductions_do_not_depend_on_order_chunking_or_threads() -> None:
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_blocked_dot_of_large_tensors_is_the_exact_sum_of_the_products(dtype: torch.dtype) -> None:
+    """Block by block (several blocks, the last partial), signs mixed, 20 binades of spread;
+    float32/bfloat16 products are exact in float64, float64 ones rounded once each."""
+    rng = np.random.default_rng(11)
+    n = 300_001
+    a = torch.from_numpy(rng.standard_normal(n) * np.exp2(rng.integers(-10, 10, n))).to(dtype)
+    b = torch.from_numpy(rng.standard_normal(n)).to(dtype)
+    products = (a.double() * b.double()).tolist()
+    assert numerics.dot(a, b) == math.fsum(products)
+    assert numerics.dot(a.reshape(1, -1), b.reshape(1, -1)) == numerics.dot(a, b)
+    b[7] = math.inf
+    assert numerics.dot(a, b) in (math.inf, -math.inf)  # the general path
+    b[8] = math.nan
+    assert math.isnan(numerics.dot(a, b))
+
+
+def test_dot_rows_in_chunks_is_each_rows_exact_dot() -> None:
+    rng = np.random.default_rng(12)
+    a = torch.from_numpy(rng.standard_normal((100, 5000)) * 1e3).to(torch.float32)
+    b = torch.from_numpy(rng.standard_normal((100, 5000))).to(torch.float32)
+    a[41, 3] = math.nan
+    got = numerics.dot_rows(a, b)  # 13 rows per chunk: several chunks, the last partial
+    for i in range(100):
+        want = math.fsum((a[i].double() * b[i].double()).tolist())
+        assert (math.isnan(got[i]) and math.isnan(want)) or got[i] == want, i
+    long_rows = torch.from_numpy(rng.standard_normal((2, 300_000))).to(torch.float32)
+    got = numerics.dot_rows(long_rows, long_rows.flip(1))  # rows past 2**18: the blocked dot
+    want = [math.fsum((r.double() * r.flip(0).double()).tolist()) for r in long_rows]
+    assert got.tolist() == want
+
+
 def test_reduction_edge_cases() -> None:
     assert numerics.exact_sum(torch.tensor([])) == 0.0
     assert numerics.exact_sum(torch.zeros(10)) == 0.0

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from .. import plugins
+from .. import numerics, plugins
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
 
@@ -502,7 +502,7 @@ def run_strategy(
         return source.clone()
     # factory calls inside strategies and numerics (zeros, empty, tensor ...) allocate on the
     # inputs' device, so that --device cuda runs the same code
-    with torch.device(source.device):
+    with numerics.on_device(source.device):
         merged = strategy.merge(inputs, params)
     if side is not None and inputs.side:
         for key in sorted(inputs.side):
@@ -547,7 +547,7 @@ def collect_statistics(
     )
     if inputs is None:
         return None
-    with torch.device(inputs.tensors[0].device if inputs.tensors else "cpu"):
+    with numerics.on_device(inputs.tensors[0].device if inputs.tensors else "cpu"):
         return strategy.model_pass.collect(inputs, params)
 
 
