@@ -90,6 +90,7 @@ __all__ = [
     "log",
     "mean",
     "ordered_sum",
+    "magnitude_row_ranks",
     "row_ranks",
     "scalar",
     "sin",
@@ -819,10 +820,28 @@ class RandomStream:
         with ``c_i = clamp(float64(p_i), 0, 1)`` (nan counts as 0).  Every step is exact: the
         conversion to float64, the clamp, the power-of-two scale, the floor and the integer
         compare; so the same ``p`` draws the same mask everywhere."""
-        words = self.bits(tensor_name, contribution_id, p.numel())
-        c = torch.nan_to_num(p.to(device="cpu", dtype=torch.float64), nan=0.0).clamp(0.0, 1.0)
-        thresholds = torch.floor(c * float(_TWO32)).to(torch.int64).reshape(-1)
-        return (words < thresholds).reshape(p.shape)
+        return self.bernoulli_mask_below(tensor_name, contribution_id, thresholds_u32(p))
+
+    def bernoulli_mask_below(
+        self, tensor_name: str, contribution_id: str, thresholds: torch.Tensor
+    ) -> torch.Tensor:
+        """Bool mask shaped like ``thresholds`` (int64, in [0, 2**32]): element ``i`` is kept
+        iff ``bits[i] < thresholds[i]``; the words are compared as unsigned 32-bit integers,
+        never widened to a tensor of their own."""
+        n = thresholds.numel()
+        if n == 0:
+            return torch.zeros(thresholds.shape, dtype=torch.bool)
+        hasher = blake3.blake3(stream_message(tensor_name, contribution_id), key=self.root)
+        words = np.frombuffer(hasher.digest(length=4 * n), dtype="<u4")
+        limits = thresholds.detach().to(device="cpu", dtype=torch.int64).reshape(-1).numpy()
+        return torch.from_numpy(np.less(words, limits)).reshape(thresholds.shape)
+
+
+def thresholds_u32(p: torch.Tensor) -> torch.Tensor:
+    """``floor(c * 2**32)`` (int64) with ``c = clamp(float64(p), 0, 1)`` (nan counts as 0): per
+    element, what :func:`threshold_u32` is for one probability.  Every step is exact."""
+    c = torch.nan_to_num(p.to(device="cpu", dtype=torch.float64), nan=0.0).clamp(0.0, 1.0)
+    return torch.floor(c * float(_TWO32)).to(torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1042,6 +1061,31 @@ def band_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:
     start = max(0, min(start, n))
     end = max(start, min(start + count, n))
     return bottom_mask(values, end) & ~bottom_mask(values, start)
+
+
+def magnitude_row_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``row_ranks(torch.abs(x))``: the rank (1..m, int64) of each ``|x|`` within its row (last
+    dim), ties by index.
+
+    For float32 and smaller on the CPU the magnitude's bits (sign cleared; they order as the
+    magnitudes do, nan last) times m plus the column give keys that are unique within a row and
+    order as the stable sort does, so numpy's plain integer sort, whatever its algorithm,
+    returns that order (measured: 13 ms against 230 ms for torch's stable sort of 2048 rows of
+    2048).  Other dtypes and devices take :func:`row_ranks`."""
+    m = x.shape[-1] if x.dim() else 0
+    if x.device.type != "cpu" or x.dtype not in _RANK_KEY_DTYPES or m == 0:
+        return row_ranks(torch.abs(x))
+    bits = x.detach().contiguous().reshape(-1, m).view(FLOAT_BITS[x.dtype]).numpy()
+    keys = (bits & np.iinfo(bits.dtype).max).astype(np.int64)  # < 2**31: times m fits int64
+    keys *= m
+    keys += np.arange(m, dtype=np.int64)
+    keys.sort(axis=1)
+    ranks = np.empty_like(keys)
+    np.put_along_axis(ranks, keys % m, np.arange(1, m + 1, dtype=np.int64)[None, :], axis=1)
+    return torch.from_numpy(ranks).reshape(x.shape)
+
+
+_RANK_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def row_ranks(values: torch.Tensor) -> torch.Tensor:

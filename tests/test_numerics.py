@@ -278,6 +278,20 @@ def test_topk_and_band_match_a_stable_sort(values: list[int], data: st.DataObjec
     assert torch.equal(numerics.band_mask(v, start, count), band)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_magnitude_row_ranks_equal_the_stable_sort_of_magnitudes(dtype: torch.dtype) -> None:
+    """Many equal magnitudes (ties by index), signed zeros, infinities and nan."""
+    rng = np.random.default_rng(13)
+    v = torch.from_numpy((rng.integers(-6, 7, (50, 301)) / 4).astype(np.float32))
+    v[0, :5] = torch.tensor([-0.0, 0.0, math.inf, -math.inf, math.nan])
+    v[1, 7] = -math.nan
+    x = v.to(dtype)
+    want = numerics.row_ranks(torch.abs(x))
+    assert torch.equal(numerics.magnitude_row_ranks(x), want)
+    cube = x.reshape(10, 5, 301)
+    assert torch.equal(numerics.magnitude_row_ranks(cube), want.reshape(10, 5, 301))
+
+
 def test_row_ranks_are_stable() -> None:
     v = torch.tensor([[2.0, 1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert numerics.row_ranks(v).tolist() == [[3, 2, 4, 1], [1, 2, 3, 4]]
@@ -416,3 +430,25 @@ def test_topk_magnitude_mask_orders_infinities_and_nan_above_finite_values() -> 
     assert kept[1] == -math.inf and math.isnan(kept[2])
     assert kept[[0, 3, 4, 5]].view(torch.int32).tolist() == [0, 0, 0, 0]  # +0.0 bits
     assert numerics.keep_topk_magnitude_(x.clone(), 0).view(torch.int32).tolist() == [0] * 6
+
+
+def test_della_mask_by_rank_table_equals_the_per_element_formula() -> None:
+    """The thresholds looked up by rank give the mask of p computed element by element."""
+    from git_crdt_merge.strategies import sparsify
+
+    rng = np.random.default_rng(14)
+    delta = torch.from_numpy(rng.standard_normal((40, 257)).astype(np.float32))
+    delta[3, :20] = 0.5  # ties
+    stream = numerics.RandomStream(bytes(range(32)))
+    key = sparsify.MaskKey(stream, "w", "c")
+    for shape in [(40, 257), (10257 + 23,), (4, 10, 257)]:
+        d = delta.reshape(-1)[: math.prod(shape)].reshape(shape)
+        rows = d.reshape(1, -1) if d.dim() < 2 else d
+        moved = torch.movedim(rows, 1, -1)
+        ranks = numerics.row_ranks(torch.abs(moved))
+        m = moved.shape[-1]
+        p = (ranks - 1).to(torch.float64) / float(m - 1) * (2.0 * 0.15) + (0.5 - 0.15)
+        p = torch.movedim(p, -1, 1).reshape(d.shape)
+        want = stream.bernoulli_mask_per_element("w", "c", p)
+        assert torch.equal(sparsify.della_magprune_mask(d, 0.5, 0.15, key), want), shape
+        assert torch.equal(sparsify.della_probabilities(d, 0.5, 0.15), p), shape

@@ -129,30 +129,45 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     p = (density - epsilon) + 2*epsilon*(r - 1)/(m - 1) where r in 1..m is the rank of |delta|
     ascending along dim 1 (0-d and 1-D tensors are one row; ties by index); p = density when
     m = 1."""
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-    moved = torch.movedim(rows, 1, -1)
-    ranks = numerics.row_ranks(torch.abs(moved))
-    m = moved.shape[-1]
-    if m <= 1:
-        p = torch.full(moved.shape, density, dtype=torch.float64)
-    else:
-        fraction = (ranks - 1).to(torch.float64) / float(m - 1)
-        p = fraction * (2.0 * epsilon) + (density - epsilon)
+    moved = _rows_last(delta)
+    ranks = numerics.magnitude_row_ranks(moved)
+    p = _rank_probabilities(moved.shape[-1], density, epsilon)[ranks - 1]
     return torch.movedim(p, -1, 1).reshape(delta.shape)
+
+
+def _rows_last(delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` on the CPU (where the ranks and the draws are made) with its dim 1 last (0-d
+    and 1-D tensors: one row)."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    return torch.movedim(rows.cpu(), 1, -1)
+
+
+def _rank_probabilities(m: int, density: float, epsilon: float) -> torch.Tensor:
+    """p for the ranks 1..m (float64, index r - 1): the formula's operations on a tensor of
+    ranks, element by element, so a table lookup gives every element the same value as
+    computing it in place."""
+    if m <= 1:
+        return torch.full((m,), density, dtype=torch.float64, device="cpu")
+    fraction = torch.arange(m, dtype=torch.int64, device="cpu").to(torch.float64) / float(m - 1)
+    return fraction * (2.0 * epsilon) + (density - epsilon)
 
 
 def della_magprune_mask(
     delta: torch.Tensor, density: float, epsilon: float, key: MaskKey
 ) -> torch.Tensor | None:
     """DELLA MagPrune: keep each entry with the probability of :func:`della_probabilities`
-    (larger magnitudes are kept more often), drawn from the (tensor, contribution) stream.
+    (larger magnitudes are kept more often), drawn from the (tensor, contribution) stream:
+    kept iff word i < floor(p_i * 2**32), the thresholds looked up by rank.
     density >= 1: everything; density <= 0: nothing."""
     if density >= 1:
         return None
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool)
-    p = della_probabilities(delta, density, epsilon)
-    return key.rng.bernoulli_mask_per_element(key.tensor_name, key.contribution_id, p)
+    moved = _rows_last(delta)
+    table = numerics.thresholds_u32(_rank_probabilities(moved.shape[-1], density, epsilon))
+    limits = table[numerics.magnitude_row_ranks(moved) - 1]
+    limits = torch.movedim(limits, -1, 1).reshape(delta.shape)
+    return key.rng.bernoulli_mask_below(key.tensor_name, key.contribution_id, limits)
 
 
 def l1_rescale_in_place(kept: torch.Tensor, full_l1: float) -> None:
