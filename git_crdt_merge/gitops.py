@@ -296,21 +296,6 @@ def manifest_history(
     return out
 
 
-def object_sizes(root: Path, shas: Iterable[str]) -> dict[str, int | None]:
-    """SHA-1 -> size of each object in the object database (None: missing or not a blob)."""
-    shas = sorted(set(shas))
-    if not shas:
-        return {}
-    fmt = "--batch-check=%(objectname) %(objecttype) %(objectsize)"
-    text = run(["cat-file", fmt], root, input="".join(f"{s}\n" for s in shas).encode())
-    sizes: dict[str, int | None] = {}
-    for sha, line in zip(shas, text.stdout.decode().splitlines(), strict=True):
-        parts = line.split()
-        ok = len(parts) == 3 and parts[0] == sha and parts[1] == "blob"
-        sizes[sha] = int(parts[2]) if ok else None
-    return sizes
-
-
 def unmerged_paths(root: Path, path: str) -> bool:
     """True if ``path`` has unmerged (conflict) entries in the index."""
     return bool(run(["ls-files", "-u", "--", path], root).stdout.strip())
