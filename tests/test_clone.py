@@ -157,6 +157,10 @@ def test_clone_passes_branch_depth_and_filter_through(tmp_path: Path, origin: Pa
     missing = git(e, "rev-list", "--objects", "--missing=print", "HEAD").stdout.splitlines()
     assert len([m for m in missing if m.startswith("?")]) >= len(chunk_paths(e)) - 2
     assert files_under_objects(e) == [] and not (e / "merged").exists()
+    # doctor looks at how chunks are stored only where that fetches nothing
+    assert json.loads(crdt(e, "doctor", "--json").stdout)["problems"] == []
+    again = git(e, "rev-list", "--objects", "--missing=print", "HEAD").stdout.splitlines()
+    assert again == missing
 
 
 def test_clone_into_a_folder_that_is_not_empty_is_a_one_line_error(
