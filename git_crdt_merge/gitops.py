@@ -87,6 +87,64 @@ def config_remove_section(root: Path | str, section: str, *, scope: str = "local
     run(["config", f"--{scope}", "--remove-section", section], root, check=False)
 
 
+def config_get_int(root: Path | str, key: str) -> int | None:
+    """The effective value of an integer key (git's k/m/g suffixes applied); None if unset."""
+    proc = run(["config", "--type=int", "--get", key], root, check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        return int(proc.stdout.decode().strip())
+    except ValueError:
+        return None
+
+
+# -- repositories, bare or not ---------------------------------------------------------------
+def is_bare(cwd: Path | str) -> bool | None:
+    """True in a bare repository, False in a work tree, None outside any repository."""
+    proc = run(["rev-parse", "--is-bare-repository"], cwd, check=False)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode().strip() == "true"
+
+
+def check_attr(cwd: Path | str, attr: str, path: str) -> str:
+    """The value of attribute ``attr`` for ``path`` (``set``, ``unset``, ``unspecified`` or a
+    value); in a bare repository only ``$GIT_DIR/info/attributes`` and the global files apply."""
+    text = out(["check-attr", attr, "--", path], cwd)
+    return text.rsplit(": ", 1)[-1] if text else "unspecified"
+
+
+def remote_url(cwd: Path | str, name: str) -> str | None:
+    proc = run(["remote", "get-url", name], cwd, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def stored_forms(cwd: Path | str, shas: Iterable[str]) -> dict[str, tuple[int, int, bool]]:
+    """SHA-1 -> (size, bytes on disk, stored as a delta) for each object that exists."""
+    shas = sorted(set(shas))
+    if not shas:
+        return {}
+    fmt = "--batch-check=%(objectname) %(objectsize) %(objectsize:disk) %(deltabase)"
+    text = run(["cat-file", fmt], cwd, input="".join(f"{s}\n" for s in shas).encode())
+    forms: dict[str, tuple[int, int, bool]] = {}
+    for line in text.stdout.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[1].isdigit():
+            forms[parts[0]] = (int(parts[1]), int(parts[2]), parts[3].strip("0") != "")
+    return forms
+
+
+def clone(args: Sequence[str], cwd: Path | str, *, show_progress: bool) -> None:
+    """``git clone ARGS``; with ``show_progress`` git's own progress and messages reach the
+    user's terminal (stderr is inherited), otherwise they are captured."""
+    if not show_progress:
+        run(["clone", *args], cwd)
+        return
+    code = subprocess.run(["git", "clone", *args], cwd=cwd).returncode
+    if code != 0:
+        raise GitError(f"git clone failed (exit {code}; git's message is above)")
+
+
 # -- objects ---------------------------------------------------------------------------------
 def _loose_path(objects_dir: Path, sha: str) -> Path:
     return objects_dir / sha[:2] / sha[2:]

@@ -88,6 +88,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
         git(origin, "config", "uploadpack.allowFilter", "true")
         git(origin, "config", "uploadpack.allowAnySHA1InWant", "true")
         clones = [clone(str(origin), tmp / name) for name in ("alice", "bob", "carol")]
+        for c in clones:  # git's defaults, not install's: small fetches become loose objects
+            git(c, "config", "fetch.unpackLimit", "100")
+            git(c, "config", "core.looseCompression", "1")
         for i, c in enumerate(clones):
             model = random_model(tmp / "models" / f"m{i}.safetensors", i)
             crdt(c, "add-contribution", str(model), "--name", f"m{i}", "--chunk-size", CHUNK)
