@@ -31,7 +31,7 @@ from typing import Any
 
 import blake3
 
-from . import checks, gitops
+from . import checks, descriptor, gitops
 from .errors import CrdtError, ManifestError, NotFoundError
 from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
@@ -198,33 +198,36 @@ def _check_objects(
     required = {cid: f"contribution {name!r} ({cid[:12]})" for cid, name in visible}
     if base:
         required[base] = f"base ({base[:12]})"
-    # removed contributions and earlier bases: not needed, but their objects are not strays
-    removed = {r.fields["id"] for r in manifest.adds()}
-    removed |= {
-        r.fields["value"]
-        for r in manifest.records.values()
-        if r.op == "set" and r.fields["key"] == "base" and isinstance(r.fields["value"], str)
-    }
-    removed -= set(required)
+    # The descriptor each required id is read from; every other descriptor (removed
+    # contributions, earlier bases, a second copy of the same content stored with another
+    # chunk size) is not needed, but its objects are not strays.
+    pairs: list[tuple[str, str, bool]] = []
+    for cid in sorted(required):
+        found_at = manifest.descriptors_of(cid) or [cid]
+        pairs.append((cid, found_at[0], True))
+        pairs += [(cid, a, False) for a in found_at[1:]]
+    ids = {r.fields["id"] for r in manifest.adds()} | set(_base_ids(manifest))
+    for cid in sorted(ids - set(required)):
+        pairs += [(cid, a, False) for a in manifest.descriptors_of(cid)]
     known = store.known()
     sizes = gitops.object_sizes(repo.root, known.values())
     descs: dict[str, dict[str, Any]] = {}
     referenced: set[str] = set()
-    for cid in sorted(required) + sorted(removed):
-        what = required.get(cid, f"removed contribution or earlier base {cid[:12]}")
-        must = cid in required
-        referenced.add(cid)
-        sha = known.get(cid)
+    for cid, address, must in pairs:
+        what = required[cid] if must else f"removed contribution or earlier base {cid[:12]}"
+        referenced.add(address)
+        sha = known.get(address)
         if sha is None or sizes.get(sha) is None:
             if must:
                 where = "staged or committed" if sha is None else "in the object database"
-                report.add("missing-object", f"{what}: descriptor {cid[:16]} is not {where}")
+                report.add("missing-object", f"{what}: descriptor {address[:16]} is not {where}")
             continue
         if (sizes[sha] or 0) > checks.MAX_DESCRIPTOR_BYTES:
             report.add("descriptor", f"{what}: descriptor larger than the limit")
             continue
         try:
-            desc = json.loads(store.get(cid))
+            data = store.get(address)
+            desc = json.loads(data)
         except CrdtError as exc:
             report.add("missing-object", f"{what}: {exc}")
             continue
@@ -232,12 +235,15 @@ def _check_objects(
             report.add("descriptor", f"{what}: descriptor is not JSON")
             continue
         found = checks.descriptor_problems(desc, what)
+        if not found and descriptor.contribution_id(desc, data) != cid:
+            found = [f"{what}: descriptor {address[:16]} does not describe this contribution"]
         if must:
             for msg in found:
                 report.add("descriptor", msg)
         if found:
             continue
-        descs[cid] = desc
+        if must:
+            descs[cid] = desc
         for oid, path in checks.object_references(desc):
             referenced.add(oid)
             osha = known.get(oid)
@@ -262,6 +268,19 @@ def _check_objects(
                 f"{len(stray)} staged objects are referenced by no record (left by an "
                 "interrupted add-contribution or set-base; harmless: a re-run reuses them)"
             )
+
+
+def _base_ids(manifest: Manifest) -> list[str]:
+    """Every id the base register was ever set to."""
+    out = []
+    for r in manifest.records.values():
+        if r.op == "set" and r.fields["key"] == "base":
+            value = r.fields["value"]
+            if isinstance(value, dict):
+                out.append(str(value["id"]))
+            elif isinstance(value, str):
+                out.append(value)
+    return out
 
 
 def _check_chunk_sizes(
