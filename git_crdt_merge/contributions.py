@@ -245,7 +245,7 @@ def add_contribution(
             # The same content is already in the set (perhaps stored with another chunk
             # size): nothing to store.  Staging completes an interrupted earlier add.
             gitops.stage_file(repo.root, MANIFEST_PATH)
-            return IngestResult(cid, name, n_tensors, total, 0, 0, True)
+            return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
         for other_id, other_name in visible:
             if other_name == name:
                 raise InputError(

@@ -184,6 +184,7 @@ def verify(
     if full and not any(p.kind == "conflict" for p in report.problems):
         t1 = time.perf_counter()
         _rehash(repo, store, report, progress, on_start)
+        _check_content(store, manifest, report)
         report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
@@ -356,6 +357,36 @@ def _check_registers(
                     "register",
                     f"strategy {strategy.name} needs extra input {kind!r}, which contribution "
                     f"{name!r} ({cid[:12]}) lacks",
+                )
+
+
+def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> None:
+    """Each format-2 tensor's chunks, joined, against the content hash its id is made of: two
+    descriptors that claim one id must describe the same bytes."""
+    ids = [cid for cid, _ in manifest.visible_contributions()]
+    base = manifest.base()
+    ids += [base] if base else []
+    for cid in ids:
+        try:
+            desc = json.loads(store.get(manifest.descriptor_address(cid)))
+        except (CrdtError, ValueError):
+            continue  # reported by the fast checks
+        if checks.descriptor_problems(desc, "") or desc.get("format") != descriptor.FORMAT_V2:
+            continue
+        entries = [(n, e) for n, e in desc["tensors"].items()]
+        entries += [(n, e) for _, n, e in checks.nested_tensor_entries(desc)]
+        for name, entry in entries:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            try:
+                for chunk in entry["chunks"]:
+                    hasher.update(store.get(chunk))
+            except CrdtError:
+                continue  # a missing chunk is reported already
+            if hasher.hexdigest() != entry["blake3"]:
+                report.add(
+                    "corrupt-object",
+                    f"contribution {cid[:12]}: tensor {name!r} does not match the content "
+                    "hash in its descriptor",
                 )
 
 

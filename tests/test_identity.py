@@ -281,3 +281,29 @@ def test_same_model_added_concurrently_with_two_chunk_sizes_is_one_contribution(
     assert (a / "merged" / "model.safetensors").read_bytes() == (
         b / "merged" / "model.safetensors"
     ).read_bytes()
+
+
+def test_full_verify_finds_chunks_that_are_not_the_content_the_id_names(tmp_path: Path) -> None:
+    """Chunk lists are outside the id, so a forged descriptor could list other bytes under a
+    genuine id: ``verify --full`` hashes each tensor's chunks against its content hash."""
+    repo = new_repo(tmp_path / "repo")
+    git(repo, "config", "crdt.autoResolve", "false")
+    one = add(repo, model(tmp_path / "one.safetensors", 9), "--name", "one")
+    two = add(repo, model(tmp_path / "two.safetensors", 10), "--name", "two")
+    forged = descriptor(repo, one["id"])
+    other = descriptor(repo, two["id"])
+    forged["tensors"]["head.weight"]["chunks"] = other["tensors"]["head.weight"]["chunks"]
+    assert content_id(forged) == one["id"]
+    r = Repo.open(repo)
+    store = ObjectStore(repo)
+    address = store.put(canonical_json(forged).encode())
+    store.flush()
+    crdt(repo, "remove-contribution", "one")
+    record = add_record(new_tag(), one["id"], "one", desc=address)
+    r.write_manifest(r.read_manifest().with_records([record]))
+    assert crdt(repo, "verify").returncode == 0  # sizes and objects all check out
+    full = crdt(repo, "verify", "--full", "--json", check=False)
+    assert full.returncode == 1
+    problems = json.loads(full.stdout)["problems"]
+    assert [p["kind"] for p in problems] == ["corrupt-object"]
+    assert "'head.weight' does not match the content hash" in problems[0]["message"]
