@@ -307,3 +307,30 @@ def test_full_verify_finds_chunks_that_are_not_the_content_the_id_names(tmp_path
     problems = json.loads(full.stdout)["problems"]
     assert [p["kind"] for p in problems] == ["corrupt-object"]
     assert "'head.weight' does not match the content hash" in problems[0]["message"]
+
+
+def test_manifest_fields_of_format_2_are_validated() -> None:
+    from git_crdt_merge.errors import ManifestError
+    from git_crdt_merge.manifest import Manifest, parse_record
+
+    cid, desc = "1" * 64, "2" * 64
+    rec = add_record("a" * 32, cid, "m", desc=desc)
+    assert rec.fields["desc"] == desc
+    assert "desc" not in add_record("a" * 32, cid, "m", desc=cid).fields  # format 1: id = address
+    state = Manifest(
+        {r.line: r for r in [rec, set_record("base", {"desc": desc, "id": cid}, 1, "0" * 16)]}
+    )
+    assert state.base() == cid and state.descriptor_address(cid) == desc
+    assert state.chunk_size() is None
+    for bad in (
+        '{"desc":"xyz","id":"' + cid + '","name":"m","op":"add","tag":"' + "a" * 32 + '"}',
+        '{"clock":1,"key":"chunk_size","op":"set","replica":"' + "0" * 16 + '","value":0}',
+        '{"clock":1,"key":"chunk_size","op":"set","replica":"' + "0" * 16 + '","value":true}',
+        '{"clock":1,"key":"base","op":"set","replica":"'
+        + "0" * 16
+        + '","value":{"id":"'
+        + cid
+        + '"}}',
+    ):
+        with pytest.raises(ManifestError):
+            parse_record(bad)
