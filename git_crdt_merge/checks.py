@@ -21,7 +21,9 @@ from .manifest import ID_RE
 # A descriptor is read into memory whole: a sane limit (objects in general: store.py).
 MAX_DESCRIPTOR_BYTES = 64 * 1024**2
 DESCRIPTOR_KINDS = ("full", "lora")
-TENSOR_KEYS = {"bytes", "chunks", "dtype", "shape"}
+TENSOR_KEYS = {"bytes", "chunks", "dtype", "shape"}  # format 1
+TENSOR_KEYS_V2 = TENSOR_KEYS | {"blake3"}  # plus the blake3 of the tensor's whole content
+DESCRIPTOR_FORMATS = (1, 2)
 
 # Non-finite test on the bit pattern: (bits & mask) == mask means exponent all ones
 # (NaN or Inf); F8_E4M3 (the "fn" variant) has no Inf and NaN is S.1111.111.
@@ -83,13 +85,15 @@ def table_differences(a: TensorTable, b: TensorTable, what_a: str, what_b: str) 
     return out
 
 
-def _tensor_entry_problems(name: str, info: Any, where: str) -> list[str]:
+def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> list[str]:
     try:
         check_tensor_name(name)
     except InputError as exc:
         return [f"{where}: {exc}"]
-    if not isinstance(info, dict) or set(info) != TENSOR_KEYS:
-        return [f"{where}: tensor {name!r} must have exactly {sorted(TENSOR_KEYS)}"]
+    if not isinstance(info, dict) or set(info) != keys:
+        return [f"{where}: tensor {name!r} must have exactly {sorted(keys)}"]
+    if "blake3" in keys and not (isinstance(info["blake3"], str) and ID_RE.match(info["blake3"])):
+        return [f"{where}: tensor {name!r} has a malformed content hash"]
     dtype, shape, chunks, nbytes = info["dtype"], info["shape"], info["chunks"], info["bytes"]
     if dtype not in DTYPE_SIZES:
         return [f"{where}: tensor {name!r} has unknown dtype {dtype!r}"]
@@ -112,15 +116,25 @@ def descriptor_problems(desc: Any, where: str) -> list[str]:
     if not isinstance(desc, dict):
         return [f"{where}: descriptor is not a JSON object"]
     out = []
-    if desc.get("format") != 1:
-        out.append(f"{where}: descriptor format {desc.get('format')!r} is not 1")
+    fmt = desc.get("format")
+    if fmt not in DESCRIPTOR_FORMATS or isinstance(fmt, bool):
+        out.append(f"{where}: descriptor format {fmt!r} is not 1 or 2 (a newer git-crdt?)")
+        return out
+    keys = TENSOR_KEYS if fmt == 1 else TENSOR_KEYS_V2
     if desc.get("kind", "full") not in DESCRIPTOR_KINDS:
         out.append(f"{where}: unknown descriptor kind {desc.get('kind')!r}")
     tensors = desc.get("tensors")
     if not isinstance(tensors, dict) or not tensors:
         return out + [f"{where}: descriptor has no tensor table (an empty model?)"]
     for name, info in tensors.items():
-        out += _tensor_entry_problems(name, info, where)
+        out += _tensor_entry_problems(name, info, where, keys)
+    storage = desc.get("storage", {})
+    if fmt == 1 and "storage" in desc:
+        out.append(f"{where}: a format-1 descriptor has no 'storage'")
+    elif not isinstance(storage, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in storage.values()
+    ):
+        out.append(f"{where}: 'storage' must map names to positive integers")
     files = desc.get("files", {})
     if not isinstance(files, dict) or not all(
         isinstance(k, str)
@@ -146,7 +160,8 @@ def object_references(desc: Any) -> Iterator[tuple[str, str]]:
     """(object id, JSON path) of every object the descriptor references, nested ones included.
 
     Every string that is a 64-hex blake3 id is a reference, wherever it sits, except under
-    ``metadata`` (free-form strings copied from the source files)."""
+    ``metadata`` (free-form strings copied from the source files) and a tensor entry's
+    ``blake3`` (the hash of its whole content, which is not stored as one object)."""
 
     def walk(node: Any, path: str) -> Iterator[tuple[str, str]]:
         if isinstance(node, str):
@@ -155,6 +170,8 @@ def object_references(desc: Any) -> Iterator[tuple[str, str]]:
         elif isinstance(node, dict):
             for key in sorted(node):
                 if path == "" and key == "metadata":
+                    continue
+                if key == "blake3" and TENSOR_KEYS <= set(node):
                     continue
                 yield from walk(node[key], f"{path}/{key}")
         elif isinstance(node, list):
@@ -169,7 +186,7 @@ def nested_tensor_entries(desc: Any) -> Iterator[tuple[str, str, dict[str, Any]]
 
     def walk(node: Any, path: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
         if isinstance(node, dict):
-            if set(node) == TENSOR_KEYS:
+            if set(node) in (TENSOR_KEYS, TENSOR_KEYS_V2):
                 yield path, path.rsplit("/", 1)[-1], node
                 return
             for key in sorted(node):

@@ -272,8 +272,14 @@ def add_contribution(
     message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
     chunk_size: Annotated[
-        int, typer.Option(min=1, max=MAX_OBJECT_BYTES, help="Largest object in bytes.")
-    ] = DEFAULT_CHUNK_SIZE,
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_OBJECT_BYTES,
+            help="Largest object in bytes, instead of the repository's (see 'chunk-size'); "
+            "never changes the id.",
+        ),
+    ] = None,
     fisher: Annotated[
         Path | None, typer.Option("--fisher", help="Fisher diagonals (.safetensors).")
     ] = None,
@@ -315,6 +321,51 @@ def add_contribution(
             f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
             markup=False,
         )
+
+
+@app.command("set-weight")
+def set_weight(
+    name_or_id: Annotated[str, typer.Argument(help="Contribution name or id prefix.")],
+    weight: Annotated[float, typer.Argument(help="The new merge weight.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Change a contribution's weight without storing its tensors again.
+
+    Records an observed remove of the old contribution and an add of a new descriptor that
+    reuses its chunks; the id changes, since the weight is part of the content."""
+    with handle_errors():
+        old, new = contributions.set_weight(open_repo(), name_or_id, weight)
+    if json_:
+        emit_json({"old": old, "new": new, "weight": weight})
+    elif old == new:
+        err.print(f"{old[:12]} already has weight {weight:g}", markup=False)
+    else:
+        err.print(f"weight {weight:g}: {old[:12]} -> {new[:12]}", markup=False)
+
+
+@app.command("chunk-size")
+def chunk_size(
+    size: Annotated[
+        int | None,
+        typer.Argument(min=1, max=MAX_OBJECT_BYTES, help="Bytes per chunk (omit to show it)."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or set the repository's chunk size (a replicated register; default 64 MiB).
+
+    A storage choice: contributions are named by their content, so a model added with any
+    chunk size has the same id."""
+    with handle_errors():
+        repo = open_repo()
+        if size is not None:
+            contributions.set_chunk_size(repo, size)
+        current = repo.read_manifest().chunk_size()
+    value = current or DEFAULT_CHUNK_SIZE
+    if json_:
+        emit_json({"chunk_size": value, "default": current is None})
+    else:
+        how = " (default)" if current is None else ""
+        err.print(f"chunk size {value} bytes{how}", markup=False)
 
 
 @app.command("remove-contribution")
@@ -487,7 +538,7 @@ def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
     rows = []
     for cid, name in manifest.visible_contributions():
         try:
-            desc = contributions.load_descriptor(store, cid)
+            desc = contributions.read_descriptor(store, manifest, cid)
             tensors = len(desc["tensors"])
             size: int | None = sum(t["bytes"] for t in desc["tensors"].values())
             weight = desc.get("weight", 1.0)

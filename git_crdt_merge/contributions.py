@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, checks, extras, faults, formats, gitops
-from .errors import CrdtError, InputError, ManifestError, NotFoundError
+import blake3
+
+from . import checks, descriptor, extras, faults, formats, gitops
+from .errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
 from .manifest import (
     MANIFEST_PATH,
     Manifest,
     add_record,
-    canonical_json,
     check_name,
     remove_record,
     set_record,
@@ -45,20 +46,83 @@ class IngestResult:
         return dict(self.__dict__)
 
 
-def build_descriptor(
-    store: ObjectStore,
+@dataclass
+class DescriptorPlan:
+    """A model read and hashed, nothing stored yet: its identity (``desc`` without storage
+    fields, so ``descriptor.content_id(desc)`` is already its id) and what will be stored."""
+
+    desc: dict[str, Any]
+    tensors: list[formats.TensorData]
+    extras: dict[str, list[formats.TensorData]]
+    files: dict[str, bytes]
+
+    @property
+    def id(self) -> str:
+        return descriptor.content_id(self.desc)
+
+    def total_bytes(self) -> int:
+        return sum(len(t.data) for t in self.tensors)
+
+
+def content_hash(data: bytes | memoryview) -> str:
+    """blake3 of a whole tensor's bytes: the identity of its content, whatever its chunking."""
+    return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def _identity_entry(t: formats.TensorData) -> dict[str, Any]:
+    return {
+        "blake3": content_hash(t.data),
+        "bytes": len(t.data),
+        "dtype": t.dtype,
+        "shape": t.shape,
+    }
+
+
+def plan_descriptor(
     source: formats.ModelSource,
     *,
     weight: float | None,
+    extra_inputs: Mapping[str, Path] | None = None,
+) -> DescriptorPlan:
+    """Read ``source`` (and its extra inputs, kind -> safetensors file, checked against the
+    model) and compute its format-2 identity: one blake3 pass over every tensor, no writes."""
+    all_tensors = list(formats.iter_tensors(source))
+    model = {t.name: list(t.shape) for t in all_tensors}
+    extra_tables: dict[str, list[formats.TensorData]] = {
+        kind: list(extras.load_extra(kind, path, model))
+        for kind, path in sorted((extra_inputs or {}).items())
+    }
+    metadata: dict[str, str] = {}
+    if not source.pickled:
+        for f in source.files:
+            metadata.update(formats.file_metadata(f))
+    files = {name: path.read_bytes() for name, path in sorted(source.aux.items())}
+    desc: dict[str, Any] = {
+        "kind": source.kind,
+        "tensors": {t.name: _identity_entry(t) for t in all_tensors},
+        "files": {name: blake3.blake3(data).hexdigest() for name, data in files.items()},
+        "metadata": metadata,
+        # Always written: "no weight" and weight 1.0 are one contribution, not two.
+        "weight": float(weight) if weight is not None else 1.0,
+    }
+    if extra_tables:  # absent when there are none
+        desc["extras"] = {
+            kind: {"tensors": {t.name: _identity_entry(t) for t in items}}
+            for kind, items in extra_tables.items()
+        }
+    return DescriptorPlan(desc, all_tensors, extra_tables, files)
+
+
+def store_descriptor(
+    store: ObjectStore,
+    plan: DescriptorPlan,
+    *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
-    extra_inputs: Mapping[str, Path] | None = None,
-) -> tuple[bytes, int, int]:
-    """Store every tensor and auxiliary file of ``source`` and of its extra inputs (kind ->
-    safetensors file, checked against the model first); return (descriptor bytes, total tensor
-    bytes, bytes newly written)."""
-    tensors: dict[str, Any] = {}
-    total = 0
+) -> tuple[str, bytes, int]:
+    """Store every chunk, auxiliary file and the descriptor of ``plan``; return (descriptor
+    address, descriptor bytes, bytes newly written).  Chunks already stored are not written
+    again."""
     new = [0]
 
     def on_chunk(n: int, is_new: bool) -> None:
@@ -67,97 +131,63 @@ def build_descriptor(
         if progress is not None:
             progress(n)
 
-    metadata: dict[str, str] = {}
+    desc = json.loads(json.dumps(plan.desc))  # a deep copy; storage fields go in below
+    desc["format"] = descriptor.FORMAT_V2
+    desc["storage"] = {"chunk_size": chunk_size}
+    tables = [(desc["tensors"], plan.tensors)]
+    tables += [(desc["extras"][kind]["tensors"], items) for kind, items in plan.extras.items()]
     # All chunks of all tensors go to the store at once, so hashing and writing run in
     # parallel across tensors, not only within one.
-    all_tensors = list(formats.iter_tensors(source))
-    model = {t.name: list(t.shape) for t in all_tensors}
-    extra_tables: dict[str, list[formats.TensorData]] = {
-        kind: list(extras.load_extra(kind, path, model))
-        for kind, path in sorted((extra_inputs or {}).items())
-    }
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[dict[str, Any], int, int]] = []
     chunks: list[memoryview] = []
-    for tensor in all_tensors:
-        pieces = split_chunks(tensor.data, chunk_size)
-        spans.append((len(chunks), len(chunks) + len(pieces)))
-        chunks.extend(pieces)
+    for table, items in tables:
+        for t in items:
+            pieces = split_chunks(t.data, chunk_size)
+            spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
+            chunks.extend(pieces)
     ids = store.put_chunks(chunks, on_chunk)
-    for tensor, (lo, hi) in zip(all_tensors, spans, strict=True):
-        tensors[tensor.name] = {
-            "dtype": tensor.dtype,
-            "shape": tensor.shape,
-            "chunks": ids[lo:hi],
-            "bytes": len(tensor.data),
-        }
-        total += len(tensor.data)
-    extra_desc: dict[str, Any] = {}
-    for kind, items in extra_tables.items():
-        split = [split_chunks(t.data, chunk_size) for t in items]
-        extra_ids = store.put_chunks([c for part in split for c in part], on_chunk)
-        table: dict[str, Any] = {}
-        start = 0
-        for t, part in zip(items, split, strict=True):
-            table[t.name] = {
-                "dtype": t.dtype,
-                "shape": t.shape,
-                "chunks": extra_ids[start : start + len(part)],
-                "bytes": len(t.data),
-            }
-            start += len(part)
-        extra_desc[kind] = {"tensors": table}
-    if not source.pickled:
-        for f in source.files:
-            metadata.update(formats.file_metadata(f))
-    files = {name: store.put(path.read_bytes()) for name, path in sorted(source.aux.items())}
-    desc: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "kind": source.kind,
-        "tensors": tensors,
-        "files": files,
-        "metadata": metadata,
-    }
-    if weight is not None:
-        desc["weight"] = weight
-    if extra_desc:  # absent when there are none: older descriptors keep their ids
-        desc["extras"] = extra_desc
-    return canonical_json(desc).encode(), total, new[0]
+    for entry, lo, hi in spans:
+        entry["chunks"] = ids[lo:hi]
+    for data in plan.files.values():
+        store.put(data)
+    data = descriptor.encode(desc)
+    return store.put(data), data, new[0]
 
 
-def _ingest(
-    store: ObjectStore,
-    source: formats.ModelSource,
-    weight: float | None,
-    chunk_size: int,
-    on_start: Callable[[int], None] | None,
-    progress: Progress | None,
-    extra_inputs: Mapping[str, Path] | None = None,
-) -> tuple[str, bytes, int, int]:
-    """Store a model's objects and its descriptor: (id, descriptor, bytes, new bytes)."""
-    if on_start is not None:
-        on_start(source.total_bytes())
-    desc, total, new_bytes = build_descriptor(
-        store,
-        source,
-        weight=weight,
-        chunk_size=chunk_size,
-        progress=progress,
-        extra_inputs=extra_inputs,
-    )
-    return store.put(desc), desc, total, new_bytes
+def load_descriptor(store: ObjectStore, address: str) -> dict[str, Any]:
+    """The descriptor object stored at ``address``, unchecked (see :func:`read_descriptor`)."""
+    return _load(store, address)[0]
 
 
-def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
-    size = store.size(contribution_id)
+def _load(store: ObjectStore, address: str) -> tuple[dict[str, Any], bytes]:
+    size = store.size(address)
     if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
-        raise ManifestError(f"descriptor {contribution_id[:16]} is larger than the limit")
-    data = store.get(contribution_id, max_size=checks.MAX_DESCRIPTOR_BYTES)
+        raise ManifestError(f"descriptor {address[:16]} is larger than the limit")
+    data = store.get(address, max_size=checks.MAX_DESCRIPTOR_BYTES)
     try:
         desc = json.loads(data)
     except ValueError:
-        raise ManifestError(f"descriptor {contribution_id[:16]} is not JSON") from None
+        raise ManifestError(f"descriptor {address[:16]} is not JSON") from None
     if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
-        raise ManifestError(f"descriptor {contribution_id[:16]} has no tensor table")
+        raise ManifestError(f"descriptor {address[:16]} has no tensor table")
+    return desc, data
+
+
+def read_descriptor(store: ObjectStore, manifest: Manifest, contribution_id: str) -> dict[str, Any]:
+    """The validated descriptor of contribution (or base) ``contribution_id``: found through
+    the manifest (format 2 records name the descriptor's address), and refused unless its
+    content gives that id, so a descriptor swapped under a record is never used."""
+    address = manifest.descriptor_address(contribution_id)
+    desc, data = _load(store, address)
+    problems = checks.descriptor_problems(desc, f"descriptor {address[:16]}")
+    if problems:
+        raise ManifestError(problems[0])
+    got = descriptor.contribution_id(desc, data)
+    if got != contribution_id:
+        raise ManifestError(
+            f"descriptor {address[:16]} describes contribution {got[:16]}, not "
+            f"{contribution_id[:16]} (a substituted or corrupt object: run 'git crdt verify')"
+        )
     return desc
 
 
@@ -171,11 +201,13 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     base = manifest.base()
     if base is not None:
         ids.append(base)
-    fetched = store.fetch_absent(ids)
+    addresses = [manifest.descriptor_address(cid) for cid in ids]
+    fetched = store.fetch_absent(addresses)
     refs: set[str] = set()
     for cid in ids:
-        if store.has(cid):
-            refs |= {oid for oid, _ in checks.object_references(load_descriptor(store, cid))}
+        if store.has(manifest.descriptor_address(cid)):
+            desc = read_descriptor(store, manifest, cid)
+            refs |= {oid for oid, _ in checks.object_references(desc)}
     return fetched + store.fetch_absent(refs)
 
 
@@ -197,7 +229,7 @@ def add_contribution(
     weight: float | None = None,
     message: str | None = None,
     allow_pickle: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     extra_inputs: Mapping[str, Path] | None = None,
@@ -206,7 +238,9 @@ def add_contribution(
     """Store the model at ``path`` and record it in the manifest (both staged).
 
     ``extra_inputs`` maps an extra-input kind (``extras.KINDS``) to a safetensors file stored
-    with the model and referenced from its descriptor."""
+    with the model and referenced from its descriptor.  ``chunk_size`` overrides the
+    repository's (``chunk_size`` register); it changes how the bytes are stored, never the id.
+    A model whose content is already a visible contribution is not stored again."""
     repo.require_initialized()
     _check_weight(weight)
     source = formats.discover(path, allow_pickle=allow_pickle)
@@ -222,27 +256,39 @@ def add_contribution(
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
         check_fits(store, manifest, table, source.kind, f"model {name!r}")
-        cid, desc, total, new_bytes = _ingest(
-            store, source, weight, chunk_size, on_start, progress, extra_inputs
-        )
+        if on_start is not None:
+            on_start(source.total_bytes())
+        plan = plan_descriptor(source, weight=weight, extra_inputs=extra_inputs)
+        cid, total, n_tensors = plan.id, plan.total_bytes(), len(plan.tensors)
         visible = manifest.visible_contributions()
+        if any(other_id == cid for other_id, _ in visible):
+            # The same content is already in the set (perhaps stored with another chunk
+            # size): nothing to store.  Staging completes an interrupted earlier add.
+            gitops.stage_file(repo.root, MANIFEST_PATH)
+            return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
         for other_id, other_name in visible:
-            if other_name == name and other_id != cid:
-                store.flush()
+            if other_name == name:
                 raise InputError(
                     f"name {name!r} is already used by contribution {other_id[:12]}; remove it "
                     "first or pass --name"
                 )
-        n_tensors = len(json.loads(desc)["tensors"])
+        size = repository_chunk_size(manifest, chunk_size)
+        address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
         faults.point("add:objects-written")
         new_objects = store.flush()
         faults.point("add:objects-staged")
-        if any(other_id == cid for other_id, _ in visible):
-            gitops.stage_file(repo.root, MANIFEST_PATH)  # completes an interrupted earlier add
-            return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
-        manifest = manifest.with_records([add_record(new_tag(), cid, name, message)])
-        repo.write_manifest(manifest)
+        record = add_record(new_tag(), cid, name, message, desc=address)
+        repo.write_manifest(manifest.with_records([record]))
     return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
+
+
+def repository_chunk_size(manifest: Manifest, override: int | None = None) -> int:
+    """The chunk size to store with: ``override``, else the ``chunk_size`` register, else
+    the default (64 MiB)."""
+    if override is not None:
+        split_chunks(memoryview(b""), override)  # the same bounds check as splitting
+        return override
+    return manifest.chunk_size() or DEFAULT_CHUNK_SIZE
 
 
 def parse_extra_inputs(
@@ -278,7 +324,7 @@ def check_fits(
     refs += [(c, f"contribution {n!r} ({c[:12]})") for c, n in manifest.visible_contributions()]
     for ref, label in refs:
         try:
-            desc = load_descriptor(store, ref)
+            desc = read_descriptor(store, manifest, ref)
         except CrdtError:
             continue  # a missing descriptor is verify's to report
         other_kind = desc.get("kind", "full")
@@ -347,22 +393,29 @@ def set_base(
     path: Path,
     *,
     allow_pickle: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
 ) -> IngestResult:
-    """Store the base model and point the ``base`` register at its descriptor."""
+    """Store the base model and point the ``base`` register at its id and descriptor."""
     repo.require_initialized()
     source = formats.discover(path, allow_pickle=allow_pickle)
     table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
     with repo.lock():
         store = ObjectStore(repo.root)
-        check_fits(store, repo.read_manifest(), table, source.kind, "the base", as_base=True)
-        cid, desc, total, new_bytes = _ingest(store, source, None, chunk_size, on_start, progress)
+        manifest = repo.read_manifest()
+        check_fits(store, manifest, table, source.kind, "the base", as_base=True)
+        if on_start is not None:
+            on_start(source.total_bytes())
+        plan = plan_descriptor(source, weight=None)
+        cid, total, n_tensors = plan.id, plan.total_bytes(), len(plan.tensors)
+        if manifest.base() == cid:
+            return IngestResult(cid, default_name(path), n_tensors, total, 0, 0, True)
+        size = repository_chunk_size(manifest, chunk_size)
+        address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
         new_objects = store.flush()
-    set_register(repo, "base", cid)
-    n_tensors = len(json.loads(desc)["tensors"])
+    set_register(repo, "base", {"desc": address, "id": cid})
     return IngestResult(cid, default_name(path), n_tensors, total, new_bytes, new_objects)
 
 
@@ -382,3 +435,69 @@ def parse_param(text: str) -> tuple[str, Any]:
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"--param {key} must be finite")
     return key, value
+
+
+def upgrade_v1(store: ObjectStore, desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A format-1 descriptor as format 2: the same chunks, plus each tensor's whole-content
+    blake3 (read back from the store, nothing written).  Its id changes to the content id."""
+    new = json.loads(json.dumps(dict(desc)))
+    new["format"] = descriptor.FORMAT_V2
+    new.setdefault("weight", 1.0)
+    entries = list(new["tensors"].items())
+    entries += [(name, entry) for _, name, entry in checks.nested_tensor_entries(new)]
+    for name, entry in entries:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        size = 0
+        for chunk in entry["chunks"]:
+            data = store.get(chunk, verify=True)
+            hasher.update(data)
+            size += len(data)
+        if size != entry["bytes"]:
+            raise StoreError(f"tensor {name!r}: chunks hold {size} bytes, not {entry['bytes']}")
+        entry["blake3"] = hasher.hexdigest()
+    return new
+
+
+def set_weight(repo: Repo, name_or_id: str, weight: float) -> tuple[str, str]:
+    """Give a visible contribution a new weight without storing its tensors again.
+
+    The weight is part of a contribution's content, so this records an observed remove of
+    the old contribution and an add of a new descriptor that reuses every chunk (a format-1
+    contribution becomes format 2).  Returns (old id, new id)."""
+    repo.require_initialized()
+    _check_weight(weight)
+    with repo.lock():
+        manifest = repo.read_manifest()
+        cid = find_contribution(manifest, name_or_id)
+        visible = manifest.visible_contributions()
+        name = dict(visible)[cid]
+        store = ObjectStore(repo.root)
+        desc = read_descriptor(store, manifest, cid)
+        if desc["format"] == descriptor.FORMAT_V1:
+            desc = upgrade_v1(store, desc)
+        new = dict(desc, weight=float(weight))
+        new_id = descriptor.content_id(new)
+        if new_id == cid:
+            return cid, cid
+        for other_id, other_name in visible:
+            if other_id == new_id:
+                raise InputError(
+                    f"contribution {other_name!r} ({other_id[:12]}) already has these tensors "
+                    f"and weight {weight:g}; remove {name!r} instead"
+                )
+        address = store.put(descriptor.encode(new))
+        store.flush()
+        adds = [r for r in manifest.visible_adds() if r.fields["id"] == cid]
+        message = adds[0].fields.get("message")
+        records = [
+            remove_record(new_tag(), [r.tag for r in adds]),
+            add_record(new_tag(), new_id, name, message, desc=address),
+        ]
+        repo.write_manifest(manifest.with_records(records))
+    return cid, new_id
+
+
+def set_chunk_size(repo: Repo, size: int) -> None:
+    """Set the repository's chunk size (a replicated register every clone agrees on)."""
+    repository_chunk_size(Manifest(), size)
+    set_register(repo, "chunk_size", size)

@@ -29,7 +29,7 @@ import torch
 
 from . import FORMAT_VERSION, __version__, cache
 from .cache import cache_key, seed_of
-from .contributions import load_descriptor
+from .contributions import read_descriptor
 from .errors import ResolveError
 from .manifest import Manifest
 from .numerics import RandomStream
@@ -124,8 +124,8 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     base_id = manifest.base()
     registry.check_contract(strategy, len(contributions), base_id is not None)
     params = registry.resolve_params(strategy, strategy_value["params"], contributions)
-    descriptors = [load_descriptor(store, cid) for cid, _ in contributions]
-    base_desc = load_descriptor(store, base_id) if base_id is not None else None
+    descriptors = [read_descriptor(store, manifest, cid) for cid, _ in contributions]
+    base_desc = read_descriptor(store, manifest, base_id) if base_id is not None else None
     files = dict((base_desc or descriptors[0]).get("files", {}))
     base = None if strategy.base == "ignored" else base_desc
     first = base if base is not None else descriptors[0]

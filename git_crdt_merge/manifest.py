@@ -7,12 +7,18 @@ is the sorted union of their lines: commutative, associative and idempotent by c
 
 Record kinds (``op``):
 
-``add``     ``{"id": C, "name": N, "op": "add", "tag": T}`` (optional ``"message"``): contribution
-            ``C`` (blake3 of its descriptor) is in the set under the unique tag ``T``.
+``add``     ``{"desc": D, "id": C, "name": N, "op": "add", "tag": T}`` (optional ``"message"``):
+            contribution ``C`` is in the set under the unique tag ``T``.  ``C`` is computed from
+            the contribution's content (``descriptor.content_id``); ``D`` is the address (blake3)
+            of the descriptor object that lists its chunks.  Records written before descriptor
+            format 2 have no ``desc``: there the id is the descriptor's address.
 ``remove``  ``{"observed": [T1, ...], "op": "remove", "tag": T}``: removes the add tags it observed.
             A concurrent add of the same contribution (a new tag) survives.
 ``set``     ``{"clock": L, "key": K, "op": "set", "replica": R, "value": V}``: a register write.
             The register's value is the write with the greatest ``(clock, replica, record hash)``.
+            ``base`` holds a contribution id (format 1) or ``{"desc": D, "id": C}``;
+            ``chunk_size`` the repository's chunk size in bytes (a storage choice, outside the
+            Merkle root).
 
 Everything a replica derives (visible contributions, register values, Merkle root) is a pure
 function of the record set.  This module imports neither torch nor git: the merge driver runs it.
@@ -39,7 +45,8 @@ ID_RE = re.compile(r"[0-9a-f]{64}\Z")
 REPLICA_RE = re.compile(r"[0-9a-f]{16,64}\Z")
 KEY_RE = re.compile(r"[a-z][a-z0-9_.]{0,63}\Z")
 # Register keys this format version knows, with the validator of their value.
-REGISTER_KEYS = ("base", "output", "strategy")
+REGISTER_KEYS = ("base", "chunk_size", "output", "strategy")
+MAX_CHUNK_SIZE = 1024**3  # store.MAX_OBJECT_BYTES (this module imports no store)
 DEFAULT_STRATEGY: dict[str, Any] = {"name": "linear", "params": {}}
 DEFAULT_OUTPUT = "merged"
 
@@ -80,8 +87,19 @@ def _check_output_path(value: Any) -> None:
 
 def _check_register_value(key: str, value: Any) -> None:
     if key == "base":
-        if value is not None and not (isinstance(value, str) and ID_RE.match(value)):
-            raise ManifestError("register 'base' must be a contribution id or null")
+        if value is None or (isinstance(value, str) and ID_RE.match(value)):
+            return
+        if not (
+            isinstance(value, dict)
+            and set(value) == {"desc", "id"}
+            and all(isinstance(v, str) and ID_RE.match(v) for v in value.values())
+        ):
+            raise ManifestError(
+                'register \'base\' must be a contribution id, {"desc": ..., "id": ...} or null'
+            )
+    elif key == "chunk_size":
+        if not _is_int(value) or not 0 < value <= MAX_CHUNK_SIZE:
+            raise ManifestError(f"register 'chunk_size' must be 1 to {MAX_CHUNK_SIZE} bytes")
     elif key == "output":
         _check_output_path(value)
     elif key == "strategy":
@@ -135,9 +153,11 @@ def parse_record(line: str) -> Record:
         raise ManifestError("not a JSON object")
     op = obj.get("op")
     if op == "add":
-        _require(obj, {"op", "tag", "id", "name", "message"}, {"op", "tag", "id", "name"})
+        _require(obj, {"op", "tag", "id", "name", "message", "desc"}, {"op", "tag", "id", "name"})
         if not isinstance(obj["id"], str) or not ID_RE.match(obj["id"]):
             raise ManifestError("'id' must be 64 lowercase hex digits (a blake3 hash)")
+        if "desc" in obj and not (isinstance(obj["desc"], str) and ID_RE.match(obj["desc"])):
+            raise ManifestError("'desc' must be 64 lowercase hex digits (a blake3 hash)")
         if not isinstance(obj["name"], str):
             raise ManifestError("'name' must be a string")
         check_name(obj["name"])
@@ -312,8 +332,47 @@ class Manifest:
         return dict(self.register("strategy", DEFAULT_STRATEGY))
 
     def base(self) -> str | None:
+        """The base's contribution id (None: no base)."""
         value = self.register("base")
+        if isinstance(value, dict):
+            return str(value["id"])
         return value if isinstance(value, str) else None
+
+    def chunk_size(self) -> int | None:
+        """The repository's chunk size (None: not set, the tool's default applies)."""
+        value = self.register("chunk_size")
+        return value if isinstance(value, int) else None
+
+    def descriptors_of(self, contribution_id: str) -> list[str]:
+        """Addresses of every descriptor recorded for ``contribution_id`` (add records and
+        base writes), the preferred one first: that of its smallest live add tag, else the
+        current base's, else the smallest address.  Several exist when the same content was
+        stored twice (e.g. with two chunk sizes); all of them describe the same bytes."""
+        removed = self.removed_tags()
+        adds = sorted(
+            (r for r in self.adds() if r.fields["id"] == contribution_id),
+            key=lambda r: (r.tag in removed, r.tag),
+        )
+        found = [str(r.fields.get("desc", contribution_id)) for r in adds if r.tag not in removed]
+        current = self.register("base")
+        if isinstance(current, dict) and current["id"] == contribution_id:
+            found.append(str(current["desc"]))
+        elif current == contribution_id:
+            found.append(contribution_id)
+        others = {str(r.fields.get("desc", contribution_id)) for r in adds}
+        for r in self.records.values():
+            if r.op == "set" and r.fields["key"] == "base":
+                value = r.fields["value"]
+                if isinstance(value, dict) and value["id"] == contribution_id:
+                    others.add(str(value["desc"]))
+                elif value == contribution_id:
+                    others.add(contribution_id)
+        return list(dict.fromkeys(found + sorted(others)))
+
+    def descriptor_address(self, contribution_id: str) -> str:
+        """The descriptor to read for ``contribution_id`` (see :meth:`descriptors_of`)."""
+        found = self.descriptors_of(contribution_id)
+        return found[0] if found else contribution_id
 
     def output(self) -> str:
         return str(self.register("output", DEFAULT_OUTPUT))
@@ -381,10 +440,18 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def add_record(tag: str, contribution_id: str, name: str, message: str | None = None) -> Record:
+def add_record(
+    tag: str,
+    contribution_id: str,
+    name: str,
+    message: str | None = None,
+    desc: str | None = None,
+) -> Record:
     obj: dict[str, Any] = {"op": "add", "tag": tag, "id": contribution_id, "name": name}
     if message:
         obj["message"] = message
+    if desc is not None and desc != contribution_id:
+        obj["desc"] = desc
     return make_record(obj)
 
 

@@ -71,7 +71,7 @@ def show(repo: Repo, name_or_id: str) -> dict[str, Any]:
         if name_or_id != "base" or base is None:
             raise
         cid, name, role = base, None, "base"
-    desc = contributions.load_descriptor(store, cid)
+    desc = contributions.read_descriptor(store, manifest, cid)
     tensors = [
         {
             "name": tname,
@@ -88,6 +88,8 @@ def show(repo: Repo, name_or_id: str) -> dict[str, Any]:
         "role": role,
         "kind": desc.get("kind", "full"),
         "format": desc.get("format"),
+        "descriptor": manifest.descriptor_address(cid),
+        "chunk_size": desc.get("storage", {}).get("chunk_size"),
         "weight": desc.get("weight", 1.0),
         "tensors": tensors,
         "total_bytes": sum(t["bytes"] for t in tensors),

@@ -104,13 +104,13 @@ def open_model(repo: Repo, spec: str) -> Model:
         cid = None
     if cid is not None:
         name = dict(manifest.visible_contributions())[cid]
-        desc = contributions.load_descriptor(store, cid)
+        desc = contributions.read_descriptor(store, manifest, cid)
         return _descriptor_model(f"{name} ({cid[:12]})", store, desc)
     if spec == "base" and manifest.base() is not None:
         base_id = manifest.base()
         assert base_id is not None
         return _descriptor_model(
-            f"base ({base_id[:12]})", store, contributions.load_descriptor(store, base_id)
+            f"base ({base_id[:12]})", store, contributions.read_descriptor(store, manifest, base_id)
         )
     path = Path(spec)
     if path.exists():

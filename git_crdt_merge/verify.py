@@ -31,7 +31,7 @@ from typing import Any
 
 import blake3
 
-from . import checks, gitops
+from . import checks, descriptor, gitops
 from .errors import CrdtError, GitError, ManifestError, NotFoundError
 from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
@@ -197,6 +197,7 @@ def verify(
     if full and not any(p.kind == "conflict" for p in report.problems):
         t1 = time.perf_counter()
         _rehash(repo, store, report, progress, on_start)
+        _check_content(store, manifest, report)
         report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
@@ -211,32 +212,35 @@ def _check_objects(
     required = {cid: f"contribution {name!r} ({cid[:12]})" for cid, name in visible}
     if base:
         required[base] = f"base ({base[:12]})"
-    # removed contributions and earlier bases: not needed, but their objects are not strays
-    removed = {r.fields["id"] for r in manifest.adds()}
-    removed |= {
-        r.fields["value"]
-        for r in manifest.records.values()
-        if r.op == "set" and r.fields["key"] == "base" and isinstance(r.fields["value"], str)
-    }
-    removed -= set(required)
+    # The descriptor each required id is read from; every other descriptor (removed
+    # contributions, earlier bases, a second copy of the same content stored with another
+    # chunk size) is not needed, but its objects are not strays.
+    pairs: list[tuple[str, str, bool]] = []
+    for cid in sorted(required):
+        found_at = manifest.descriptors_of(cid) or [cid]
+        pairs.append((cid, found_at[0], True))
+        pairs += [(cid, a, False) for a in found_at[1:]]
+    ids = {r.fields["id"] for r in manifest.adds()} | set(_base_ids(manifest))
+    for cid in sorted(ids - set(required)):
+        pairs += [(cid, a, False) for a in manifest.descriptors_of(cid)]
     known = store.known()
     sizes = _object_sizes(store, known.values())
     descs: dict[str, dict[str, Any]] = {}
     referenced: set[str] = set()
-    for cid in sorted(required) + sorted(removed):
-        what = required.get(cid, f"removed contribution or earlier base {cid[:12]}")
-        must = cid in required
-        referenced.add(cid)
-        sha = known.get(cid)
+    for cid, address, must in pairs:
+        what = required[cid] if must else f"removed contribution or earlier base {cid[:12]}"
+        referenced.add(address)
+        sha = known.get(address)
         if sha is None or sizes.get(sha) is None:
             if must:
-                _report_missing(report, store, sha, f"{what}: descriptor {cid[:16]}")
+                _report_missing(report, store, sha, f"{what}: descriptor {address[:16]}")
             continue
         if (sizes[sha] or 0) > checks.MAX_DESCRIPTOR_BYTES:
             report.add("descriptor", f"{what}: descriptor larger than the limit")
             continue
         try:
-            desc = json.loads(store.get(cid))
+            data = store.get(address)
+            desc = json.loads(data)
         except CrdtError as exc:
             report.add("missing-object", f"{what}: {exc}")
             continue
@@ -244,12 +248,15 @@ def _check_objects(
             report.add("descriptor", f"{what}: descriptor is not JSON")
             continue
         found = checks.descriptor_problems(desc, what)
+        if not found and descriptor.contribution_id(desc, data) != cid:
+            found = [f"{what}: descriptor {address[:16]} does not describe this contribution"]
         if must:
             for msg in found:
                 report.add("descriptor", msg)
         if found:
             continue
-        descs[cid] = desc
+        if must:
+            descs[cid] = desc
         for oid, path in checks.object_references(desc):
             referenced.add(oid)
             osha = known.get(oid)
@@ -295,6 +302,19 @@ def _report_missing(report: Report, store: ObjectStore, sha: str | None, what: s
         report.add("absent", f"{what} is not fetched yet (partial clone)")
     else:
         report.add("missing-object", f"{what} is not in the object database")
+
+
+def _base_ids(manifest: Manifest) -> list[str]:
+    """Every id the base register was ever set to."""
+    out = []
+    for r in manifest.records.values():
+        if r.op == "set" and r.fields["key"] == "base":
+            value = r.fields["value"]
+            if isinstance(value, dict):
+                out.append(str(value["id"]))
+            elif isinstance(value, str):
+                out.append(value)
+    return out
 
 
 def _check_chunk_sizes(
@@ -370,6 +390,36 @@ def _check_registers(
                     "register",
                     f"strategy {strategy.name} needs extra input {kind!r}, which contribution "
                     f"{name!r} ({cid[:12]}) lacks",
+                )
+
+
+def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> None:
+    """Each format-2 tensor's chunks, joined, against the content hash its id is made of: two
+    descriptors that claim one id must describe the same bytes."""
+    ids = [cid for cid, _ in manifest.visible_contributions()]
+    base = manifest.base()
+    ids += [base] if base else []
+    for cid in ids:
+        try:
+            desc = json.loads(store.get(manifest.descriptor_address(cid)))
+        except (CrdtError, ValueError):
+            continue  # reported by the fast checks
+        if checks.descriptor_problems(desc, "") or desc.get("format") != descriptor.FORMAT_V2:
+            continue
+        entries = [(n, e) for n, e in desc["tensors"].items()]
+        entries += [(n, e) for _, n, e in checks.nested_tensor_entries(desc)]
+        for name, entry in entries:
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            try:
+                for chunk in entry["chunks"]:
+                    hasher.update(store.get(chunk))
+            except CrdtError:
+                continue  # a missing chunk is reported already
+            if hasher.hexdigest() != entry["blake3"]:
+                report.add(
+                    "corrupt-object",
+                    f"contribution {cid[:12]}: tensor {name!r} does not match the content "
+                    "hash in its descriptor",
                 )
 
 

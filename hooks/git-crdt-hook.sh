@@ -1,35 +1,62 @@
 #!/bin/sh
 # git-crdt-merge hook: installed by `git crdt install`, removed by `git crdt uninstall`.
-# A hook that was here before was moved to HOOK.legacy; it runs first, with the same
-# arguments and standard input.
+# It runs from the hook slot itself, or as HOOK.legacy, called by the pre-commit framework's
+# hook.  A hook that was in the slot before us is kept as HOOK.crdt-chained and runs first,
+# with the same arguments and standard input.  Where git-lfs is set up in this repository,
+# git-lfs's hook commands run too (git-lfs does not install its hooks beside a foreign one).
+dir=$(dirname "$0")
 hook=$(basename "$0")
-legacy="$(dirname "$0")/$hook.legacy"
-status=0
-if [ -x "$legacy" ]; then
+while :; do
     case "$hook" in
-        pre-push|post-rewrite)
-            input=$(mktemp) || exit 1
-            cat > "$input"
-            "$legacy" "$@" < "$input"; status=$?
-            ;;
-        *)
-            "$legacy" "$@"; status=$?
-            ;;
+        *.legacy) hook=${hook%.legacy} ;;
+        *) break ;;
     esac
+done
+chained="$dir/$hook.crdt-chained"
+input=""
+case "$hook" in
+    pre-push|post-rewrite)
+        input=$(mktemp) || exit 1
+        cat > "$input"
+        ;;
+esac
+# run a command with the saved standard input, if this hook has one
+run() {
+    if [ -n "$input" ]; then "$@" < "$input"; else "$@"; fi
+}
+finish() {
+    [ -n "$input" ] && rm -f "$input"
+    exit "$1"
+}
+status=0
+if [ -x "$chained" ]; then
+    run "$chained" "$@"; status=$?
     case "$hook" in
-        pre-*) if [ "$status" -ne 0 ]; then rm -f "${input:-}"; exit "$status"; fi ;;
+        pre-*) [ "$status" -ne 0 ] && finish "$status" ;;
     esac
 fi
+case "$hook" in
+    pre-push|post-checkout|post-commit|post-merge)
+        lfs_dir=$(git rev-parse --git-path lfs 2>/dev/null)
+        if [ -n "$(git config --get filter.lfs.process)" ] && [ -d "$lfs_dir" ] \
+            && ! grep -qs "git lfs $hook" "$chained"; then
+            if command -v git-lfs >/dev/null 2>&1; then
+                run git lfs "$hook" "$@"; lfs=$?
+                [ "$status" -eq 0 ] && status=$lfs
+                case "$hook" in
+                    pre-*) [ "$status" -ne 0 ] && finish "$status" ;;
+                esac
+            else
+                echo "git-crdt: this repository uses Git LFS, but 'git-lfs' is not on PATH" >&2
+                [ "$hook" = pre-push ] && finish 2
+            fi
+        fi
+        ;;
+esac
 if ! command -v git-crdt >/dev/null 2>&1; then
     echo "git-crdt: 'git-crdt' is not on PATH; skipping the $hook hook (run 'git crdt doctor')" >&2
-    rm -f "${input:-}"
-    exit "$status"
+    finish "$status"
 fi
-if [ -n "${input:-}" ]; then
-    git-crdt hook "$hook" "$@" < "$input"; ours=$?
-    rm -f "$input"
-else
-    git-crdt hook "$hook" "$@"; ours=$?
-fi
-[ "$ours" -ne 0 ] && exit "$ours"
-exit "$status"
+run git-crdt hook "$hook" "$@"; ours=$?
+[ "$ours" -ne 0 ] && finish "$ours"
+finish "$status"

@@ -49,7 +49,7 @@ density = float(sys.argv[2])
 def floor(out):
     m = repo.read_manifest()
     store = ObjectStore(repo.root)
-    descs = [contributions.load_descriptor(store, cid)
+    descs = [contributions.read_descriptor(store, m, cid)
              for cid in [c for c, _ in m.visible_contributions()] + [m.base()]]
     specs = sorted(descs[0]["tensors"])
     slots = engine.InputSlots(len(descs), max(d["tensors"][n]["bytes"]

@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The hook tests run the real git-lfs beside our hooks (tests/test_hook_coexistence.py).
+if ! command -v git-lfs >/dev/null 2>&1; then
+    apt-get update && apt-get install -y git-lfs
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

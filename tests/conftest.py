@@ -119,3 +119,11 @@ def origin_copy(
         git(tmp, "clone", "-q", "--bare", str(seed), str(tmp / "origin.git"))
         _ORIGINS[name] = tmp / "origin.git"
     return Path(shutil.copytree(_ORIGINS[name], tmp_path / "origin.git", symlinks=True))
+
+
+def descriptor_address(repo: Path, cid: str) -> str:
+    """Where contribution (or base) ``cid``'s descriptor is stored: format-2 records name it
+    (``desc``); for format 1 it is the id itself."""
+    from git_crdt_merge.repo import Repo
+
+    return Repo.open(repo).read_manifest().descriptor_address(cid)

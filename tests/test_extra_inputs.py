@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, descriptor_address, git, make_model, new_repo
 from safetensors.torch import save_file
 
 from git_crdt_merge import engine
@@ -103,7 +103,7 @@ def test_extra_inputs_are_stored_as_objects_and_resolve_in_a_second_clone(tmp_pa
     crdt(a, "remove-contribution", "plain")
     git(a, "commit", "-q", "-m", "two contributions with extra inputs")
     store = ObjectStore(a)
-    desc = load_descriptor(store, id1)
+    desc = load_descriptor(store, descriptor_address(a, id1))
     assert sorted(desc["extras"]) == ["fisher", "gram"]
     assert sorted(desc["extras"]["fisher"]["tensors"]) == sorted(SHAPES)
     assert sorted(desc["extras"]["gram"]["tensors"]) == ["head.weight", "layer.0.weight"]

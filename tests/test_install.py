@@ -65,7 +65,7 @@ def test_installed_hooks_are_executable_and_ours(repo: Path) -> None:
         assert os.access(path, os.X_OK)
 
 
-def test_foreign_hook_moves_to_legacy_and_still_runs_with_the_same_args(tmp_path: Path) -> None:
+def test_foreign_hook_is_chained_and_still_runs_with_the_same_args(tmp_path: Path) -> None:
     repo = new_repo(tmp_path / "r", init_crdt=False)
     hooks = repo / ".git" / "hooks"
     marker = tmp_path / "marker"
@@ -73,9 +73,9 @@ def test_foreign_hook_moves_to_legacy_and_still_runs_with_the_same_args(tmp_path
     write_hook(hooks, "post-checkout", original)
     write_hook(hooks, "post-rewrite", marker_hook(marker, "legacy-post-rewrite", read_stdin=True))
     proc = crdt(repo, "init")
-    assert "post-checkout: existing hook moved to post-checkout.legacy" in proc.stderr
-    crdt(repo, "install", "-q")  # a second install must not move our hook to .legacy
-    assert (hooks / "post-checkout.legacy").read_text() == original
+    assert "post-checkout: existing hook kept as post-checkout.crdt-chained" in proc.stderr
+    crdt(repo, "install", "-q")  # a second install must not chain our own hook
+    assert (hooks / "post-checkout.crdt-chained").read_text() == original
     assert HOOK_MARKER in (hooks / "post-checkout").read_text()
     git(repo, "config", "crdt.autoResolve", "false")
     git(repo, "commit", "-q", "-m", "init")
@@ -112,14 +112,14 @@ def test_uninstall_restores_the_foreign_hook(tmp_path: Path) -> None:
     crdt(repo, "uninstall")
     assert (hooks / "post-merge").read_text() == original
     assert os.access(hooks / "post-merge", os.X_OK)
-    assert not (hooks / "post-merge.legacy").exists()
+    assert not (hooks / "post-merge.crdt-chained").exists()
     for name in HOOKS:
         if name != "post-merge":
             assert not (hooks / name).exists()
     assert git(repo, "config", "--local", "--get", "merge.crdt.driver", check=False).stdout == ""
     # and install again chains it again
     crdt(repo, "install", "-q")
-    assert (hooks / "post-merge.legacy").read_text() == original
+    assert (hooks / "post-merge.crdt-chained").read_text() == original
 
 
 def test_install_never_clobbers_an_existing_legacy_hook(tmp_path: Path) -> None:
@@ -128,8 +128,8 @@ def test_install_never_clobbers_an_existing_legacy_hook(tmp_path: Path) -> None:
     write_hook(hooks, "post-commit.legacy", "#!/bin/sh\necho older\n")
     write_hook(hooks, "post-commit", "#!/bin/sh\necho newer\n")
     crdt(repo, "init", "-q")
-    saved = sorted(p.read_text() for p in hooks.glob("post-commit.legacy*"))
-    assert saved == ["#!/bin/sh\necho newer\n", "#!/bin/sh\necho older\n"]
+    assert (hooks / "post-commit.legacy").read_text() == "#!/bin/sh\necho older\n"
+    assert (hooks / "post-commit.crdt-chained").read_text() == "#!/bin/sh\necho newer\n"
 
 
 def test_install_honours_an_absolute_core_hooks_path(tmp_path: Path) -> None:
@@ -141,7 +141,7 @@ def test_install_honours_an_absolute_core_hooks_path(tmp_path: Path) -> None:
     crdt(repo, "init", "-q")
     assert all(HOOK_MARKER in (shared / h).read_text() for h in HOOKS)
     assert not any((repo / ".git" / "hooks" / h).exists() for h in HOOKS)
-    assert (shared / "post-checkout.legacy").exists()
+    assert (shared / "post-checkout.crdt-chained").exists()
     git(repo, "config", "crdt.autoResolve", "false")
     git(repo, "commit", "-q", "-m", "init")
     git(repo, "switch", "-q", "-c", "topic")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge.manifest import Manifest, add_record
 from git_crdt_merge.repo import new_tag
@@ -67,7 +67,9 @@ def test_pre_commit_framework_hooks_pass_a_sound_state_and_block_a_broken_one(
 
     # the push hook checks the pushed commit, which pre-commit names in PRE_COMMIT_TO_REF
     git(repo, "reset", "-q", "--hard")
-    chunk = json.loads(ObjectStore(repo).get(cid))["tensors"]["head.weight"]["chunks"][0]
+    chunk = json.loads(ObjectStore(repo).get(descriptor_address(repo, cid)))["tensors"][
+        "head.weight"
+    ]["chunks"][0]
     git(repo, "update-index", "--force-remove", object_path(chunk))
     git(repo, "commit", "-q", "--no-verify", "-m", "broken")
     head = git(repo, "rev-parse", "HEAD").stdout.strip()

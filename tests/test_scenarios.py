@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, origin_copy
+from conftest import crdt, descriptor_address, git, make_model, origin_copy
 
 from git_crdt_merge.manifest import Manifest, join, set_record
 
@@ -318,7 +318,7 @@ def test_tensor_shared_by_two_contributions_is_stored_once(tmp_path: Path, origi
     from git_crdt_merge.store import ObjectStore
 
     store = ObjectStore(b, rev="HEAD")
-    descs = [json.loads(store.get(cid)) for cid in visible(b)]
+    descs = [json.loads(store.get(descriptor_address(b, cid))) for cid in visible(b)]
     frozen_chunks = {tuple(d["tensors"]["frozen"]["chunks"]) for d in descs}
     assert len(frozen_chunks) == 1
     assert b"".join(store.get(c) for c in frozen_chunks.pop()) == frozen.numpy().tobytes()

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge.contributions import remove_contribution, set_register
+from git_crdt_merge.descriptor import content_id
 from git_crdt_merge.repo import Repo
 
 
@@ -59,12 +60,16 @@ def test_descriptor_claiming_a_huge_tensor_is_a_one_line_error_not_an_allocation
     r = Repo.open(repo)
     store = ObjectStore(repo)
     cid = r.read_manifest().visible_contributions()[0][0]
-    desc = json.loads(store.get(cid))
+    desc = json.loads(store.get(descriptor_address(repo, cid)))
     for info in desc["tensors"].values():  # same chunks, claimed 2**40 elements each
         info["shape"], info["bytes"] = [2**40], 2**42
     hostile = store.put(canonical_json(desc).encode())
     store.flush()
-    r.write_manifest(r.read_manifest().with_records([add_record(new_tag(), hostile, "huge")]))
+    r.write_manifest(
+        r.read_manifest().with_records(
+            [add_record(new_tag(), content_id(desc), "huge", desc=hostile)]
+        )
+    )
     remove_contribution(r, "m")  # the hostile one alone: nothing else to disagree with
     proc = crdt(repo, "resolve", check=False)
     assert proc.returncode == 6, proc.stderr

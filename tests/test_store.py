@@ -11,9 +11,10 @@ import blake3
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model
+from conftest import crdt, descriptor_address, git, make_model
 from safetensors.torch import save_file
 
+from git_crdt_merge.descriptor import content_id
 from git_crdt_merge.store import ObjectStore, object_path
 
 
@@ -38,7 +39,7 @@ def stored_tensors(
     repo: Path, cid: str, rev: str | None = None
 ) -> dict[str, tuple[str, list[int], bytes]]:
     store = ObjectStore(repo, rev=rev)
-    desc = json.loads(store.get(cid, verify=True))
+    desc = json.loads(store.get(descriptor_address(repo, cid), verify=True))
     out = {}
     for name, info in desc["tensors"].items():
         chunks = [store.get(oid, verify=True) for oid in info["chunks"]]
@@ -74,10 +75,13 @@ def test_single_file_tensors_round_trip_byte_exactly(repo: Path, tmp_path: Path)
     expected = file_tensors(src)
     assert stored_tensors(repo, res["id"]) == expected
     assert res["bytes"] == sum(len(b) for _, _, b in expected.values())
-    desc = json.loads(ObjectStore(repo).get(res["id"]))
+    address = descriptor_address(repo, res["id"])
+    desc = json.loads(ObjectStore(repo).get(address))
     assert desc["kind"] == "full" and desc["metadata"] == {"source": "test"}
-    # the descriptor id is the blake3 of its bytes, and it is committed like every object
-    assert blake3.blake3(ObjectStore(repo).get(res["id"])).hexdigest() == res["id"]
+    # the id comes from the content; the descriptor is stored under the blake3 of its bytes,
+    # and it is committed like every object
+    assert content_id(desc) == res["id"]
+    assert blake3.blake3(ObjectStore(repo).get(address)).hexdigest() == address
     git(repo, "commit", "-q", "-m", "add")
     assert stored_tensors(repo, res["id"], rev="HEAD") == expected
 
@@ -93,7 +97,7 @@ def test_hf_directory_with_model_safetensors_round_trips(repo: Path, tmp_path: P
     assert res["name"] == "hf-model"
     assert stored_tensors(repo, res["id"]) == file_tensors(src)
     store = ObjectStore(repo)
-    files = json.loads(store.get(res["id"]))["files"]
+    files = json.loads(store.get(descriptor_address(repo, res["id"])))["files"]
     assert sorted(files) == ["config.json", "tokenizer.json"]
     assert store.get(files["config.json"], verify=True) == config
 
@@ -123,7 +127,7 @@ def test_small_chunk_size_splits_and_reassembles_exactly(repo: Path, tmp_path: P
     src = make_model(tmp_path / "m.safetensors", 6, shapes={"big": (8, 16), "small": (3,)})
     res = add_json(repo, src, "--chunk-size", "100")
     store = ObjectStore(repo)
-    desc = json.loads(store.get(res["id"]))
+    desc = json.loads(store.get(descriptor_address(repo, res["id"])))
     big = desc["tensors"]["big"]["chunks"]
     assert len(big) == 6  # 512 bytes in chunks of at most 100
     chunks = [store.get(oid) for oid in big]
@@ -145,11 +149,12 @@ def test_objects_are_git_blobs_staged_outside_the_work_tree(repo: Path, tmp_path
     assert git(repo, "status", "--porcelain").stdout == ""
     assert not (repo / ".crdt" / "objects").exists()
     tree = git(repo, "ls-tree", "-r", "--name-only", "HEAD", "--", ".crdt/objects").stdout.split()
-    assert object_path(res["id"]) in tree
+    address = descriptor_address(repo, res["id"])
+    assert object_path(address) in tree
     assert len(tree) == 4  # three tensors and the descriptor
     # git itself reads our directly written loose objects, and fsck accepts them
-    blob = git(repo, "cat-file", "blob", f"HEAD:{object_path(res['id'])}").stdout.encode()
-    assert blake3.blake3(blob).hexdigest() == res["id"]
+    blob = git(repo, "cat-file", "blob", f"HEAD:{object_path(address)}").stdout.encode()
+    assert blake3.blake3(blob).hexdigest() == address
     assert git(repo, "fsck", "--strict", "--no-progress").returncode == 0
     assert all(
         line.startswith("S ")
@@ -176,7 +181,7 @@ def test_weight_changes_the_contribution_id_but_not_the_tensor_objects(
     b = add_json(repo, src, "--name", "b", "--weight", "2")
     assert a["id"] != b["id"]
     assert b["new_objects"] == 1  # only the descriptor
-    assert json.loads(ObjectStore(repo).get(b["id"]))["weight"] == 2.0
+    assert json.loads(ObjectStore(repo).get(descriptor_address(repo, b["id"])))["weight"] == 2.0
 
 
 # -- pickled checkpoints -------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from conftest import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge import errors
+from git_crdt_merge.descriptor import content_id
 from git_crdt_merge.manifest import Manifest, add_record, set_record
 from git_crdt_merge.repo import Repo, new_tag
 from git_crdt_merge.store import ObjectStore, object_path
@@ -40,7 +41,7 @@ def kinds(data: dict) -> list[str]:
 
 
 def chunk_of(repo: Path, cid: str) -> str:
-    desc = json.loads(ObjectStore(repo).get(cid))
+    desc = json.loads(ObjectStore(repo).get(descriptor_address(repo, cid)))
     return str(sorted(desc["tensors"].values(), key=lambda t: t["bytes"])[-1]["chunks"][0])
 
 
@@ -221,16 +222,17 @@ def test_nested_references_and_required_extra_inputs_are_checked(
     repo, ids = two
     r = Repo.open(repo)
     store = ObjectStore(repo)
-    desc = json.loads(store.get(ids[0]))
+    desc = json.loads(store.get(descriptor_address(repo, ids[0])))
     lost = "cd" * 32
     desc["extras"] = {"fisher": {"head.weight": {**desc["tensors"]["head.weight"]}}}
     desc["extras"]["fisher"]["head.weight"]["chunks"] = [lost]
     from git_crdt_merge.manifest import canonical_json
 
-    new_id = store.put(canonical_json(desc).encode())
+    new_desc = store.put(canonical_json(desc).encode())
+    new_id = content_id(desc)
     store.flush()
     m = r.read_manifest()
-    r.write_manifest(m.with_records([add_record(new_tag(), new_id, "with-fisher")]))
+    r.write_manifest(m.with_records([add_record(new_tag(), new_id, "with-fisher", desc=new_desc)]))
     needs = dataclasses.replace(registry.get_strategy("linear"), name="needs_fisher", aliases=())
     object.__setattr__(needs, "extra_inputs", ("fisher",))
     registry.register(needs)
@@ -321,4 +323,6 @@ def test_objects_and_descriptors_over_the_size_limits_are_reported(
     messages = [p["message"] for p in data["problems"]]
     assert len(messages) == 2 and all("descriptor larger than the limit" in m for m in messages)
     with pytest.raises(ManifestError, match="larger than the limit"):
-        contributions.load_descriptor(ObjectStore(repo), ids[0])  # what resolve reads
+        contributions.load_descriptor(
+            ObjectStore(repo), descriptor_address(repo, ids[0])
+        )  # what resolve reads

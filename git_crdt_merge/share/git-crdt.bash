@@ -3,7 +3,7 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install clone uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair verify merge-driver demo completion man version'
+__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output list status log diff show repair verify merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
@@ -13,6 +13,8 @@ __git_crdt_options() {
         uninstall) echo '--global -h --help' ;;
         doctor) echo '--remote --json -h --help' ;;
         add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
+        set-weight) echo '--json -h --help' ;;
+        chunk-size) echo '--json -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
         set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         strategy) echo '-p --param -h --help' ;;

@@ -1,0 +1,86 @@
+"""Layer 1: a contribution's identity, computed from its content (no torch, no git).
+
+A descriptor (docs/format.md) holds two kinds of fields:
+
+- **identity fields**: what the contribution *is*: kind, weight, metadata, auxiliary files
+  (named by the blake3 of their bytes), and for every tensor (main table and extra inputs) its
+  dtype, shape, byte count and the blake3 of its whole content;
+- **storage fields**: how its bytes happen to be kept: the chunk list of each tensor
+  (``chunks``), a chunk's encoding (``encoding``, reserved for lossless encodings), and the
+  top-level ``format`` and ``storage`` objects.
+
+Descriptor format 2 names a contribution by its identity fields only::
+
+    id = blake3(b"git-crdt-merge contribution v2\\n" + canonical_json(identity_view(desc)))
+
+so the same tensors, weight and metadata give the same id whatever the chunk size or encoding.
+The descriptor object itself is stored, like any object, under the blake3 of its bytes (its
+*address*); the manifest's add record carries both (``id`` and ``desc``).
+
+Format 1 descriptors (written before 2026-12-03) keep their ids: there the id *is* the address,
+the blake3 of the descriptor bytes, chunk list included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import blake3
+
+from .manifest import canonical_json
+
+FORMAT_V1 = 1
+FORMAT_V2 = 2
+ID_DOMAIN_V2 = b"git-crdt-merge contribution v2\n"
+# Fields of a tensor entry that say how its bytes are stored, not what they are.
+STORAGE_TENSOR_FIELDS = frozenset({"chunks", "encoding"})
+# Top-level fields outside the identity: the layout version and repository storage choices.
+STORAGE_TOP_FIELDS = frozenset({"format", "storage"})
+TENSOR_ENTRY_FIELDS = frozenset({"bytes", "dtype", "shape"})
+
+
+def _strip(node: Any) -> Any:
+    """``node`` with the storage fields of every tensor entry in it removed."""
+    if isinstance(node, dict):
+        if TENSOR_ENTRY_FIELDS <= node.keys():
+            return {k: v for k, v in node.items() if k not in STORAGE_TENSOR_FIELDS}
+        return {k: _strip(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def identity_view(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """The descriptor without its storage fields: what the id of a format-2 descriptor hashes.
+
+    A tensor entry is any object with ``bytes``, ``dtype`` and ``shape`` outside ``metadata``
+    (the main table and extra inputs alike)."""
+    view = {k: _strip(v) for k, v in desc.items() if k not in STORAGE_TOP_FIELDS}
+    if "metadata" in desc:
+        view["metadata"] = desc["metadata"]  # free-form strings, kept verbatim
+    return view
+
+
+def content_id(desc: Mapping[str, Any]) -> str:
+    """The format-2 contribution id of a (validated) descriptor."""
+    data = ID_DOMAIN_V2 + canonical_json(identity_view(desc)).encode()
+    return blake3.blake3(data).hexdigest()
+
+
+def address(data: bytes) -> str:
+    """Where descriptor bytes are stored: the blake3 of the bytes, like every object."""
+    return blake3.blake3(data).hexdigest()
+
+
+def contribution_id(desc: Mapping[str, Any], data: bytes) -> str:
+    """The id of the descriptor ``desc`` parsed from ``data``: its address for format 1, its
+    content id for format 2."""
+    if desc.get("format") == FORMAT_V1:
+        return address(data)
+    return content_id(desc)
+
+
+def encode(desc: Mapping[str, Any]) -> bytes:
+    """The one serialisation of a descriptor (canonical JSON, UTF-8)."""
+    return canonical_json(dict(desc)).encode()
