@@ -548,8 +548,8 @@ def repair(
                 saved = repo.state_dir / "repair-invalid-lines.txt"
                 old = saved.read_bytes() if saved.exists() else b""
                 atomic_write(saved, old + "".join(f"{x}\n" for x in result.invalid).encode())
-            with repo.lock():
-                repo.write_manifest(result.manifest)
+            with repo.lock(), repo.transaction() as env:
+                repo.write_manifest(result.manifest, env)
     info = {
         "records": result.records,
         "conflict_markers": result.markers,
