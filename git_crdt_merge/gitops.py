@@ -346,7 +346,9 @@ INDEX_LOCK_TIMEOUT_S = 30.0
 
 
 @contextmanager
-def index_transaction(root: Path, timeout: float = INDEX_LOCK_TIMEOUT_S) -> Iterator[dict[str, str]]:
+def index_transaction(
+    root: Path, timeout: float = INDEX_LOCK_TIMEOUT_S
+) -> Iterator[dict[str, str]]:
     """Hold git's own ``index.lock`` while the caller stages, so that no ``git pull``,
     ``git commit`` or ``git merge`` writes the index meanwhile (each of them takes that lock;
     they fail at once while we hold it, and we wait for them).

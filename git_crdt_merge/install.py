@@ -7,8 +7,10 @@ is not ours is moved to ``HOOK.legacy`` and chained (it runs first, with the sam
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,7 +29,7 @@ HOOKS = (
     "pre-push",
 )
 HOOK_MARKER = "git-crdt-merge hook"
-DRIVER_CMD = "git-crdt merge-driver %O %A %B %L %P"
+DRIVER_ARGS = "merge-driver %O %A %B %L %P"
 DRIVER_NAME = "git-crdt-merge: CRDT join of contribution manifests"
 ATTRIBUTES = (
     ".crdt/manifest merge=crdt text eol=lf",
@@ -37,8 +39,56 @@ SPARSE_EXCLUDE = "!/.crdt/objects/"
 BIG_FILE_THRESHOLD = "1m"
 
 
+def program() -> list[str]:
+    """The absolute command that runs this installation's ``git-crdt``: the console script
+    beside the running interpreter, else the one on PATH, else ``python -m git_crdt_merge``.
+    git runs drivers and hooks with whatever PATH the user has at merge time (a virtual
+    environment that is not activated): a bare ``git-crdt`` would then be "not found", and git
+    would report a conflict but leave the manifest as our side."""
+    beside = Path(sys.executable).parent / "git-crdt"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside.absolute())]
+    found = shutil.which("git-crdt")
+    if found:
+        return [str(Path(found).absolute())]
+    return [str(Path(sys.executable).absolute()), "-m", "git_crdt_merge"]
+
+
+def driver_command() -> str:
+    """``merge.crdt.driver``: run by git through ``sh -c``, so every word is shell-quoted
+    (paths with spaces stay one argument)."""
+    return " ".join(shlex.quote(w) for w in program()) + " " + DRIVER_ARGS
+
+
+def driver_program_problem(driver: str) -> str | None:
+    """Why the configured driver command cannot run, or None."""
+    try:
+        words = shlex.split(driver)
+    except ValueError:
+        return f"merge.crdt.driver {driver!r} is not a valid shell command"
+    if "merge-driver" not in words:
+        return f"merge.crdt.driver is {driver!r}, not git-crdt's driver"
+    exe = words[0]
+    if "/" in exe:
+        if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
+            return (
+                f"the merge driver's program {exe} does not exist (a moved or deleted virtual "
+                "environment?): run 'git crdt install' again"
+            )
+    elif shutil.which(exe) is None:
+        return (
+            f"the merge driver runs {exe!r} from PATH, which does not have it now: merges would "
+            "report a conflict and keep only our side; run 'git crdt install' (it writes an "
+            "absolute path)"
+        )
+    return None
+
+
 def hook_script() -> str:
-    return (resources.files("git_crdt_merge.hook_templates") / "git-crdt-hook.sh").read_text()
+    text = (resources.files("git_crdt_merge.hook_templates") / "git-crdt-hook.sh").read_text()
+    exe = program()
+    # the hook needs one program path; `python -m` installations fall back to PATH
+    return text.replace("@GIT_CRDT@", shlex.quote(exe[0] if len(exe) == 1 else ""))
 
 
 def _is_ours(path: Path) -> bool:
@@ -87,7 +137,7 @@ def uninstall_hooks(root: Path) -> None:
 
 def configure_driver(cwd: Path | str, scope: str) -> None:
     gitops.config_set(cwd, "merge.crdt.name", DRIVER_NAME, scope=scope)
-    gitops.config_set(cwd, "merge.crdt.driver", DRIVER_CMD, scope=scope)
+    gitops.config_set(cwd, "merge.crdt.driver", driver_command(), scope=scope)
 
 
 def configure_sparse(root: Path) -> None:
@@ -190,10 +240,10 @@ def doctor(cwd: Path | str = ".") -> Diagnosis:
             "merge driver 'crdt' is not configured: run 'git crdt install' "
             "(merges would fall back to a text merge)"
         )
-    elif "git-crdt merge-driver" not in driver:
-        d.problems.append(f"merge.crdt.driver is {driver!r}, not git-crdt's driver")
+    elif (why := driver_program_problem(driver)) is not None:
+        d.problems.append(why)
     else:
-        d.ok.append("merge driver configured")
+        d.ok.append(f"merge driver configured ({driver})")
     if not repo.is_initialized():
         d.problems.append("no .crdt/ directory: run 'git crdt init'")
         return d
@@ -220,8 +270,13 @@ def doctor(cwd: Path | str = ".") -> Diagnosis:
             ".crdt/objects/ exists in the work tree (run 'git crdt install' to drop it)"
         )
     try:
-        repo.read_manifest()
+        manifest = repo.read_manifest()
         d.ok.append("manifest valid")
     except Exception as exc:  # report, do not crash: doctor is for broken states
         d.problems.append(f"manifest: {exc}")
+        return d
+    from .freshness import output_state
+
+    state = output_state(repo, manifest)
+    (d.ok if state.ok else d.problems).append(state.message())
     return d

@@ -166,19 +166,22 @@ def commit_losses(repo: Repo, commit: str) -> list[Loss]:
     )
 
 
-def range_losses(repo: Repo, tip: str, exclude: Sequence[str], limit: int = 2000) -> list[Loss]:
+def range_losses(
+    repo: Repo, tip: str, exclude: Sequence[str], remote_tip: str | None = None, limit: int = 2000
+) -> list[Loss]:
     """What ``tip`` lacks of any commit in ``tip ^exclude...`` (the commits a push sends) and of
-    the excluded tips themselves (what the remote has): a record dropped on the way and never
-    restored would delete it on the remote."""
-    args = ["rev-list", f"--max-count={limit}", tip, *[f"^{e}" for e in exclude], "--"]
-    commits = gitops.out(args, repo.root).split()
+    ``remote_tip`` (the ref's value on the remote, if we have it): a record dropped on the way
+    and never restored would be deleted on the remote."""
     have = [e for e in exclude if gitops.rev_parse(repo.root, f"{e}^{{commit}}")]
-    manifests = _manifests(repo, [tip, *commits, *have])
+    args = ["rev-list", f"--max-count={limit}", tip, *[f"^{e}" for e in have], "--"]
+    commits = gitops.out(args, repo.root).split()
+    if remote_tip is not None and gitops.rev_parse(repo.root, f"{remote_tip}^{{commit}}"):
+        commits.append(remote_tip)
+    manifests = _manifests(repo, [tip, *commits])
     state = manifests[tip]
     union: dict[str, set[str]] = {}
-    for c in [*commits, *have]:
-        lost = manifests[c] - state
-        if lost:
+    for c in commits:
+        if manifests[c] - state:
             union[f"commit {_short(c)}"] = manifests[c]
     return losses(state, union)
 

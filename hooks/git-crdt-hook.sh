@@ -20,16 +20,25 @@ if [ -x "$legacy" ]; then
         pre-*) if [ "$status" -ne 0 ]; then rm -f "${input:-}"; exit "$status"; fi ;;
     esac
 fi
-if ! command -v git-crdt >/dev/null 2>&1; then
+# The program `git crdt install` ran from (an absolute path, so the hooks work whatever PATH
+# is, e.g. with the virtual environment not activated); else the one on PATH.
+GIT_CRDT=@GIT_CRDT@
+if [ ! -x "$GIT_CRDT" ]; then
+    GIT_CRDT=$(command -v git-crdt 2>/dev/null)
+fi
+if [ -z "$GIT_CRDT" ]; then
     echo "git-crdt: 'git-crdt' is not on PATH; skipping the $hook hook (run 'git crdt doctor')" >&2
     rm -f "${input:-}"
+    case "$hook" in
+        pre-*) [ "$status" -eq 0 ] && echo "git-crdt: $hook: nothing was verified" >&2 ;;
+    esac
     exit "$status"
 fi
 if [ -n "${input:-}" ]; then
-    git-crdt hook "$hook" "$@" < "$input"; ours=$?
+    "$GIT_CRDT" hook "$hook" "$@" < "$input"; ours=$?
     rm -f "$input"
 else
-    git-crdt hook "$hook" "$@"; ours=$?
+    "$GIT_CRDT" hook "$hook" "$@"; ours=$?
 fi
 [ "$ours" -ne 0 ] && exit "$ours"
 exit "$status"
