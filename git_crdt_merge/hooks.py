@@ -23,8 +23,8 @@ from . import gitops
 from .errors import CrdtError
 from .repo import Repo
 
-POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit")
-PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push")
+POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
+PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push", "pre-applypatch")
 ZERO = "0" * 40
 
 
@@ -44,7 +44,7 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
         _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
 
-    if name == "post-commit":
+    if name in ("post-commit", "post-applypatch"):
         warn_about_commit(repo)
     from .freshness import clear_failure, record_failure
 

@@ -27,6 +27,8 @@ HOOKS = (
     "pre-commit",
     "pre-merge-commit",
     "pre-push",
+    "pre-applypatch",  # git am: verify each patch's state before it is committed
+    "post-applypatch",  # git am: resolve after each patch (am runs no post-commit)
 )
 HOOK_MARKER = "git-crdt-merge hook"
 DRIVER_ARGS = "merge-driver %O %A %B %L %P"
@@ -179,6 +181,9 @@ def install(cwd: Path | str = ".", *, global_: bool = False) -> list[str]:
     repo = Repo.open(cwd)
     configure_driver(repo.root, "local")
     gitops.config_set(repo.root, "core.bigFileThreshold", BIG_FILE_THRESHOLD)
+    # a plain `git am` applies the manifest's diff as text, which fails (sorted lines, other
+    # context): with the three-way fallback git runs the driver on it
+    gitops.config_set(repo.root, "am.threeWay", "true")
     repo.replica_id()
     notes = install_hooks(repo.root)
     if repo.is_initialized() or gitops.show_blob(repo.root, "HEAD:.crdt/manifest") is not None:

@@ -136,11 +136,39 @@ def expected_sources(repo: Repo, *, amend: bool | None = None) -> dict[str, str]
                 found[f"HEAD^{i + 1} ({_short(parent)})"] = parent
         else:
             found[f"HEAD ({_short(head)})"] = head
+    for sha in merging_heads(repo):
+        found[f"MERGE_HEAD ({_short(sha)})"] = sha
+    return found
+
+
+def merging_heads(repo: Repo) -> list[str]:
+    """The other parents of the merge being concluded.  ``MERGE_HEAD`` once it exists (a
+    conflicted merge, then ``git commit``); in ``pre-merge-commit`` git has not written it yet
+    (git 2.39, measured), so then the heads come from ``GIT_REFLOG_ACTION`` (``merge NAME...``)
+    or, for ``git pull``, from the merged lines of ``FETCH_HEAD``."""
     merge_head = gitops.git_path(repo.root, "MERGE_HEAD")
     if merge_head.exists():
-        for line in merge_head.read_text().split():
-            found[f"MERGE_HEAD ({_short(line)})"] = line
-    return found
+        return merge_head.read_text().split()
+    action = os.environ.get("GIT_REFLOG_ACTION", "").split()
+    heads: list[str] = []
+    if action[:1] == ["merge"]:
+        for word in action[1:]:
+            if word.startswith("-"):
+                continue
+            sha = gitops.rev_parse(repo.root, f"{word}^{{commit}}")
+            if sha is not None:
+                heads.append(sha)
+    elif action[:1] == ["pull"]:
+        fetch_head = gitops.git_path(repo.root, "FETCH_HEAD")
+        try:
+            lines = fetch_head.read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[1] == "" and len(parts[0]) == 40:
+                heads.append(parts[0])
+    return heads
 
 
 def _manifests(repo: Repo, commits: Iterable[str]) -> dict[str, set[str]]:
