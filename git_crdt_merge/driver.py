@@ -10,8 +10,13 @@ stash pop, ...).  It writes ``ours ∪ (theirs ∖ base)`` to ``%A`` and exits 0
   parent and %B the picked commit, so ``theirs ∖ base`` is exactly the picked change: records
   of commits that were left out (``rebase --onto``, a dropped commit in ``rebase -i``) do not
   come back, just as git leaves their objects out of the tree;
-- in ``git revert`` %O is the reverted commit and %B its parent: nothing is added, and the
-  hooks turn the revert of an add into an observed remove (``git crdt revert``).
+- in ``git revert`` %O is the reverted commit and %B its parent, so ``base ∖ theirs`` is what
+  the reverted commit added.  A deleted add becomes an observed remove of its tag and a deleted
+  remove a new add of what it removed (the CRDT inverse; register writes are left as they are:
+  ``git crdt revert`` sets them back).  Their tags are derived from the deleted lines, so two
+  clones reverting the same commit write the same records.  Git calls the driver for a revert
+  only when the manifest changed since the reverted commit; otherwise it deletes the line
+  itself, and the hooks report it (``git crdt restore-records --remove``).
 
 The ancestor is read as a set of lines and never validated: a malformed ancestor only means
 nothing is subtracted.  A remove from theirs that observes only tags absent from the result (the
@@ -30,9 +35,11 @@ import os
 import sys
 from pathlib import Path
 
+import blake3
+
 from . import faults, gitops
 from .errors import CrdtError, ManifestError
-from .manifest import Manifest
+from .manifest import Manifest, Record, add_record, parse_record, remove_record
 
 USAGE = "usage: git-crdt merge-driver ANCESTOR OURS THEIRS [MARKER_SIZE [PATH]]"
 
@@ -56,9 +63,43 @@ def _lines(path: Path | None) -> set[str]:
     return set(data.decode("utf-8", errors="replace").split("\n")) - {""}
 
 
+def derived_tag(kind: str, lines: list[str]) -> str:
+    """A tag that is a function of what it answers (so every clone writes the same record)."""
+    return blake3.blake3(kind.encode() + b"\0" + "\n".join(sorted(lines)).encode()).hexdigest()[:32]
+
+
+def inverse_of_deleted(ours: Manifest, deleted: list[str]) -> list[Record]:
+    """What ``theirs`` deleted from ``base`` (a revert), as records: an observed remove of the
+    deleted adds still live in ours, a new add for each contribution a deleted remove hid."""
+    live = {r.tag for r in ours.visible_adds()}
+    recs = [parse_record(line) for line in deleted]
+    out: list[Record] = []
+    tags = sorted(r.tag for r in recs if r.op == "add" and r.tag in live)
+    if tags:
+        out.append(remove_record(derived_tag("revert-add", tags), tags))
+    visible = {cid for cid, _ in ours.visible_contributions()}
+    by_tag = {r.tag: r for r in ours.adds()}
+    for r in recs:
+        if r.op != "remove":
+            continue
+        for tag in r.fields["observed"]:
+            add = by_tag.get(tag)
+            if add is not None and add.fields["id"] not in visible and tag not in tags:
+                cid, name = str(add.fields["id"]), str(add.fields["name"])
+                out.append(add_record(derived_tag("revert-remove", [r.line, tag]), cid, name))
+                visible.add(cid)
+    return out
+
+
 def three_way(ours: Manifest, theirs: Manifest, base_lines: set[str]) -> Manifest:
-    """``ours ∪ (theirs ∖ base)``, without removes that observe nothing present (see above)."""
+    """``ours ∪ (theirs ∖ base)``, without removes that observe nothing present, plus the
+    inverse of what theirs deleted from base (see above)."""
     picked = [r for line, r in theirs.records.items() if line not in base_lines]
+    deleted = sorted(
+        line for line in base_lines if line in ours.records and line not in theirs.records
+    )
+    if deleted:
+        ours = ours.with_records(inverse_of_deleted(ours, deleted))
     records = dict(ours.records)
     records.update((r.line, r) for r in picked if r.op != "remove")
     present = {r.tag for r in records.values() if r.op == "add"}

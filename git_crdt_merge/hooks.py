@@ -33,19 +33,19 @@ def _say(msg: str) -> None:
 
 
 def post_hook(repo: Repo, name: str, args: list[str]) -> int:
-    if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
-        return 0
     if name == "post-checkout" and args[2:3] == ["0"]:
         return 0  # a file checkout, not a branch switch
     if not repo.is_initialized():
+        return 0
+    if name in ("post-commit", "post-applypatch"):
+        warn_about_commit(repo)
+    if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
         return 0
     from .resolve import resolve
 
     def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
         _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
 
-    if name in ("post-commit", "post-applypatch"):
-        warn_about_commit(repo)
     from .freshness import clear_failure, record_failure
 
     try:

@@ -124,6 +124,30 @@ def test_driver_drops_a_picked_remove_of_an_add_this_side_lacks(tmp_path: Path) 
     assert result.startswith(b"<<<<<<< ours\n")
 
 
+def test_driver_turns_a_reverted_add_into_an_observed_remove(tmp_path: Path) -> None:
+    """git revert of an add commit when the manifest changed since: %O is the reverted commit,
+    %B its parent.  The add stays and a remove with a tag derived from it hides it."""
+    x = add_record(tag(5), IDS[3], "x")
+    parent = manifest_bytes(add_record(tag(1), IDS[0], "base-model"))
+    reverted = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), x)
+    head = manifest_bytes(
+        add_record(tag(1), IDS[0], "base-model"), x, add_record(tag(2), IDS[1], "y")
+    )
+    proc, result = run_driver(tmp_path, reverted, head, parent)
+    assert proc.returncode == 0, proc.stderr
+    merged = Manifest.parse(result)
+    assert set(head.splitlines()) < set(result.splitlines())  # nothing deleted
+    assert [n for _, n in merged.visible_contributions()] == sorted(
+        ["base-model", "y"], key=lambda n: {"base-model": IDS[0], "y": IDS[1]}[n]
+    )
+    _, again = run_driver(tmp_path, reverted, head, parent)
+    assert again == result  # the same revert writes the same record everywhere
+    # reverting that revert brings x back under a new tag
+    proc, back = run_driver(tmp_path, result, result, head)
+    assert proc.returncode == 0, proc.stderr
+    assert "x" in [n for _, n in Manifest.parse(back).visible_contributions()]
+
+
 def test_driver_revert_adds_nothing(tmp_path: Path) -> None:
     """git revert: %O is the reverted commit, %B its parent; no line is added or deleted."""
     proc, result = run_driver(tmp_path, THEIRS, OURS, BASE)

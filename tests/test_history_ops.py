@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -187,9 +188,24 @@ def test_am_applies_a_patch_three_way_and_resolves(repo: Path, tmp_path: Path) -
 
 
 # -- revert and deleted lines --------------------------------------------------------------------
+def test_revert_after_later_changes_is_an_observed_remove(repo: Path, tmp_path: Path) -> None:
+    """The manifest changed since the reverted add: git calls the driver, which turns the
+    deleted add into an observed remove (no warning, nothing lost, nothing without objects)."""
+    add(repo, tmp_path, "x", 1)
+    add(repo, tmp_path, "y", 2)
+    proc = git(repo, "revert", "--no-edit", "HEAD~1")
+    assert "warning" not in proc.stderr
+    assert names(repo, "HEAD") == ["y"]
+    assert manifest_lines(repo, "HEAD~1") <= manifest_lines(repo, "HEAD")
+    assert_sound(repo)
+
+
 def test_plain_revert_is_reported_blocked_at_push_and_restored_as_a_remove(
     tmp_path: Path,
 ) -> None:
+    """Nothing changed the manifest since the reverted add: git takes the parent's blob (the
+    driver is not called) and deletes the line.  post-commit warns, pre-push refuses, and
+    restore-records --remove + amend make it an observed remove that every clone applies."""
     seed = new_repo(tmp_path / "seed")
     git(seed, "config", "crdt.autoResolve", "false")
     add(seed, tmp_path, "x", 1)
@@ -197,21 +213,19 @@ def test_plain_revert_is_reported_blocked_at_push_and_restored_as_a_remove(
     git(tmp_path, "clone", "-q", "--bare", str(seed), str(origin))
     a = clone(origin, tmp_path / "a")
     b = clone(origin, tmp_path / "b")
-    add(a, tmp_path, "y", 2)
-    added_x = git(a, "log", "--format=%H", "--grep", "add x").stdout.split()[0]
-    proc = git(a, "revert", "--no-edit", added_x)
+    proc = git(a, "revert", "--no-edit", "HEAD")
     assert "lacks 1 record(s)" in proc.stderr and "restore-records" in proc.stderr
     assert crdt(a, "verify", "--rev", "HEAD", check=False).returncode == 1
     push = git(a, "push", "-q", "origin", "main", check=False)
     assert push.returncode != 0 and "pre-push blocked" in push.stderr
     crdt(a, "restore-records", "--remove")
     git(a, "commit", "-q", "--amend", "--no-edit")
-    assert names(a, "HEAD") == ["y"]
+    assert names(a, "HEAD") == []
     git(a, "push", "-q", "origin", "main")
     # b has x visible and a local change: the join keeps the remove
     add(b, tmp_path, "z", 3)
     git(b, "pull", "-q", "--no-rebase", "--no-edit")
-    assert names(b, "HEAD") == ["y", "z"]
+    assert names(b, "HEAD") == ["z"]
     git(b, "push", "-q", "origin", "main")
     git(a, "pull", "-q", "--no-rebase")
     for r in (a, b):
@@ -367,11 +381,13 @@ def test_add_contribution_during_a_pull_keeps_the_pulled_record(tmp_path: Path) 
     b = clone(origin, tmp_path / "b")
     add(b, tmp_path, "pulled", 1)
     git(b, "push", "-q", "origin", "main")
-    pulled = []
+    pulled: list[int] = []
+    once = threading.Lock()
 
     def pull_once(n: int) -> None:  # runs during the ingest, before the manifest is written
-        if not pulled:
-            pulled.append(git(a, "pull", "-q", "--no-rebase").returncode)
+        with once:  # progress comes from the ingest's worker threads
+            if not pulled:
+                pulled.append(git(a, "pull", "-q", "--no-rebase").returncode)
 
     contributions.add_contribution(
         Repo.open(a), model(tmp_path, "local", 2), progress=pull_once, chunk_size=512
