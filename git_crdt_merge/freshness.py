@@ -30,10 +30,13 @@ class OutputState:
     output: str  # the folder, relative to the work tree
     root: str  # the Merkle root of the current set
     reason: str = ""
+    failed: bool = False  # a resolving hook failed on this set
 
     @property
     def ok(self) -> bool:
-        return self.state in ("current", "empty")
+        """No wrong model on disk and no failed resolution (a folder not resolved yet, with
+        crdt.autoResolve off, holds no wrong model)."""
+        return self.state in ("current", "empty") or (self.state == "missing" and not self.failed)
 
     def message(self) -> str:
         if self.state == "current":
@@ -92,14 +95,14 @@ def output_state(repo: Repo, manifest: Manifest | None = None) -> OutputState:
         )
     if have is None:
         reason = failure or f"not resolved yet; {hint}"
-        return OutputState("missing", rel, root, reason)
+        return OutputState("missing", rel, root, reason, failure is not None)
     if have.split(".", 1)[0] == root:
         return OutputState("current", rel, root)
     reason = failure or (
         f"it holds the model of root {have[:12]}, the set's root is {root[:12]} (git reset, "
         f"stash, am and crdt.autoResolve=false run no resolving hook); {hint}"
     )
-    return OutputState("stale", rel, root, reason)
+    return OutputState("stale", rel, root, reason, failure is not None)
 
 
 def remove_output(repo: Repo, out_dir: Path) -> bool:
