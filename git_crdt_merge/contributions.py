@@ -209,6 +209,12 @@ def add_contribution(
         )
         n_tensors = len(json.loads(desc)["tensors"])
         faults.point("add:objects-written")
+        # Objects first, in their own index transaction: a crash after it leaves staged
+        # objects that no record names (harmless, a re-run reuses them), never a record
+        # without its objects.
+        with repo.transaction() as env:
+            new_objects = store.flush(env)
+        faults.point("add:objects-staged")
         with repo.transaction() as env:
             # the manifest as it is now: a pull or commit may have run during the ingest
             manifest = repo.read_manifest()
@@ -219,8 +225,6 @@ def add_contribution(
                         f"name {name!r} is already used by contribution {other_id[:12]}; "
                         "remove it first or pass --name"
                     )
-            new_objects = store.flush(env)
-            faults.point("add:objects-staged")
             if any(other_id == cid for other_id, _ in visible):
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)  # completes an earlier add
                 return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
