@@ -40,6 +40,11 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     if name in ("post-commit", "post-applypatch"):
         warn_about_commit(repo)
     if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
+        from .freshness import output_state
+
+        state = output_state(repo)
+        if state.state == "stale":  # a model is there, and it is not the set's: say so
+            _say(f"{name}: {state.message()} (crdt.autoResolve is false)")
         return 0
     from .resolve import resolve
 

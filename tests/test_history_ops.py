@@ -323,6 +323,31 @@ def test_merge_joins_with_the_venv_not_on_path(repo: Path, tmp_path: Path) -> No
     assert_sound(repo)
 
 
+def test_the_driver_command_survives_spaces_in_its_path(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from git_crdt_merge import install
+
+    spaced = tmp_path / "a venv" / "bin"
+    spaced.mkdir(parents=True)
+    (spaced / "git-crdt").symlink_to(Path(BIN) / "git-crdt")
+    monkeypatch.setattr(install, "program", lambda: [str(spaced / "git-crdt")])
+    command = install.driver_command()
+    assert command.startswith("'") and install.driver_program_problem(command) is None
+    git(repo, "config", "merge.crdt.driver", command)
+    _diverge(repo, tmp_path)
+    proc = subprocess.run(
+        ["git", "merge", "-q", "--no-edit", "topic"],
+        cwd=repo,
+        env=_without_venv(),
+        text=True,
+        capture_output=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert names(repo, "HEAD") == ["a", "b"]
+    assert_sound(repo)
+
+
 def test_a_driver_that_was_not_found_cannot_lose_the_other_side(repo: Path, tmp_path: Path) -> None:
     """An older install wrote a bare 'git-crdt': git says "not found" and CONFLICT but leaves
     our side.  'git add' + 'git commit' must then be blocked (the hooks run by absolute path)."""
@@ -434,6 +459,8 @@ def test_reset_and_stash_leave_merged_marked_stale(repo: Path, tmp_path: Path) -
     add(repo, tmp_path, "y", 2)
     crdt(repo, "resolve", "-q")
     git(repo, "reset", "-q", "--hard", "HEAD~1")  # runs no hook
+    switch = git(repo, "switch", "-q", "-c", "elsewhere")  # autoResolve is off here
+    assert "merged/ is stale" in switch.stderr
     for args in (("status",), ("list",), ("doctor",)):
         out = crdt(repo, *args, check=False).stderr
         assert "merged/ is stale" in out, (args, out)
