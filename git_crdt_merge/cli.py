@@ -561,21 +561,27 @@ def repair(
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()
-        data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
-        # During a conflicted merge the index also holds both sides (stages 2 and 3).
-        for stage in (2, 3):
-            side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
-            if side:
-                data += b"\n" + side
-        result = repair_bytes(data, drop_invalid=drop_invalid)
+
+        def damaged() -> bytes:
+            data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+            # During a conflicted merge the index also holds both sides (stages 2 and 3).
+            for stage in (2, 3):
+                side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
+                if side:
+                    data += b"\n" + side
+            return data
+
+        result = repair_bytes(damaged(), drop_invalid=drop_invalid)
         saved = None
         if not dry_run:
-            if result.invalid:
-                repo.state_dir.mkdir(parents=True, exist_ok=True)
-                saved = repo.state_dir / "repair-invalid-lines.txt"
-                old = saved.read_bytes() if saved.exists() else b""
-                atomic_write(saved, old + "".join(f"{x}\n" for x in result.invalid).encode())
             with repo.lock(), repo.transaction() as env:
+                # read again under git's index lock: the state the commit will see
+                result = repair_bytes(damaged(), drop_invalid=drop_invalid)
+                if result.invalid:
+                    saved = repo.state_dir / "repair-invalid-lines.txt"
+                    old = saved.read_bytes() if saved.exists() else b""
+                    lines = "".join(f"{x}\n" for x in result.invalid)
+                    atomic_write(saved, old + lines.encode())
                 repo.write_manifest(result.manifest, env)
     info = {
         "records": result.records,
