@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__, contributions, gitops, history
+from . import __version__, contributions, freshness, gitops, history, invariants
 from . import install as installer
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
@@ -426,10 +426,24 @@ def strategy(
         registry.resolve_params(found, params, manifest.visible_contributions())
         value = {"name": found.name, "params": params}
         contributions.set_register(repo, "strategy", value)
+        warning = None
+        visible = manifest.visible_contributions()
+        if visible:  # an empty set has no contract to meet yet
+            try:
+                registry.check_contract(found, len(visible), manifest.base() is not None)
+            except CrdtError as exc:
+                warning = str(exc)
     err.print(
         f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}",
         markup=False,
     )
+    if warning:
+        err.print(
+            f"git-crdt: warning: {warning}: the current set cannot be resolved with it, and "
+            "merged/ stays stale until the set or the strategy changes",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -548,6 +562,15 @@ def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
     return rows
 
 
+def say_if_stale(repo: Repo) -> None:
+    try:
+        state = freshness.output_state(repo)
+    except CrdtError:
+        return
+    if not state.ok:
+        err.print(f"git-crdt: note: {state.message()}", markup=False, soft_wrap=True)
+
+
 @app.command("list")
 def list_(json_: JsonOpt = False) -> None:
     """The visible contributions, in canonical order."""
@@ -558,6 +581,7 @@ def list_(json_: JsonOpt = False) -> None:
     if json_:
         emit_json(rows)
         return
+    say_if_stale(repo)
     table = Table("name", "id", "weight", "tensors", "size")
     for r in rows:
         size = "missing" if r["bytes"] is None else human_bytes(r["bytes"])
@@ -580,10 +604,13 @@ def status(json_: JsonOpt = False) -> None:
             "contributions": [{"name": n, "id": i} for i, n in m.visible_contributions()],
             "records": len(m.records),
         }
+        state = freshness.output_state(repo, m)
+        data["merged"] = state.as_dict()
     if json_:
         emit_json(data)
         return
     err.print(f"merkle root  {data['merkle_root']}")
+    err.print(f"merged       {state.message()}", markup=False, soft_wrap=True)
     err.print(
         f"strategy     {m.strategy()['name']} {json.dumps(m.strategy()['params'], sort_keys=True)}",
         markup=False,
@@ -691,22 +718,28 @@ def repair(
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()
-        data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
-        # During a conflicted merge the index also holds both sides (stages 2 and 3).
-        for stage in (2, 3):
-            side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
-            if side:
-                data += b"\n" + side
-        result = repair_bytes(data, drop_invalid=drop_invalid)
+
+        def damaged() -> bytes:
+            data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+            # During a conflicted merge the index also holds both sides (stages 2 and 3).
+            for stage in (2, 3):
+                side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
+                if side:
+                    data += b"\n" + side
+            return data
+
+        result = repair_bytes(damaged(), drop_invalid=drop_invalid)
         saved = None
         if not dry_run:
-            if result.invalid:
-                repo.state_dir.mkdir(parents=True, exist_ok=True)
-                saved = repo.state_dir / "repair-invalid-lines.txt"
-                old = saved.read_bytes() if saved.exists() else b""
-                atomic_write(saved, old + "".join(f"{x}\n" for x in result.invalid).encode())
-            with repo.lock():
-                repo.write_manifest(result.manifest)
+            with repo.lock(), repo.transaction() as env:
+                # read again under git's index lock: the state the commit will see
+                result = repair_bytes(damaged(), drop_invalid=drop_invalid)
+                if result.invalid:
+                    saved = repo.state_dir / "repair-invalid-lines.txt"
+                    old = saved.read_bytes() if saved.exists() else b""
+                    lines = "".join(f"{x}\n" for x in result.invalid)
+                    atomic_write(saved, old + lines.encode())
+                repo.write_manifest(result.manifest, env)
     info = {
         "records": result.records,
         "conflict_markers": result.markers,
@@ -723,6 +756,77 @@ def repair(
         )
         if saved:
             err.print(f"{len(result.invalid)} unparseable lines saved to {saved}", markup=False)
+
+
+@app.command("restore-records")
+def restore_records(
+    from_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--from",
+            help="Take records from this commit (default: HEAD, its parents and MERGE_HEAD).",
+        ),
+    ] = None,
+    remove: Annotated[
+        bool,
+        typer.Option(
+            "--remove", help="Also record an observed remove of the restored contributions."
+        ),
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Bring back manifest records that were lost (a text merge without the driver, a plain
+    'git revert', a deleted line), with their objects; stage them.
+
+    With --remove they come back removed: what a deleted add line meant, as an observed
+    remove that every clone applies."""
+    with handle_errors():
+        result = invariants.restore_records(open_repo(), from_ or [], remove=remove)
+    if json_:
+        emit_json(result.as_dict())
+        return
+    if not result.records:
+        err.print("no lost records: nothing to restore")
+        return
+    err.print(f"restored {result.records} record(s) and {result.objects} object(s); staged")
+    if result.removed:
+        err.print("recorded a remove of: " + ", ".join(result.removed), markup=False)
+    if result.missing:
+        err.print(
+            "git-crdt: warning: objects not found for "
+            + ", ".join(c[:12] for c in result.missing)
+            + ": fetch the commit that has them, or 'git crdt remove-contribution' them",
+            markup=False,
+        )
+    err.print("now commit (or 'git commit --amend' the commit that lost them)")
+
+
+@app.command()
+def revert(
+    commit: Annotated[str, typer.Argument(help="The commit whose manifest change to undo.")],
+    no_commit: Annotated[
+        bool, typer.Option("--no-commit", "-n", help="Only stage the change.")
+    ] = False,
+) -> None:
+    """Undo a commit's manifest change the CRDT way: its adds get an observed remove, its
+    removes a new add, its register writes the previous value.  Use it instead of a plain
+    'git revert', which deletes lines (a deleted add comes back at the next merge)."""
+    with handle_errors():
+        repo = open_repo()
+        done = invariants.revert(repo, commit)
+        if not done:
+            err.print(f"nothing to revert: the state already undoes {commit}", markup=False)
+            return
+        if not no_commit:
+            sha = gitops.out(["rev-parse", f"{commit}^{{commit}}"], repo.root)
+            subject = gitops.out(["log", "-1", "--format=%s", sha], repo.root)
+            message = f'Revert "{subject}"\n\nThis reverts commit {sha} (git crdt revert).\n'
+            gitops.run(
+                ["commit", "-q", "-F", "-", "--", ".crdt/manifest"],
+                repo.root,
+                input=message.encode(),
+            )
+    err.print("; ".join(done) + ("" if no_commit else "; committed"), markup=False)
 
 
 @app.command()

@@ -264,7 +264,8 @@ def add_contribution(
         if any(other_id == cid for other_id, _ in visible):
             # The same content is already in the set (perhaps stored with another chunk
             # size): nothing to store.  Staging completes an interrupted earlier add.
-            gitops.stage_file(repo.root, MANIFEST_PATH)
+            with repo.transaction() as env:
+                gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
             return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
         for other_id, other_name in visible:
             if other_name == name:
@@ -275,10 +276,29 @@ def add_contribution(
         size = repository_chunk_size(manifest, chunk_size)
         address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
         faults.point("add:objects-written")
-        new_objects = store.flush()
+        # Objects first, in their own index transaction: a crash after it leaves staged
+        # objects that no record names (harmless, a re-run reuses them), never a record
+        # without its objects.
+        with repo.transaction() as env:
+            new_objects = store.flush(env)
         faults.point("add:objects-staged")
-        record = add_record(new_tag(), cid, name, message, desc=address)
-        repo.write_manifest(manifest.with_records([record]))
+        with repo.transaction() as env:
+            # the manifest as it is now: a pull or commit may have run during the ingest
+            manifest = repo.read_manifest()
+            visible = manifest.visible_contributions()
+            for other_id, other_name in visible:
+                if other_name == name and other_id != cid:
+                    raise InputError(
+                        f"name {name!r} is already used by contribution {other_id[:12]}; "
+                        "remove it first or pass --name"
+                    )
+            if any(other_id == cid for other_id, _ in visible):
+                gitops.stage_file(repo.root, MANIFEST_PATH, env=env)  # completes an earlier add
+                return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
+            manifest = manifest.with_records(
+                [add_record(new_tag(), cid, name, message, desc=address)]
+            )
+            repo.write_manifest(manifest, env)
     return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
 
 
@@ -361,7 +381,7 @@ def find_contribution(manifest: Manifest, name_or_id: str) -> str:
 def remove_contribution(repo: Repo, name_or_id: str) -> str:
     """Record a remove that observes every live add tag of the contribution."""
     repo.require_initialized()
-    with repo.lock():
+    with repo.lock(), repo.transaction() as env:
         manifest = repo.read_manifest()
         try:
             cid = find_contribution(manifest, name_or_id)
@@ -370,11 +390,11 @@ def remove_contribution(repo: Repo, name_or_id: str) -> str:
             # staging it: then the staged state still shows the contribution.  Complete it.
             staged = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
             cid = find_contribution(Manifest.parse(staged, "staged manifest"), name_or_id)
-            gitops.stage_file(repo.root, MANIFEST_PATH)
+            gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
             return cid
         tags = [r.tag for r in manifest.visible_adds() if r.fields["id"] == cid]
         manifest = manifest.with_records([remove_record(new_tag(), tags)])
-        repo.write_manifest(manifest)
+        repo.write_manifest(manifest, env)
     return cid
 
 
@@ -382,10 +402,10 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
     """A last-writer-wins write: clock = 1 + the greatest clock this replica has seen."""
     repo.require_initialized()
     replica = repo.replica_id()
-    with repo.lock():
+    with repo.lock(), repo.transaction() as env:
         manifest = repo.read_manifest()
         rec = set_record(key, value, manifest.max_clock() + 1, replica)
-        repo.write_manifest(manifest.with_records([rec]))
+        repo.write_manifest(manifest.with_records([rec]), env)
 
 
 def set_base(
@@ -414,7 +434,8 @@ def set_base(
             return IngestResult(cid, default_name(path), n_tensors, total, 0, 0, True)
         size = repository_chunk_size(manifest, chunk_size)
         address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
-        new_objects = store.flush()
+        with repo.transaction() as env:
+            new_objects = store.flush(env)
     set_register(repo, "base", {"desc": address, "id": cid})
     return IngestResult(cid, default_name(path), n_tensors, total, new_bytes, new_objects)
 

@@ -2,8 +2,9 @@
 reaches the point called NAME, so the crash-safety tests can stop a command at an exact step.
 
 Points: ``object:tmp-written`` (a loose object written, not yet renamed), ``add:objects-written``,
-``add:objects-staged``, ``write:<file name>`` (an atomic write's temporary file complete, not yet
-renamed), ``manifest:written`` (renamed, not yet staged), ``driver:tmp-written``,
+``add:objects-staged``, ``index:staged`` (staged into the private copy of the index, which
+has not replaced the index yet), ``write:<file name>`` (an atomic write's temporary file
+complete, not yet renamed), ``manifest:written`` (renamed, not yet staged), ``driver:tmp-written``,
 ``resolve:tensor`` (the first tensor merged), ``resolve:computed`` (the result complete, not
 yet in the cache), ``publish:assembled``, ``publish:old-moved``.  Unset, it costs one lookup.
 """

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
-from .errors import GitError, NotARepositoryError
+from .errors import GitError, LockError, NotARepositoryError
 
 # A bound on any manifest we read from history (the manifest parser bounds each line).
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -277,20 +280,158 @@ def index_entries(root: Path, prefix: str) -> dict[str, str]:
     return entries
 
 
-def stage_blobs(root: Path, entries: Iterable[tuple[str, str]], *, skip_worktree: bool) -> None:
-    """Add (path, sha) blobs to the index without touching the work tree."""
+def stage_blobs(
+    root: Path,
+    entries: Iterable[tuple[str, str]],
+    *,
+    skip_worktree: bool,
+    also_skip: Iterable[str] = (),
+    env: dict[str, str] | None = None,
+) -> None:
+    """Add (path, sha) blobs to the index without touching the work tree; ``also_skip``:
+    paths already staged that must carry skip-worktree too (a re-run repairs them)."""
     entries = list(entries)
-    if not entries:
-        return
-    info = "".join(f"100644 {sha}\t{path}\n" for path, sha in entries)
-    run(["update-index", "--add", "--index-info"], root, input=info.encode())
+    if entries:
+        info = "".join(f"100644 {sha}\t{path}\n" for path, sha in entries)
+        run(["update-index", "--add", "--index-info"], root, input=info.encode(), env=env)
     if skip_worktree:
-        paths = "".join(f"{path}\n" for path, _ in entries)
-        run(["update-index", "--skip-worktree", "--stdin"], root, input=paths.encode())
+        paths = sorted({path for path, _ in entries} | set(also_skip))
+        if paths:
+            text = "".join(f"{path}\n" for path in paths)
+            run(["update-index", "--skip-worktree", "--stdin"], root, input=text.encode(), env=env)
 
 
-def stage_file(root: Path, path: str) -> None:
-    run(["add", "--", path], root)
+def stage_file(root: Path, path: str, env: dict[str, str] | None = None) -> None:
+    run(["add", "--", path], root, env=env)
+
+
+INDEX_LOCK_TIMEOUT_S = 30.0
+
+
+@contextmanager
+def index_transaction(
+    root: Path, timeout: float = INDEX_LOCK_TIMEOUT_S
+) -> Iterator[dict[str, str]]:
+    """Hold git's own ``index.lock`` while the caller stages, so that no ``git pull``,
+    ``git commit`` or ``git merge`` writes the index meanwhile (each of them takes that lock;
+    they fail at once while we hold it, and we wait for them).
+
+    Yields the environment for git commands: they work on a private copy of the index
+    (``GIT_INDEX_FILE``), which replaces the index, through the lock file, when the block ends
+    without an error: git's own protocol (write ``index.lock``, rename it onto ``index``).  On
+    an error the index is left as it was.  Read the manifest *inside* the block: that is the
+    state the commit will see.
+    """
+    index = Path(out(["rev-parse", "--git-path", "index"], root))
+    if not index.is_absolute():
+        index = (root / index).resolve()
+    lock = index.with_name(index.name + ".lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if _remove_our_stale_lock(lock):
+                continue
+            if time.monotonic() > deadline:
+                raise LockError(
+                    f"{lock} exists: another git process is running (if none is, remove it)"
+                ) from None
+            time.sleep(0.05)
+    # git never reads another process's lock file: ours names us, so that a git-crdt that
+    # was killed while holding it (SIGKILL, power loss) does not block the clone for good
+    os.write(fd, f"{_LOCK_OWNER} {os.getpid()}\n".encode())
+    os.close(fd)
+    for stale in index.parent.glob(f"{index.name}.crdt-*"):
+        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".lock")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = index.with_name(f"{index.name}.crdt-{os.getpid()}")
+    try:
+        if index.exists():
+            shutil.copy2(index, tmp)
+        env = {**os.environ, "GIT_INDEX_FILE": str(tmp)}
+        yield env
+        faults.point("index:staged")
+        if tmp.exists():
+            os.replace(tmp, lock)
+            os.replace(lock, index)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".lock").unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+
+
+_LOCK_OWNER = "git-crdt"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_our_stale_lock(lock: Path) -> bool:
+    """Remove ``lock`` if a git-crdt process that is gone left it; True if removed."""
+    try:
+        head = lock.read_bytes()[:64].split()
+    except OSError:
+        return False
+    if len(head) != 2 or head[0] != _LOCK_OWNER.encode() or not head[1].isdigit():
+        return False
+    if pid_alive(int(head[1])):
+        return False
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def rev_parse(root: Path, spec: str) -> str | None:
+    """The object name of ``spec`` (e.g. ``HEAD``, ``MERGE_HEAD``, ``abc^{commit}``), or None."""
+    proc = run(["rev-parse", "--verify", "-q", spec], root, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def commit_parents(root: Path, rev: str) -> list[str]:
+    text = out(["rev-list", "--parents", "-n", "1", rev], root)
+    return text.split()[1:]
+
+
+def read_blobs(root: Path, specs: Sequence[str]) -> dict[str, bytes | None]:
+    """``REV:PATH`` (or any blob spec) -> contents, None where it does not exist; one git
+    process for all of them."""
+    specs = list(dict.fromkeys(specs))
+    if not specs:
+        return {}
+    proc = run(["cat-file", "--batch"], root, input="".join(f"{s}\n" for s in specs).encode())
+    data = proc.stdout
+    found: dict[str, bytes | None] = {}
+    pos = 0
+    for spec in specs:
+        nl = data.index(b"\n", pos)
+        header = data[pos:nl].split()
+        pos = nl + 1
+        if len(header) == 3 and header[1] == b"blob":
+            size = int(header[2])
+            found[spec] = data[pos : pos + size]
+            pos += size + 1
+        elif len(header) == 3:  # not a blob: skip its contents
+            pos += int(header[2]) + 1
+            found[spec] = None
+        else:
+            found[spec] = None
+    return found
+
+
+def git_path(root: Path, name: str) -> Path:
+    """``$GIT_DIR/NAME`` (per-worktree, e.g. MERGE_HEAD)."""
+    path = Path(out(["rev-parse", "--git-path", name], root))
+    return path if path.is_absolute() else (root / path).resolve()
 
 
 def tree_entries(root: Path, rev: str, prefix: str) -> dict[str, str]:

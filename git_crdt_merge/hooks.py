@@ -7,7 +7,12 @@
   ``git stash pop`` wrote into the work tree out again (``install.drop_chunk_files``).
 - ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify the tip
   of every pushed ref.  These check integrity only (``verify(resolvable=False)``) and block a
-  bad commit, merge or push with a message saying how to fix it.
+  bad commit, merge or push with a message saying how to fix it.  That includes the join
+  invariant (:mod:`invariants`): no record of HEAD or MERGE_HEAD lost, and for a push, none of
+  any pushed commit lost at the tip.
+- ``post-commit`` also runs for cherry-pick, revert and every rebase pick, which run no
+  pre-commit hook: when the commit changed ``.crdt/``, it verifies the commit and warns.
+- A resolving hook that fails records why (:mod:`freshness`), so ``status`` can say it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from . import gitops
 from .errors import CrdtError
 from .repo import Repo
 
-POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit")
-PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push")
+POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
+PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push", "pre-applypatch")
 ZERO = "0" * 40
 
 
@@ -29,21 +34,57 @@ def _say(msg: str) -> None:
 
 
 def post_hook(repo: Repo, name: str, args: list[str]) -> int:
-    if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
-        return 0
     if name == "post-checkout" and args[2:3] == ["0"]:
         return 0  # a file checkout, not a branch switch
     if not repo.is_initialized():
+        return 0
+    if name in ("post-commit", "post-applypatch"):
+        warn_about_commit(repo)
+    if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
+        from .freshness import output_state
+
+        state = output_state(repo)
+        if state.state == "stale":  # a model is there, and it is not the set's: say so
+            _say(f"{name}: {state.message()} (crdt.autoResolve is false)")
         return 0
     from .resolve import resolve
 
     def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
         _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
 
-    outcome = resolve(repo, on_start=announce)
+    from .freshness import clear_failure, record_failure
+
+    try:
+        outcome = resolve(repo, on_start=announce)
+    except CrdtError as exc:
+        record_failure(repo, repo.read_manifest().merkle_root(), str(exc), name)
+        raise
+    clear_failure(repo)
     if not outcome.cache_hit and not outcome.empty:
         _say(f"merged model written to {outcome.output.relative_to(repo.root)}/")
     return 0
+
+
+def warn_about_commit(repo: Repo) -> None:
+    """After cherry-pick, revert, a rebase pick or a commit: if it changed ``.crdt/``, check it
+    (lost records, records without objects) and say what to run.  Never blocks."""
+    from .verify import verify
+
+    head = gitops.rev_parse(repo.root, "HEAD^{commit}")
+    if head is None:
+        return
+    trees = [
+        gitops.rev_parse(repo.root, f"{c}:.crdt")
+        for c in [head, *gitops.commit_parents(repo.root, head)]
+    ]
+    if len(trees) > 1 and all(t == trees[0] for t in trees[1:]):
+        return
+    report = verify(repo, head)
+    for p in report.problems[:10]:
+        _say(f"warning: commit {head[:10]}: {p.message}")
+    if report.problems:
+        fixes = dict.fromkeys(p.fix for p in report.problems)
+        _say("warning: fix: " + "; ".join(fixes) + " (pre-push will refuse this history)")
 
 
 def pushed_revs(stdin_text: str) -> list[str]:
@@ -66,7 +107,10 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
 
     if not repo.is_initialized():
         return 0
-    revs = pushed_revs(sys.stdin.read()) if name == "pre-push" else [":"]
+    stdin_text = sys.stdin.read() if name == "pre-push" else ""
+    revs = pushed_revs(stdin_text) if name == "pre-push" else [":"]
+    if name == "pre-push" and not _pushed_history_keeps_records(repo, stdin_text, args):
+        return 1
     for rev in revs:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
@@ -86,6 +130,32 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
             _say(f"{name} blocked. Fix: " + "; ".join(fixes) + ".")
             return 1
     return 0
+
+
+def _pushed_history_keeps_records(repo: Repo, stdin_text: str, args: list[str]) -> bool:
+    """The tip of every pushed ref must hold every record of every commit the push sends and
+    of what the remote has: otherwise the push deletes records for everyone."""
+    from .invariants import LOST_FIX, loss_messages, range_losses
+
+    remote = args[0] if args else ""
+    for line in stdin_text.splitlines():
+        parts = line.split()
+        if len(parts) != 4 or parts[1] == ZERO:
+            continue
+        if gitops.show_blob(repo.root, f"{parts[1]}:.crdt/manifest") is None:
+            continue
+        refs = gitops.out(
+            ["for-each-ref", "--format=%(objectname)", f"refs/remotes/{remote}/"], repo.root
+        )
+        remote_tip = parts[3] if parts[3] != ZERO else None
+        exclude = refs.split() + ([remote_tip] if remote_tip else [])
+        found = range_losses(repo, parts[1], exclude, remote_tip)
+        if found:
+            for msg in loss_messages(f"pushed tip {parts[1][:10]}", found):
+                _say(f"pre-push: {msg}")
+            _say(f"pre-push blocked. Fix: {LOST_FIX}.")
+            return False
+    return True
 
 
 def main(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import faults, gitops
 from .errors import LockError, NotARepositoryError
+from .gitops import pid_alive
 from .manifest import MANIFEST_PATH, Manifest
 
 LOCK_TIMEOUT_S = 120.0
@@ -85,11 +86,21 @@ class Repo:
             return Manifest({})
         return Manifest.parse(data, MANIFEST_PATH)
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """Write the manifest atomically and stage it (``git add``)."""
+    def write_manifest(self, manifest: Manifest, env: dict[str, str] | None = None) -> None:
+        """Write the manifest atomically and stage it (``git add``).  Call it inside
+        :meth:`transaction` with the manifest read there, and pass its ``env``."""
         atomic_write(self.manifest_path, manifest.serialize(), tmp_dir=self.state_dir)
         faults.point("manifest:written")
-        gitops.stage_file(self.root, MANIFEST_PATH)
+        gitops.stage_file(self.root, MANIFEST_PATH, env=env)
+
+    @contextmanager
+    def transaction(self) -> Iterator[dict[str, str]]:
+        """git's index lock (take :meth:`lock` first): inside it, read the manifest, change
+        it, stage.  A writer that read the manifest earlier (before a long ingest) must read
+        it again here: a ``git pull`` or ``git commit`` may have changed it meanwhile, and
+        staging a stale copy would drop what they brought."""
+        with gitops.index_transaction(self.root) as env:
+            yield env
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a writer that was killed (we hold the lock, so none is live):
@@ -133,17 +144,6 @@ class Repo:
             yield
         finally:
             os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def new_tag() -> str:

@@ -93,6 +93,10 @@ def resolve(
     cache.check_replaceable(out_dir)  # before any work: never computed only to be refused
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
+        if output is None:  # the set became empty: the old model must not stay
+            from .freshness import remove_output
+
+            remove_output(repo, out_dir)
         return Outcome(root, out_dir, False, empty=True)
     key = cache.cache_key(root, compute_dtype, device, max_shard)
     if cache.try_publish(repo, key, out_dir):

@@ -61,6 +61,7 @@ class ObjectStore:
         self.workers = workers
         self._known: dict[str, str] | None = None
         self._pending: dict[str, str] = {}
+        self._touched: set[str] = set()  # already-staged ids a writer used again
         self._lock = threading.Lock()
         self._db: gitobjects.ObjectDB | None = None
         self._promisor: str | None = None
@@ -92,6 +93,8 @@ class ObjectStore:
         if object_id is None:
             object_id = blake3.blake3(data).hexdigest()
         if self.has(object_id):
+            with self._lock:
+                self._touched.add(object_id)
             return object_id, False
         sha = gitops.write_loose_blob(self.objects_dir, data)
         with self._lock:
@@ -121,13 +124,24 @@ class ObjectStore:
     def pending(self) -> dict[str, str]:
         return dict(self._pending)
 
-    def flush(self) -> int:
-        """Stage every object written since the last flush (skip-worktree); return the count."""
+    def flush(self, env: dict[str, str] | None = None) -> int:
+        """Stage every object written since the last flush (skip-worktree); return the count.
+
+        Objects that were already staged and used again get skip-worktree too, so a re-run
+        repairs an index where an interrupted writer staged them without it.  ``env``: the
+        environment of an :func:`gitops.index_transaction`."""
         with self._lock:
             items = sorted(self._pending.items())
             self._pending.clear()
+            touched = sorted(self._touched - {oid for oid, _ in items})
+            self._touched.clear()
+        known_now = self.known()
         gitops.stage_blobs(
-            self.root, [(object_path(oid), sha) for oid, sha in items], skip_worktree=True
+            self.root,
+            [(object_path(oid), sha) for oid, sha in items],
+            skip_worktree=True,
+            also_skip=[object_path(oid) for oid in touched if oid in known_now],
+            env=env,
         )
         known = self.known()
         known.update(items)

@@ -31,7 +31,7 @@ from typing import Any
 
 import blake3
 
-from . import checks, descriptor, gitops
+from . import checks, descriptor, gitops, invariants
 from .errors import CrdtError, GitError, ManifestError, NotFoundError
 from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
@@ -51,6 +51,9 @@ FIXES = {
     "incompatible": "'git crdt remove-contribution' the odd one out; every contribution must "
     "have the base's tensor names, dtypes and shapes",
     "register": "'git crdt strategy NAME --param KEY=VALUE' (see 'git crdt strategies')",
+    "lost-record": invariants.LOST_FIX,
+    "attributes": "put '.crdt/manifest merge=crdt text eol=lf' back into .gitattributes "
+    "('git crdt init' does it) and stage it",
 }
 
 
@@ -185,6 +188,7 @@ def verify(
         note = _unstaged_note(repo)
         if note:
             report.notes.append(note)
+    _check_history(repo, rev, data, report)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
     if fetch:
         from .contributions import fetch_set
@@ -201,6 +205,20 @@ def verify(
         report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_history(repo: Repo, rev: str | None, data: bytes, report: Report) -> None:
+    """The join invariant (no record of a parent or of MERGE_HEAD lost) and the driver
+    binding (docs/design.md, "History operations")."""
+    if rev is None or rev == ":":
+        found = invariants.state_losses(repo, invariants.lines_of(data))
+    else:
+        found = invariants.commit_losses(repo, rev)
+    for msg in invariants.loss_messages(f"the {report.state} manifest", found):
+        report.add("lost-record", msg)
+    problem = invariants.attribute_problem(repo, rev)
+    if problem:
+        report.add("attributes", problem)
 
 
 def _check_objects(

@@ -53,10 +53,19 @@ case "$hook" in
         fi
         ;;
 esac
-if ! command -v git-crdt >/dev/null 2>&1; then
+# The program `git crdt install` ran from (an absolute path, so the hooks work whatever PATH
+# is, e.g. with the virtual environment not activated); else the one on PATH.
+GIT_CRDT=@GIT_CRDT@
+if [ ! -x "$GIT_CRDT" ]; then
+    GIT_CRDT=$(command -v git-crdt 2>/dev/null)
+fi
+if [ -z "$GIT_CRDT" ]; then
     echo "git-crdt: 'git-crdt' is not on PATH; skipping the $hook hook (run 'git crdt doctor')" >&2
+    case "$hook" in
+        pre-*) [ "$status" -eq 0 ] && echo "git-crdt: $hook: nothing was verified" >&2 ;;
+    esac
     finish "$status"
 fi
-run git-crdt hook "$hook" "$@"; ours=$?
+run "$GIT_CRDT" hook "$hook" "$@"; ours=$?
 [ "$ours" -ne 0 ] && finish "$ours"
 finish "$status"

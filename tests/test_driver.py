@@ -80,13 +80,79 @@ def test_driver_writes_the_join_to_ours_and_exits_zero(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "ancestor",
-    [BASE, b"", OURS, THEIRS, b"garbage, not a manifest\n"],
-    ids=["base", "empty", "ours", "theirs", "garbage"],
+    [BASE, b"", b"garbage, not a manifest\n"],
+    ids=["base", "empty", "garbage"],
 )
-def test_driver_result_is_independent_of_the_ancestor(tmp_path: Path, ancestor: bytes) -> None:
+def test_driver_gives_the_join_when_the_ancestor_is_in_both_sides(
+    tmp_path: Path, ancestor: bytes
+) -> None:
+    # ours ∪ (theirs ∖ base) == ours ∪ theirs whenever base ∩ theirs ⊆ ours
     proc, result = run_driver(tmp_path, ancestor, OURS, THEIRS)
     assert proc.returncode == 0, proc.stderr
     assert result == JOINED
+
+
+def test_driver_applies_only_the_picked_change(tmp_path: Path) -> None:
+    """A pick (rebase --onto, cherry-pick): %O is the picked commit's parent.  Its records
+    (an excluded commit's add) must not come back onto a branch that lacks them."""
+    excluded = add_record(tag(5), IDS[3], "excluded")
+    picked = add_record(tag(6), IDS[1], "picked")
+    onto = manifest_bytes(add_record(tag(1), IDS[0], "base-model"))
+    parent = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), excluded)
+    commit = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), excluded, picked)
+    proc, result = run_driver(tmp_path, parent, onto, commit)
+    assert proc.returncode == 0, proc.stderr
+    assert result == manifest_bytes(add_record(tag(1), IDS[0], "base-model"), picked)
+
+
+def test_driver_drops_a_picked_remove_of_an_add_this_side_lacks(tmp_path: Path) -> None:
+    gone = add_record(tag(5), IDS[3], "gone")
+    parent = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), gone)
+    commit = manifest_bytes(
+        add_record(tag(1), IDS[0], "base-model"), gone, remove_record(tag(7), [tag(5)])
+    )
+    ours = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), add_record(tag(2), IDS[1], "x"))
+    proc, result = run_driver(tmp_path, parent, ours, commit)
+    assert proc.returncode == 0, proc.stderr
+    assert result == ours
+    # a remove observing one present and one absent tag cannot be applied: a conflict
+    both = manifest_bytes(
+        add_record(tag(1), IDS[0], "base-model"), gone, remove_record(tag(7), [tag(1), tag(5)])
+    )
+    proc, result = run_driver(tmp_path, parent, ours, both)
+    assert proc.returncode == 1
+    assert result.startswith(b"<<<<<<< ours\n")
+
+
+def test_driver_turns_a_reverted_add_into_an_observed_remove(tmp_path: Path) -> None:
+    """git revert of an add commit when the manifest changed since: %O is the reverted commit,
+    %B its parent.  The add stays and a remove with a tag derived from it hides it."""
+    x = add_record(tag(5), IDS[3], "x")
+    parent = manifest_bytes(add_record(tag(1), IDS[0], "base-model"))
+    reverted = manifest_bytes(add_record(tag(1), IDS[0], "base-model"), x)
+    head = manifest_bytes(
+        add_record(tag(1), IDS[0], "base-model"), x, add_record(tag(2), IDS[1], "y")
+    )
+    proc, result = run_driver(tmp_path, reverted, head, parent)
+    assert proc.returncode == 0, proc.stderr
+    merged = Manifest.parse(result)
+    assert set(head.splitlines()) < set(result.splitlines())  # nothing deleted
+    assert [n for _, n in merged.visible_contributions()] == sorted(
+        ["base-model", "y"], key=lambda n: {"base-model": IDS[0], "y": IDS[1]}[n]
+    )
+    _, again = run_driver(tmp_path, reverted, head, parent)
+    assert again == result  # the same revert writes the same record everywhere
+    # reverting that revert brings x back under a new tag
+    proc, back = run_driver(tmp_path, result, result, head)
+    assert proc.returncode == 0, proc.stderr
+    assert "x" in [n for _, n in Manifest.parse(back).visible_contributions()]
+
+
+def test_driver_revert_adds_nothing(tmp_path: Path) -> None:
+    """git revert: %O is the reverted commit, %B its parent; no line is added or deleted."""
+    proc, result = run_driver(tmp_path, THEIRS, OURS, BASE)
+    assert proc.returncode == 0, proc.stderr
+    assert result == OURS
 
 
 def test_driver_result_is_independent_of_which_side_is_ours(tmp_path: Path) -> None:
@@ -251,12 +317,13 @@ def side_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(side_pairs())
-def test_driver_main_is_symmetric_and_ignores_the_ancestor(
+def test_driver_main_is_the_symmetric_join_over_a_common_ancestor(
     tmp_path: Path, pair: tuple[bytes, bytes]
 ) -> None:
     a, b = pair
+    common = b"".join(sorted(set(a.splitlines(True)) & set(b.splitlines(True))))
     results = []
-    for ours, theirs, anc in ((a, b, b""), (b, a, a)):
+    for ours, theirs, anc in ((a, b, b""), (b, a, common)):
         (tmp_path / "A").write_bytes(ours)
         (tmp_path / "B").write_bytes(theirs)
         (tmp_path / "O").write_bytes(anc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import crdt, git, new_repo
 
-from git_crdt_merge.install import DRIVER_CMD, HOOK_MARKER, HOOKS
+from git_crdt_merge.install import HOOK_MARKER, HOOKS, driver_command
 
 
 def snapshot(repo: Path, hooks: Path | None = None) -> dict[str, object]:
@@ -49,7 +49,7 @@ def test_install_is_idempotent(repo: Path) -> None:
         assert snapshot(repo) == first
     assert not [p for p in (repo / ".git" / "hooks").iterdir() if ".legacy" in p.name]
     config = git(repo, "config", "--local", "--get-all", "merge.crdt.driver").stdout
-    assert config.splitlines() == [DRIVER_CMD]
+    assert config.splitlines() == [driver_command()]
     assert (
         git(repo, "check-attr", "merge", "--", ".crdt/manifest")
         .stdout.strip()
@@ -167,14 +167,14 @@ def test_install_global_writes_only_the_isolated_global_config(tmp_path: Path) -
     crdt(outside, "install", "--global", "-q")
     assert (
         git(outside, "config", "--global", "--get", "merge.crdt.driver").stdout.strip()
-        == DRIVER_CMD
+        == driver_command()
     )
     assert gconf.read_text().startswith(before)
     assert list(outside.iterdir()) == []
     # a repository without local driver config now sees the global one; its config is untouched
     plain = new_repo(tmp_path / "plain", init_crdt=False)
     local_before = (plain / ".git" / "config").read_bytes()
-    assert git(plain, "config", "--get", "merge.crdt.driver").stdout.strip() == DRIVER_CMD
+    assert git(plain, "config", "--get", "merge.crdt.driver").stdout.strip() == driver_command()
     crdt(plain, "install", "--global", "-q")
     assert (plain / ".git" / "config").read_bytes() == local_before
     assert not any((plain / ".git" / "hooks" / h).exists() for h in HOOKS)
