@@ -534,7 +534,7 @@ def repair(
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()
-        data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+        data = repo.read_manifest_bytes()
         # During a conflicted merge the index also holds both sides (stages 2 and 3).
         for stage in (2, 3):
             side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import FORMAT_VERSION, checks, extras, faults, formats, gitops
+from . import FORMAT_VERSION, bounded, checks, extras, faults, formats, gitops
 from .errors import CrdtError, InputError, ManifestError, NotFoundError
 from .manifest import (
     MANIFEST_PATH,
@@ -151,11 +151,9 @@ def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
     size = store.size(contribution_id)
     if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
         raise ManifestError(f"descriptor {contribution_id[:16]} is larger than the limit")
-    data = store.get(contribution_id)
-    try:
-        desc = json.loads(data)
-    except ValueError:
-        raise ManifestError(f"descriptor {contribution_id[:16]} is not JSON") from None
+    # verified: a descriptor rewritten in place (same size, other bytes) is refused
+    data = store.get(contribution_id, verify=True)
+    desc = bounded.loads_json(data, f"descriptor {contribution_id[:16]}")
     if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
         raise ManifestError(f"descriptor {contribution_id[:16]} has no tensor table")
     return desc
@@ -164,6 +162,9 @@ def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
 def _check_weight(weight: float | None) -> None:
     if weight is not None and not math.isfinite(weight):
         raise InputError(f"--weight must be a finite number, got {weight}")
+    if weight is not None and not checks.MIN_WEIGHT <= weight <= checks.MAX_WEIGHT:
+        lo, hi = checks.MIN_WEIGHT, checks.MAX_WEIGHT
+        raise InputError(f"--weight must be within [{lo:g}, {hi:g}], got {weight:g}")
 
 
 def default_name(path: Path) -> str:
@@ -210,7 +211,7 @@ def add_contribution(
         visible = manifest.visible_contributions()
         for other_id, other_name in visible:
             if other_name == name and other_id != cid:
-                store.flush()
+                # nothing staged: the written objects are unreferenced loose objects
                 raise InputError(
                     f"name {name!r} is already used by contribution {other_id[:12]}; remove it "
                     "first or pass --name"
@@ -320,8 +321,20 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
     replica = repo.replica_id()
     with repo.lock():
         manifest = repo.read_manifest()
-        rec = set_record(key, value, manifest.max_clock() + 1, replica)
-        repo.write_manifest(manifest.with_records([rec]))
+        # One write wins against any clock a pulled record claims (Manifest.effective_clock);
+        # a record with exactly the next clock and a greater replica id can tie it once, so
+        # write again until this value is the register's (each write raises the cap by one).
+        for _ in range(8):
+            rec = set_record(key, value, manifest.max_clock() + 1, replica)
+            manifest = manifest.with_records([rec])
+            if manifest.register_record(key) == rec:
+                break
+        else:
+            raise ManifestError(
+                f"register {key!r} could not be written over the records that claim greater "
+                "clocks; run 'git crdt log' to see who wrote them"
+            )
+        repo.write_manifest(manifest)
 
 
 def set_base(

@@ -18,7 +18,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from . import faults
-from .errors import GitError, NotARepositoryError
+from .errors import GitError, ManifestError, NotARepositoryError, NotFoundError
+
+# The largest manifest blob read from git (the work-tree file has the same bound: manifest.py).
+MAX_BLOB_READ = 64 * 1024**2
 
 
 def run(
@@ -341,10 +344,35 @@ def tree_entries(root: Path, rev: str, prefix: str) -> dict[str, str]:
     return entries
 
 
-def show_blob(root: Path, spec: str) -> bytes | None:
-    """Contents of ``REV:PATH`` or ``:PATH`` (index), or None if it does not exist."""
+def show_blob(root: Path, spec: str, limit: int = MAX_BLOB_READ) -> bytes | None:
+    """Contents of ``REV:PATH`` or ``:PATH`` (index), or None if it does not exist.
+
+    Bounded: a blob larger than ``limit`` (or a tree, or a symbolic link, which git stores as
+    a blob of mode 120000) is a ManifestError, never read."""
+    fmt = "--batch-check=%(objecttype) %(objectsize)"
+    check = run(["cat-file", fmt], root, input=f"{spec}\n".encode(), check=False)
+    parts = check.stdout.decode(errors="replace").split()
+    if check.returncode != 0 or len(parts) != 2 or parts[1] == "missing":
+        return None
+    if parts[0] != "blob":
+        raise ManifestError(f"{spec} is a {parts[0]}, not a file")
+    if int(parts[1]) > limit:
+        raise ManifestError(f"{spec} is larger than the limit of {limit} bytes")
+    if ":" in spec and _is_symlink_entry(root, spec):
+        raise ManifestError(f"{spec} is a symbolic link; refusing to read it as a file")
     proc = run(["cat-file", "blob", spec], root, check=False)
     return proc.stdout if proc.returncode == 0 else None
+
+
+def _is_symlink_entry(root: Path, spec: str) -> bool:
+    """Whether ``REV:PATH`` or ``:PATH`` has mode 120000 (a symbolic link)."""
+    rev, path = spec.split(":", 1)
+    if rev == "" or rev.isdigit():  # the index (":PATH", ":2:PATH")
+        stage_path = path.split(":", 1)[-1] if rev.isdigit() else path
+        out = run(["ls-files", "-s", "--", stage_path], root, check=False).stdout
+    else:
+        out = run(["ls-tree", rev, "--", path], root, check=False).stdout
+    return out.startswith(b"120000 ")
 
 
 def manifest_history(
@@ -355,15 +383,20 @@ def manifest_history(
     import pygit2
 
     repo = pygit2.Repository(str(root))
+    if rev == "HEAD" and repo.head_is_unborn:
+        return []  # no commit yet
     try:
         head = repo.revparse_single(rev).peel(pygit2.Commit)
-    except (KeyError, ValueError):
-        return []
+    except (KeyError, ValueError, pygit2.InvalidSpecError):
+        raise NotFoundError(f"no commit {rev!r}") from None
     walker = repo.walk(head.id, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
     out: list[tuple[str, str, list[str], bytes | None]] = []
     for commit in walker:
         try:
-            data: bytes | None = bytes(commit.tree[path].data)  # type: ignore[union-attr]
+            entry = commit.tree[path]
+            big = entry.type_str != "blob" or entry.filemode == pygit2.enums.FileMode.LINK
+            big = big or entry.size > MAX_BLOB_READ  # type: ignore[union-attr]
+            data: bytes | None = None if big else bytes(entry.data)  # type: ignore[union-attr]
         except KeyError:
             data = None
         out.append(

@@ -15,6 +15,7 @@ import os
 import sys
 
 from . import gitops
+from .bounded import display
 from .errors import CrdtError
 from .repo import Repo
 
@@ -24,7 +25,7 @@ ZERO = "0" * 40
 
 
 def _say(msg: str) -> None:
-    print(f"git-crdt: {msg}", file=sys.stderr)
+    print(f"git-crdt: {display(msg)}", file=sys.stderr)
 
 
 def post_hook(repo: Repo, name: str, args: list[str]) -> int:
@@ -49,15 +50,20 @@ def pushed_revs(stdin_text: str) -> list[str]:
     """The tip commit of every ref a push sends (the state that lands on the remote; commits
     below a tip are not checked): from git's pre-push input, or from the pre-commit
     framework, which consumes that input and passes ``PRE_COMMIT_TO_REF`` instead."""
-    revs = []
+    return [rev for rev, _ in pushed_refs(stdin_text)]
+
+
+def pushed_refs(stdin_text: str) -> list[tuple[str, str]]:
+    """(tip, what the remote has: its old tip, or "" for a new ref) of every pushed ref."""
+    refs = []
     for line in stdin_text.splitlines():
         parts = line.split()
         if len(parts) == 4 and parts[1] != ZERO:
-            revs.append(parts[1])
+            refs.append((parts[1], "" if parts[3] == ZERO else parts[3]))
     framework = os.environ.get("PRE_COMMIT_TO_REF")
-    if not revs and framework:
-        revs.append(framework)
-    return revs
+    if not refs and framework:
+        refs.append((framework, os.environ.get("PRE_COMMIT_FROM_REF", "")))
+    return refs
 
 
 def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
@@ -65,11 +71,18 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
 
     if not repo.is_initialized():
         return 0
-    revs = pushed_revs(sys.stdin.read()) if name == "pre-push" else [":"]
-    for rev in revs:
+    pushes: list[tuple[str, str | None]]
+    if name == "pre-push":
+        pushes = list(pushed_refs(sys.stdin.read()))
+    else:
+        merging = name == "pre-merge-commit" or (gitops.git_dir(repo.root) / "MERGE_HEAD").exists()
+        pushes = [(":", "HEAD" if merging else None)]
+    for rev, against in pushes:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
-        report = verify(repo, rev)
+        # What this hook passes on (a merge's new objects, a push's) is re-hashed: a chunk
+        # rewritten in place at the same size is caught before it spreads.
+        report = verify(repo, rev, hash_new_against=against)
         if report.problems:
             where = "the staged state" if rev == ":" else f"commit {rev[:10]}"
             for p in report.problems[:10]:

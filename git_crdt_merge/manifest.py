@@ -33,6 +33,10 @@ from .errors import ManifestError
 
 MANIFEST_PATH = ".crdt/manifest"
 MAX_LINE_BYTES = 64 * 1024
+# A state larger than this is refused as a whole (every command parses the manifest, and a
+# pulled one is hostile data): 100,000 records parse in about 2 s here.
+MAX_RECORDS = 100_000
+MAX_MANIFEST_BYTES = 64 * 1024**2
 MAX_NAME_CHARS = 200
 TAG_RE = re.compile(r"[0-9a-f]{32}\Z")
 ID_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -68,14 +72,27 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Characters an output path may not hold: control characters (a newline would add a line to
+# .git/info/exclude), and those that git's pattern syntax reads (``*?[]!#\``).
+_OUTPUT_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f*?\[\]!#\\]")
+
+
 def _check_output_path(value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ManifestError("register 'output' must be a non-empty relative path")
     parts = value.split("/")
     if value.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in value:
         raise ManifestError(f"register 'output' {value!r} must be a plain relative path")
-    if parts[0] in (".git", ".crdt"):
-        raise ManifestError(f"register 'output' {value!r} may not point into .git or .crdt")
+    if len(value) > 1024 or _OUTPUT_BAD.search(value):
+        raise ManifestError(
+            f"register 'output' {value[:64]!r} holds a control or pattern character, or is "
+            "longer than 1024 characters"
+        )
+    for p in parts:
+        if p != p.strip() or len(p.encode("utf-8", "surrogatepass")) > 255:
+            raise ManifestError(f"register 'output' {value!r}: {p!r} is not a plain name")
+        if p.casefold() in (".git", ".crdt"):  # at any depth: a nested repository's .git too
+            raise ManifestError(f"register 'output' {value!r} may not point into .git or .crdt")
 
 
 def _check_register_value(key: str, value: Any) -> None:
@@ -193,6 +210,10 @@ class Manifest:
         """
         if not data:
             return cls({})
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{source}: larger than the limit of {MAX_MANIFEST_BYTES} bytes")
+        if data.count(b"\n") > MAX_RECORDS:
+            raise ManifestError(f"{source}: more than {MAX_RECORDS} records")
         if b"\r" in data:
             raise ManifestError(f"{source}: contains a carriage return (CRLF line endings?)")
         try:
@@ -291,12 +312,29 @@ class Manifest:
             seen.setdefault(r.fields["id"], r.fields["name"])
         return sorted(seen.items())
 
+    def clock_cap(self) -> int:
+        """The largest clock a write in this state can honestly have: the number of register
+        writes (each write's clock is one more than the greatest it saw, so an honest state
+        with n writes has no clock above n)."""
+        return sum(1 for r in self.records.values() if r.op == "set")
+
+    def effective_clock(self, rec: Record) -> tuple[int, bool]:
+        """(clock capped at :meth:`clock_cap`, whether it was within the cap).
+
+        A pulled record can carry any clock up to 2^53 - 1; taken at face value it would pin
+        the register forever (no later write could have a greater clock).  Capped, it ties at
+        most with the next honest write, which wins the tie because its clock was within the
+        cap.  A pure function of the record set, so every replica picks the same value."""
+        cap = self.clock_cap()
+        clock = int(rec.fields["clock"])
+        return min(clock, cap), clock <= cap
+
     def register_record(self, key: str) -> Record | None:
         best: Record | None = None
-        best_key: tuple[int, str, str] | None = None
+        best_key: tuple[int, bool, str, str] | None = None
         for r in self.records.values():
             if r.op == "set" and r.fields["key"] == key:
-                k = (r.fields["clock"], r.fields["replica"], r.record_hash)
+                k = (*self.effective_clock(r), r.fields["replica"], r.record_hash)
                 if best_key is None or k > best_key:
                     best, best_key = r, k
         return best
@@ -306,7 +344,10 @@ class Manifest:
         return default if rec is None else rec.fields["value"]
 
     def max_clock(self) -> int:
-        return max((r.fields["clock"] for r in self.records.values() if r.op == "set"), default=0)
+        """The greatest effective clock (a new write takes this plus one, which the cap of
+        the state with that write admits: registers stay writable)."""
+        sets = [r for r in self.records.values() if r.op == "set"]
+        return max((self.effective_clock(r)[0] for r in sets), default=0)
 
     def strategy(self) -> dict[str, Any]:
         return dict(self.register("strategy", DEFAULT_STRATEGY))

@@ -410,7 +410,7 @@ def test_output_option_writes_into_the_given_folder(tmp_path: Path) -> None:
 
 
 # -- 3. the cache ---------------------------------------------------------------------------------
-def test_second_resolve_is_a_cache_hit_with_hard_links_to_the_cache(tmp_path: Path) -> None:
+def test_second_resolve_is_a_cache_hit_with_copies_of_the_cache(tmp_path: Path) -> None:
     repo = fresh_repo(tmp_path / "repo")
     add(repo, model(tmp_path, 1))
     add(repo, model(tmp_path, 2))
@@ -423,14 +423,36 @@ def test_second_resolve_is_a_cache_hit_with_hard_links_to_the_cache(tmp_path: Pa
     cached = cache_dir(repo, root)
     merged = repo / "merged"
     assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in cached.iterdir())
-    for f in merged.iterdir():
-        assert inode(f) == inode(cached / f.name), f.name
+    for f in merged.iterdir():  # copies (or reflinks): an edit here cannot reach the cache
+        assert inode(f) != inode(cached / f.name), f.name
+        assert f.read_bytes() == (cached / f.name).read_bytes(), f.name
     assert leftovers(repo) == []
-    # a deleted output folder comes back from the cache, still as links
+    # a deleted output folder comes back from the cache
     shutil.rmtree(merged)
     assert resolve(Repo.open(repo)).cache_hit
-    for f in merged.iterdir():
-        assert inode(f) == inode(cached / f.name), f.name
+    assert digests(merged) == digests(cached)
+
+
+def test_an_edit_in_the_output_folder_never_changes_what_a_later_resolve_serves(
+    tmp_path: Path,
+) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    add(repo, model(tmp_path, 1))
+    resolve_cli(repo)
+    merged = repo / "merged"
+    want = digests(merged)
+    with open(merged / "resolution.json", "ab") as fh:  # appended: size changes
+        fh.write(b" ")
+    data = bytearray((merged / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: the current-output check must hash
+    (merged / "model.safetensors").write_bytes(bytes(data))
+    cached = cache_dir(repo, status(repo)["merkle_root"])
+    assert digests(cached) == want  # the cache never shared the edited files
+    again = resolve_cli(repo)
+    assert again["cache_hit"] is True
+    assert digests(merged) == want
+    proc = crdt(repo, "verify", "--full")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_checkout_back_to_a_resolved_set_republishes_the_cached_files(tmp_path: Path) -> None:
@@ -448,8 +470,7 @@ def test_checkout_back_to_a_resolved_set_republishes_the_cached_files(tmp_path: 
     switch = git(repo, "checkout", "-q", "HEAD~1")
     assert switch.stderr == ""  # a cache hit: nothing to say, nothing computed
     assert json.loads((merged / "resolution.json").read_text())["merkle_root"] == root1
-    for f in merged.iterdir():
-        assert inode(f) == before[f.name][0], f.name
+    assert digests(merged) == digests(cached1)
     # the cache entry was not rewritten, and no new one was made
     assert {f.name: (inode(f), f.stat().st_mtime_ns) for f in cached1.iterdir()} == before
     assert sorted(p.name for p in cached1.parent.iterdir()) == entries
