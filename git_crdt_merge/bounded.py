@@ -106,3 +106,14 @@ def display(text: object) -> str:
         else:
             out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
     return "".join(out)
+
+
+def display_data(value: Any) -> Any:
+    """:func:`display` applied to every string (keys too) of a JSON-like value."""
+    if isinstance(value, str):
+        return display(value)
+    if isinstance(value, dict):
+        return {display_data(k): display_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [display_data(v) for v in value]
+    return value

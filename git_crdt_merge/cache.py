@@ -670,3 +670,39 @@ def prune(
         if rec.name[: -len(".json")] not in live:
             rec.unlink(missing_ok=True)
     return PruneResult(sorted(live), sorted(removed), total, freed)
+
+
+def reachable_roots(repo: Repo) -> set[str]:
+    """Merkle roots of the manifest at every ref (branches, tags, remotes, HEAD), of the index
+    and of the work tree: the results a checkout may ask for again."""
+    from .manifest import MANIFEST_PATH, Manifest
+
+    out = gitops.run(
+        ["for-each-ref", "--format=%(objectname) %(objecttype) %(*objectname)"],
+        repo.root,
+        check=False,
+    ).stdout.decode()
+    commits = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] == "commit":
+            commits.add(parts[0])
+        elif len(parts) == 3 and parts[1] == "tag":
+            commits.add(parts[2])
+    head = gitops.run(["rev-parse", "-q", "--verify", "HEAD"], repo.root, check=False)
+    if head.returncode == 0:
+        commits.add(head.stdout.decode().strip())
+    specs = [f"{c}:{MANIFEST_PATH}" for c in sorted(commits)] + [f":{MANIFEST_PATH}"]
+    roots = set()
+    for spec in specs:
+        try:
+            data = gitops.show_blob(repo.root, spec)
+            if data is not None:
+                roots.add(Manifest.parse(data, spec).merkle_root())
+        except CrdtError:
+            continue  # an invalid state has no result to keep
+    try:
+        roots.add(repo.read_manifest().merkle_root())
+    except CrdtError:
+        pass
+    return roots

@@ -29,8 +29,10 @@ from rich.table import Table
 
 from . import __version__, contributions, gitops, history
 from . import install as installer
+from .bounded import display, display_data
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
+from .render import cell
 from .repo import Repo
 from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES, ObjectStore
 
@@ -54,7 +56,7 @@ def emit_json(data: Any) -> None:
 
 
 def fail(exc: CrdtError) -> typer.Exit:
-    err.print(f"git-crdt: error: {exc}", markup=False, soft_wrap=True)
+    err.print(f"git-crdt: error: {display(exc)}", markup=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -404,7 +406,7 @@ def list_(json_: JsonOpt = False) -> None:
     table = Table("name", "id", "weight", "tensors", "size")
     for r in rows:
         size = "missing" if r["bytes"] is None else human_bytes(r["bytes"])
-        table.add_row(r["name"], r["id"][:12], str(r["weight"]), str(r["tensors"]), size)
+        table.add_row(cell(r["name"]), r["id"][:12], str(r["weight"]), str(r["tensors"]), size)
     err.print(table)
 
 
@@ -432,10 +434,10 @@ def status(json_: JsonOpt = False) -> None:
         markup=False,
     )
     err.print(f"base         {data['base'] or '(none)'}")
-    err.print(f"output       {data['output']}/", markup=False)
+    err.print(f"output       {display(data['output'])}/", markup=False)
     table = Table("name", "id", title=f"{len(data['contributions'])} contributions")
     for c in data["contributions"]:
-        table.add_row(c["name"], c["id"][:12])
+        table.add_row(cell(c["name"]), c["id"][:12])
     err.print(table)
 
 
@@ -454,7 +456,7 @@ def log(
         return
     from .render import log_table
 
-    err.print(log_table([e.as_dict() for e in entries]))
+    err.print(log_table(display_data([e.as_dict() for e in entries])))
 
 
 @app.command()
@@ -495,9 +497,9 @@ def diff(
     if json_:
         emit_json(data)
     elif tensors:
-        err.print(model_diff_table(data))
+        err.print(model_diff_table(display_data(data)))
     else:
-        print_state_diff(err, data)
+        print_state_diff(err, display_data(data))
 
 
 @app.command()
@@ -515,7 +517,7 @@ def show(
     if json_:
         emit_json(data)
     else:
-        print_show(err, data)
+        print_show(err, display_data(data))
 
 
 @app.command()
@@ -595,10 +597,12 @@ def verify(
         emit_json(report.as_dict())
     else:
         for p in report.problems:
-            err.print(f"problem: {p.message}\n  fix: {p.fix}", markup=False, soft_wrap=True)
+            err.print(
+                f"problem: {display(p.message)}\n  fix: {p.fix}", markup=False, soft_wrap=True
+            )
         if not quiet:
             for note in report.notes:
-                err.print(f"note: {note}", markup=False, soft_wrap=True)
+                err.print(f"note: {display(note)}", markup=False, soft_wrap=True)
             speed = report.bytes_hashed / max(report.hash_seconds, 1e-9) / 1e6
             hashed = f", {human_bytes(report.bytes_hashed)} hashed at {speed:.0f} MB/s"
             verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
@@ -609,6 +613,35 @@ def verify(
             )
     if report.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bytes", help="Cache size budget, e.g. 20g (default: crdt.cacheMaxBytes)."
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Prune the result cache: entries that no ref reaches, then the least recently used
+    beyond the size budget."""
+    from . import cache
+
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        budget = cache.parse_size(max_bytes) if max_bytes is not None else cache.cache_budget(repo)
+        with repo.lock():
+            result = cache.prune(repo, cache.reachable_roots(repo), budget)
+    if json_:
+        emit_json(result.as_dict())
+        return
+    err.print(
+        f"removed {len(result.removed)} cache entries ({human_bytes(result.bytes_removed)}), "
+        f"kept {len(result.kept)} ({human_bytes(result.bytes_kept)})"
+    )
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

@@ -7,6 +7,7 @@ result into the cache under a temporary name, renames it into place and publishe
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,15 +148,27 @@ def resolve(
 
 
 def available_memory() -> int | None:
-    """Bytes of memory this process may still use (MemAvailable; None where unknown)."""
+    """Bytes of memory this process may still use: the system's MemAvailable, and what the
+    address-space limit (``ulimit -v``) leaves; None where neither is known."""
+    found: list[int] = []
     try:
         with open("/proc/meminfo", "rb") as fh:
             for line in fh:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", "rb") as fh:
+                used = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            found.append(max(limit - used, 0))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
 
 
 def check_memory(largest: int, inputs: int) -> None:

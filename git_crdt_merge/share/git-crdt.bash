@@ -3,7 +3,7 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair verify merge-driver demo completion man version'
+__git_crdt_commands='init install uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair verify gc merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
@@ -25,6 +25,7 @@ __git_crdt_options() {
         show) echo '--json -h --help' ;;
         repair) echo '--drop-invalid --no-drop-invalid --dry-run --no-dry-run --json -h --help' ;;
         verify) echo '--staged --rev --full --json -q --quiet -h --help' ;;
+        gc) echo '--max-bytes --json -h --help' ;;
         merge-driver) echo '-h --help' ;;
         demo) echo '--keep --json -q --quiet -h --help' ;;
         completion) echo '--path -h --help' ;;
