@@ -195,21 +195,23 @@ def cached(repo: Repo, key: str) -> Path | None:
 
 
 def commit_to_cache(repo: Repo, key: str, tmp_dir: Path) -> Path:
-    """Move a finished result folder into the cache (atomic rename) and record the blake3 of
-    its files; return its path."""
+    """Record the blake3 of a finished result folder's files, then move it into the cache
+    (atomic rename; a folder keeps its files' identities); return its path."""
     final = cache_root(repo) / key
     for f in tmp_dir.iterdir():
         f.chmod(0o444)
-    if final.exists() and cached(repo, key) is None:
-        drop_entry(repo, key)  # a damaged or unrecorded entry of that name
+    if final.exists():
+        cached(repo, key)  # drops a damaged or unrecorded entry of that name
+    # recorded before the rename, so an entry is never visible without its record
+    record_content(repo, key, tmp_dir)
     try:
         os.replace(tmp_dir, final)
     except OSError:
-        # Another process finished the same root first: its result is identical.
+        # Another process finished the same root first: its result is identical (the record
+        # names our files' identities, so its files are re-hashed once on the next hit).
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if cached(repo, key) is not None:
-            return final
-    record_content(repo, key, final)
+        if cached(repo, key) is None:
+            raise ResolveError(f"cache entry {key[:16]} could not be written") from None
     return final
 
 

@@ -305,6 +305,7 @@ def strategies(json_: JsonOpt = False) -> None:
                         "required": p.default is registry.REQUIRED,
                         "per_contribution": p.per_contribution,
                         "help": p.help,
+                        **({"range": p.range_text()} if p.type in (int, float) else {}),
                     }
                     for p in st.params
                 ],

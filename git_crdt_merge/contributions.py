@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import FORMAT_VERSION, bounded, checks, extras, faults, formats, gitops
-from .errors import CrdtError, InputError, ManifestError, NotFoundError
+from .errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
 from .manifest import (
     MANIFEST_PATH,
     Manifest,
@@ -23,7 +23,6 @@ from .manifest import (
     canonical_json,
     check_name,
     remove_record,
-    set_record,
 )
 from .repo import Repo, new_tag
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
@@ -156,6 +155,9 @@ def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
     desc = bounded.loads_json(data, f"descriptor {contribution_id[:16]}")
     if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
         raise ManifestError(f"descriptor {contribution_id[:16]} has no tensor table")
+    problems = checks.descriptor_problems(desc, f"descriptor {contribution_id[:16]}")
+    if problems:  # every reader then sees well-typed fields (weights, shapes, names)
+        raise StoreError(problems[0])
     return desc
 
 
@@ -321,19 +323,7 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
     replica = repo.replica_id()
     with repo.lock():
         manifest = repo.read_manifest()
-        # One write wins against any clock a pulled record claims (Manifest.effective_clock);
-        # a record with exactly the next clock and a greater replica id can tie it once, so
-        # write again until this value is the register's (each write raises the cap by one).
-        for _ in range(8):
-            rec = set_record(key, value, manifest.max_clock() + 1, replica)
-            manifest = manifest.with_records([rec])
-            if manifest.register_record(key) == rec:
-                break
-        else:
-            raise ManifestError(
-                f"register {key!r} could not be written over the records that claim greater "
-                "clocks; run 'git crdt log' to see who wrote them"
-            )
+        manifest = manifest.write_register(key, value, replica)
         repo.write_manifest(manifest)
 
 

@@ -6,7 +6,12 @@
   ``git config crdt.autoResolve false`` turns them off.
 - ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify the tip
   of every pushed ref.  These check integrity only (``verify(resolvable=False)``) and block a
-  bad commit, merge or push with a message saying how to fix it.
+  bad commit, merge or push with a message saying how to fix it.  What they pass on is
+  re-hashed: ``pre-merge-commit`` (and ``pre-commit`` while a merge is concluded) every object
+  that ``HEAD`` lacks, ``pre-push`` every object the remote's tip lacks.
+
+Every line they print goes through :func:`bounded.display` (pulled names and messages may
+hold terminal escape sequences).
 """
 
 from __future__ import annotations

@@ -349,6 +349,24 @@ class Manifest:
         sets = [r for r in self.records.values() if r.op == "set"]
         return max((self.effective_clock(r)[0] for r in sets), default=0)
 
+    def write_register(self, key: str, value: Any, replica: str) -> Manifest:
+        """This state plus a write of ``value`` to register ``key`` that wins.
+
+        The clock is one more than the greatest effective clock, which beats every record
+        whatever clock it claims (:meth:`effective_clock`); a record with exactly that clock
+        and a greater replica id can tie it once, so write again (each write raises the cap
+        by one).  Registers therefore stay writable."""
+        state = self
+        for _ in range(8):
+            rec = set_record(key, value, state.max_clock() + 1, replica)
+            state = state.with_records([rec])
+            if state.register_record(key) == rec:
+                return state
+        raise ManifestError(
+            f"register {key!r} could not be written over the records that claim greater "
+            "clocks; run 'git crdt log' to see who wrote them"
+        )
+
     def strategy(self) -> dict[str, Any]:
         return dict(self.register("strategy", DEFAULT_STRATEGY))
 
