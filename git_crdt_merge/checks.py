@@ -115,7 +115,7 @@ def _tensor_entry_problems(name: str, info: Any, where: str) -> list[str]:
     if not isinstance(info, dict) or set(info) != TENSOR_KEYS:
         return [f"{where}: tensor {name!r} must have exactly {sorted(TENSOR_KEYS)}"]
     dtype, shape, chunks, nbytes = info["dtype"], info["shape"], info["chunks"], info["bytes"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         return [f"{where}: tensor {name!r} has unknown dtype {dtype!r}"]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape

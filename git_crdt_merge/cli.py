@@ -457,7 +457,7 @@ def log(
         return
     from .render import log_table
 
-    err.print(log_table(display_data([e.as_dict() for e in entries])))
+    err.print(log_table([e.as_dict() for e in entries]))  # cells escaped there
 
 
 @app.command()

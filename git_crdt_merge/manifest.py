@@ -314,27 +314,28 @@ class Manifest:
 
     def clock_cap(self) -> int:
         """The largest clock a write in this state can honestly have: the number of register
-        writes (each write's clock is one more than the greatest it saw, so an honest state
-        with n writes has no clock above n)."""
+        writes (each write's clock is one more than the greatest it saw, and a state keeps
+        every record it saw, so an honest state with n writes has no clock above n)."""
         return sum(1 for r in self.records.values() if r.op == "set")
 
-    def effective_clock(self, rec: Record) -> tuple[int, bool]:
-        """(clock capped at :meth:`clock_cap`, whether it was within the cap).
+    def plausible(self, rec: Record) -> bool:
+        """Whether a write's clock is within :meth:`clock_cap`.
 
         A pulled record can carry any clock up to 2^53 - 1; taken at face value it would pin
-        the register forever (no later write could have a greater clock).  Capped, it ties at
-        most with the next honest write, which wins the tie because its clock was within the
-        cap.  A pure function of the record set, so every replica picks the same value."""
-        cap = self.clock_cap()
-        clock = int(rec.fields["clock"])
-        return min(clock, cap), clock <= cap
+        the register forever (no later write could have a greater clock).  An implausible
+        write ranks below every plausible one, so the next honest write wins.  A pure
+        function of the record set, so every replica picks the same value."""
+        return int(rec.fields["clock"]) <= self.clock_cap()
 
     def register_record(self, key: str) -> Record | None:
+        """The winning write: greatest (plausible, clock, replica, record hash)."""
+        cap = self.clock_cap()
         best: Record | None = None
-        best_key: tuple[int, bool, str, str] | None = None
+        best_key: tuple[bool, int, str, str] | None = None
         for r in self.records.values():
             if r.op == "set" and r.fields["key"] == key:
-                k = (*self.effective_clock(r), r.fields["replica"], r.record_hash)
+                clock = int(r.fields["clock"])
+                k = (clock <= cap, clock, r.fields["replica"], r.record_hash)
                 if best_key is None or k > best_key:
                     best, best_key = r, k
         return best
@@ -344,18 +345,20 @@ class Manifest:
         return default if rec is None else rec.fields["value"]
 
     def max_clock(self) -> int:
-        """The greatest effective clock (a new write takes this plus one, which the cap of
-        the state with that write admits: registers stay writable)."""
-        sets = [r for r in self.records.values() if r.op == "set"]
-        return max((self.effective_clock(r)[0] for r in sets), default=0)
+        """The greatest plausible clock: a new write takes this plus one, which the cap of
+        the state with that write admits, so it is plausible and wins (registers stay
+        writable)."""
+        cap = self.clock_cap()
+        clocks = [int(r.fields["clock"]) for r in self.records.values() if r.op == "set"]
+        return max((c for c in clocks if c <= cap), default=0)
 
     def write_register(self, key: str, value: Any, replica: str) -> Manifest:
         """This state plus a write of ``value`` to register ``key`` that wins.
 
-        The clock is one more than the greatest effective clock, which beats every record
-        whatever clock it claims (:meth:`effective_clock`); a record with exactly that clock
-        and a greater replica id can tie it once, so write again (each write raises the cap
-        by one).  Registers therefore stay writable."""
+        The clock is one more than the greatest plausible clock, which beats every record
+        whatever clock it claims (:meth:`plausible`); a pulled record with exactly that clock
+        and a greater replica id becomes plausible with the write and ties it, so write again
+        (each write raises the cap by one).  Registers therefore stay writable."""
         state = self
         for _ in range(8):
             rec = set_record(key, value, state.max_clock() + 1, replica)
