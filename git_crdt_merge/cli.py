@@ -576,15 +576,24 @@ def verify(
     staged: Annotated[bool, typer.Option("--staged", help="Check the index (pre-commit).")] = False,
     rev: Annotated[str | None, typer.Option("--rev", help="Check a commit instead.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Hash nothing: presence and sizes only.")
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the manifest, every record, descriptor and object, the compatibility of the
-    contributions and the strategy; exit 1 listing every problem (and how to fix it)."""
+    contributions and the strategy; exit 1 listing every problem (and how to fix it).
+
+    By default every object that HEAD does not hold as the same git blob is re-hashed (what
+    a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
+    it); --full re-hashes every object, the cache and the published output too."""
     from .verify import verify as do_verify
 
     if staged and rev is not None:
         raise fail(UsageError("--staged and --rev are exclusive"))
+    if full and fast:
+        raise fail(UsageError("--full and --fast are exclusive"))
     with handle_errors(), byte_progress("verify", full and not (json_ or quiet)) as (st, adv):
         report = do_verify(
             open_repo(),
@@ -593,6 +602,7 @@ def verify(
             resolvable=True,
             progress=adv,
             on_start=st,
+            hash_new_against=None if fast else "HEAD",
         )
     if json_:
         emit_json(report.as_dict())
@@ -609,7 +619,7 @@ def verify(
             verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
             err.print(
                 f"{verdict}: {report.state}, {report.contributions} contributions, "
-                f"{report.objects} objects{hashed if full else ''}",
+                f"{report.objects} objects{hashed if report.bytes_hashed else ''}",
                 markup=False,
             )
     if report.problems:
