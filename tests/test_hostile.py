@@ -773,3 +773,19 @@ def test_hostile_records_are_refused_in_one_line_or_keep_registers_writable(
     out = state.output()
     check_output_path(Path("/nonexistent-root"), Path("/nonexistent-root") / out)
     assert "\n" not in out and "*" not in out and ".git" not in out.casefold().split("/")
+
+
+def test_repair_drop_invalid_sets_inconsistent_records_aside() -> None:
+    from git_crdt_merge.repair import repair_bytes
+
+    good = add_record("a" * 32, "e" * 64, "m").line
+    reused = add_record("a" * 32, "f" * 64, "other").line  # the same tag on another record
+    orphan = remove_record("b" * 32, ["d" * 32]).line  # observes a tag no add has
+    data = "".join(f"{x}\n" for x in sorted([good, reused, orphan], key=str.encode)).encode()
+    with pytest.raises(ManifestError, match="--drop-invalid"):
+        repair_bytes(data)
+    result = repair_bytes(data, drop_invalid=True)
+    kept = sorted([good, reused], key=str.encode)[0]  # the first in file order keeps the tag
+    assert list(result.manifest.records) == [kept]
+    assert sorted(result.invalid) == sorted({good, reused, orphan} - {kept})
+    Manifest.parse(result.manifest.serialize())  # a valid state

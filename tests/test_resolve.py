@@ -455,6 +455,34 @@ def test_an_edit_in_the_output_folder_never_changes_what_a_later_resolve_serves(
     assert proc.returncode == 0, proc.stderr
 
 
+def test_gc_prunes_entries_no_ref_reaches_then_the_least_recent_beyond_the_budget(
+    tmp_path: Path,
+) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    add(repo, model(tmp_path, 1))
+    one = resolve_cli(repo)["merkle_root"]
+    git(repo, "switch", "-q", "-c", "side")
+    add(repo, model(tmp_path, 2))
+    two = resolve_cli(repo)["merkle_root"]
+    add(repo, model(tmp_path, 3), commit=False)
+    three = resolve_cli(repo)["merkle_root"]  # only the work tree and index reach it
+    crdt(repo, "remove-contribution", "m3")
+    git(repo, "commit", "-q", "-m", "remove m3")
+    entries = {p.name for p in (repo / ".git" / "crdt" / "cache").iterdir()}
+    assert {one, two, three} <= entries
+    out = json.loads(crdt(repo, "gc", "--json").stdout)
+    assert out["removed"] == [three] and sorted(out["kept"]) == sorted([one, two])
+    # a budget below both: the least recently used goes, the newest stays
+    resolve_cli(repo)  # a hit on two: the most recent
+    size = sum(f.stat().st_size for f in cache_dir(repo, two).iterdir())
+    out = json.loads(crdt(repo, "gc", "--json", "--max-bytes", str(size)).stdout)
+    assert out["removed"] == [one] and out["kept"] == [two]
+    assert not cache_dir(repo, one).exists() and cache_dir(repo, two).is_dir()
+    git(repo, "switch", "-q", "main")
+    assert resolve_cli(repo)["cache_hit"] is False  # computed again, identical root
+    assert resolve_cli(repo)["merkle_root"] == one
+
+
 def test_checkout_back_to_a_resolved_set_republishes_the_cached_files(tmp_path: Path) -> None:
     repo = new_repo(tmp_path / "repo")  # hooks on
     add(repo, model(tmp_path, 1))  # post-commit resolves set 1
