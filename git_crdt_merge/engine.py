@@ -31,6 +31,7 @@ from . import FORMAT_VERSION, __version__, cache, checks
 from .cache import cache_key, seed_of
 from .contributions import load_descriptor
 from .errors import ResolveError
+from .formats import MAX_AUX_BYTES
 from .manifest import Manifest
 from .numerics import RandomStream
 from .store import ObjectStore
@@ -496,6 +497,9 @@ def compute(
                 f"the model's file {fname!r} has the name of the side output of strategy "
                 f"{plan.strategy.name}"
             )
+        size = store.size(oid)
+        if size is not None and size > MAX_AUX_BYTES:  # bounded, like at ingest
+            raise ResolveError(f"the model's file {fname!r} is larger than {MAX_AUX_BYTES} bytes")
         try:
             with open(work / fname, "xb") as fh:  # exclusive: never over a file of ours
                 fh.write(store.get(oid, verify=True))

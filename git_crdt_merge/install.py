@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import gitops
-from .errors import NotARepositoryError
+from . import bounded, gitops
+from .errors import InputError, NotARepositoryError
 from .repo import Repo, atomic_write
 
 HOOKS = (
@@ -104,10 +104,20 @@ def configure_sparse(root: Path) -> None:
         gitops.run(["sparse-checkout", "reapply"], root)
 
 
+def _read_small(path: Path) -> str:
+    """A repository text file we add lines to (``.gitattributes``, ``.gitignore``): a regular
+    file of at most 1 MiB, never read through a symbolic link ("" if absent)."""
+    try:
+        data = bounded.read_regular(path, 1024**2, path.name, InputError)
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
 def ensure_attributes(root: Path) -> bool:
     """Add our lines to ``.gitattributes``; return True if the file changed."""
     path = root / ".gitattributes"
-    text = path.read_text() if path.exists() else ""
+    text = _read_small(path)
     lines = text.splitlines()
     missing = [line for line in ATTRIBUTES if line not in lines]
     if not missing:
@@ -149,14 +159,16 @@ def init(cwd: Path | str = ".") -> list[str]:
     """Create ``.crdt/`` with an empty manifest, bind it to the driver, and install."""
     repo = Repo.open(cwd)
     notes = []
-    (repo.root / ".crdt").mkdir(exist_ok=True)
+    if not os.path.lexists(repo.root / ".crdt"):
+        (repo.root / ".crdt").mkdir()
+    repo.check_crdt_dir()  # never through a committed symbolic link
     if not repo.manifest_path.exists():
         atomic_write(repo.manifest_path, b"")
         notes.append("created .crdt/manifest")
     if ensure_attributes(repo.root):
         notes.append("bound .crdt/manifest to the crdt merge driver in .gitattributes")
     ignore = repo.root / ".gitignore"
-    text = ignore.read_text() if ignore.exists() else ""
+    text = _read_small(ignore)
     if "/merged/" not in text.splitlines():
         sep = "" if not text or text.endswith("\n") else "\n"
         atomic_write(ignore, (text + sep + "/merged/\n").encode())
