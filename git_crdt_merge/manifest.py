@@ -29,6 +29,7 @@ from typing import Any
 import blake3
 
 from . import FORMAT_VERSION
+from .bounded import json_depth
 from .errors import ManifestError
 
 MANIFEST_PATH = ".crdt/manifest"
@@ -37,6 +38,7 @@ MAX_LINE_BYTES = 64 * 1024
 # pulled one is hostile data): 100,000 records parse in about 2 s here.
 MAX_RECORDS = 100_000
 MAX_MANIFEST_BYTES = 64 * 1024**2
+MAX_RECORD_DEPTH = 16  # a record is a few levels deep (per-contribution parameter mappings)
 MAX_NAME_CHARS = 200
 TAG_RE = re.compile(r"[0-9a-f]{32}\Z")
 ID_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -150,6 +152,8 @@ def parse_record(line: str) -> Record:
         raise ManifestError(f"not JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(obj, dict):
         raise ManifestError("not a JSON object")
+    if json_depth(obj) > MAX_RECORD_DEPTH:
+        raise ManifestError(f"nested deeper than {MAX_RECORD_DEPTH} levels")
     op = obj.get("op")
     if op == "add":
         _require(obj, {"op", "tag", "id", "name", "message"}, {"op", "tag", "id", "name"})
