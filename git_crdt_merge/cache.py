@@ -2,16 +2,19 @@
 
 A resolved model is written once into the cache, under a temporary name renamed into place
 when complete, and made read-only.  The output folder (the ``output`` register, default
-``merged/``) holds *copies* of the cached files (reflinks where the file system has them), so
-an edit in the output folder can never change what a later resolve serves.  This module
-imports no torch, so a checkout that returns to a known set costs a few file operations.
+``merged/``) holds hard links to the cached files (copies across file systems), so a checkout
+that returns to a known set costs a few file operations; this module imports no torch.
 
 Nothing in the work tree or the cache is trusted by name or size (docs/security.md):
 
 - **Content records.**  When a cache entry is committed, the blake3 of each of its files is
   recorded under ``.git/crdt/verified/<key>.json`` with the file's identity (inode, size,
-  mtime).  A hit whose files no longer have the recorded identity is re-hashed; an entry
-  that does not match its record is dropped and computed again.
+  mtime and ctime: every write changes the ctime, and no program can set it).  A hit whose
+  files no longer have the recorded identity is re-hashed; an entry that does not match its
+  record is dropped and computed again.  So an edit through a hard link in ``merged/``
+  (which edits the shared file) can never change what a later resolve serves.  Our own link
+  and unlink calls change a ctime too: the record is refreshed right after them, when the
+  file was verified unchanged just before.
 - **Publication markers.**  Publishing records, under ``.git/crdt/published/``, the output
   folder's path and identity (device, inode) and each published file's blake3 and identity.
   An output folder is *ours* only if that marker names it: a ``resolution.json`` planted by a
@@ -82,8 +85,9 @@ def _markers_dir(repo: Repo) -> Path:
 
 # -- file identity and content ---------------------------------------------------------------
 def identity(st: os.stat_result) -> list[int]:
-    """What says "the same file, unchanged" cheaply: inode, device, size, mtime (ns)."""
-    return [st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns]
+    """What says "the same file, unchanged" cheaply: inode, device, size, mtime and ctime
+    (ns).  Any write changes the ctime, and user programs cannot set it back."""
+    return [st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def hash_file(path: Path) -> str:
@@ -147,25 +151,42 @@ def record_content(repo: Repo, key: str, folder: Path) -> dict[str, Any]:
     return record
 
 
-def _entry_matches(folder: Path, record: dict[str, Any]) -> bool:
-    """The entry's files are the recorded ones: same names, and each with the recorded
-    identity or (re-hashed) the recorded blake3."""
+def _entry_matches(folder: Path, record: dict[str, Any]) -> tuple[bool, bool]:
+    """(the entry's files are the recorded ones: same names, and each with the recorded
+    identity or (re-hashed) the recorded blake3; whether an identity was refreshed)."""
     files = record.get("files")
     have = _folder_files(folder)
     if not isinstance(files, dict) or have is None or set(have) != set(files):
-        return False
+        return False, False
+    refreshed = False
     for name, st in have.items():
         info = files[name]
         if not isinstance(info, dict):
-            return False
+            return False, False
         if info.get("id") == identity(st):
             continue
         try:
             if hash_file(folder / name) != info.get("blake3"):
-                return False
+                return False, False
         except OSError:
-            return False
-    return True
+            return False, False
+        info["id"] = identity(st)  # same content: remember the new identity
+        refreshed = True
+    return True, refreshed
+
+
+def _refresh_identities(repo: Repo, key: str) -> None:
+    """After our own link or unlink of an entry's files (verified unchanged just before):
+    record their new identities (only the ctime moved)."""
+    path = _records_dir(repo) / f"{key}.json"
+    record = _read_record(path)
+    folder = cache_root(repo) / key
+    if record is None or not isinstance(record.get("files"), dict):
+        return
+    for name, info in record["files"].items():
+        with contextlib.suppress(OSError):
+            info["id"] = identity((folder / name).lstat())
+    _write_record(path, record)
 
 
 def drop_entry(repo: Repo, key: str) -> None:
@@ -186,9 +207,12 @@ def cached(repo: Repo, key: str) -> Path | None:
     if not _KEY_RE.match(key) or path.is_symlink() or not path.is_dir():
         return None
     record = _read_record(_records_dir(repo) / f"{key}.json")
-    if record is None or record.get("key") != key or not _entry_matches(path, record):
+    ok, refreshed = (False, False) if record is None else _entry_matches(path, record)
+    if record is None or record.get("key") != key or not ok:
         drop_entry(repo, key)
         return None
+    if refreshed:
+        _write_record(_records_dir(repo) / f"{key}.json", record)
     with contextlib.suppress(OSError):
         os.utime(path)  # last use, for the size budget of 'git crdt gc'
     return path
@@ -422,11 +446,15 @@ def _clone_file(src: Path, dst: Path) -> None:
 
 
 def _assemble(cache_dir: Path, tmp: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """Copy the entry's files into the new folder ``tmp``; its publication record."""
+    """Link (or, across file systems, copy) the entry's files into the new folder ``tmp``;
+    its publication record."""
     tmp.mkdir()
     files = {}
     for f in sorted(cache_dir.iterdir()):
-        _clone_file(f, tmp / f.name)
+        try:
+            os.link(f, tmp / f.name)
+        except OSError:
+            _clone_file(f, tmp / f.name)
         files[f.name] = {
             "blake3": entry["files"][f.name]["blake3"],
             "id": identity((tmp / f.name).lstat()),
@@ -443,7 +471,7 @@ class _Pending:
 
 
 def publish(repo: Repo, key: str, cache_dir: Path, out_dir: Path, entry: dict[str, Any]) -> None:
-    """Make ``out_dir`` a copy of ``cache_dir``'s files, replacing it whole.
+    """Make ``out_dir`` a set of links to ``cache_dir``'s files, replacing it whole.
 
     The new folder is assembled inside the cache (so an interrupted publish leaves nothing in
     the work tree) and swapped with the old one in one atomic exchange (``renameat2``
@@ -513,12 +541,28 @@ def _swap_published(
     pending: _Pending,
 ) -> None:
     pub["key"] = key
+    _refresh_identities(repo, key)  # the links changed the cache files' ctime, nothing else
     marker = read_marker(repo, out_dir) or {}
     siblings = marker.get("siblings", [])
+    # the folder being replaced, if it is ours and untouched since we published it: its
+    # files are (links to) its cache entry's, whose ctime the unlink below moves
+    previous = pending.keep[0] if pending.keep else None
+    clean = previous is not None and _unchanged(out_dir, previous)
     _mark(repo, out_dir, [*pending.keep, pub], siblings)
     faults.point("publish:assembled")
     _swap_in(tmp, out_dir, old)
     _mark(repo, out_dir, [pub])
+    if clean and previous is not None and previous.get("key") not in (None, key):
+        _refresh_identities(repo, str(previous["key"]))
+
+
+def _unchanged(folder: Path, pub: dict[str, Any]) -> bool:
+    """Every file of ``folder`` still has the identity recorded when it was published."""
+    have = _folder_files(folder)
+    files = pub.get("files", {})
+    if have is None or set(have) != set(files):
+        return False
+    return all(files[n].get("id") == identity(st) for n, st in have.items())
 
 
 def _exchange(a: Path, b: Path) -> bool:

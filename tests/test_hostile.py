@@ -305,12 +305,14 @@ def test_a_committed_merged_folder_of_the_same_size_is_never_taken_as_current(
     (v / "merged").rmdir()
     crdt(v, "resolve", "-q")
     assert (v / "merged" / "model.safetensors").read_bytes() == honest
-    with open(v / "merged" / "model.safetensors", "r+b") as fh:
+    (v / "merged" / "model.safetensors").chmod(0o644)
+    with open(v / "merged" / "model.safetensors", "r+b") as fh:  # the cache's file too
         fh.seek(-8, 2)
         fh.write(bytes(8))
     assert crdt(v, "verify", "--full", check=False).returncode == 1
     out = json.loads(capped(["git", "crdt", "resolve", "--json", "-q"], v).stdout)
-    assert out["cache_hit"] and (v / "merged" / "model.safetensors").read_bytes() == honest
+    assert not out["cache_hit"]  # found changed: dropped and computed again
+    assert (v / "merged" / "model.safetensors").read_bytes() == honest
     assert crdt(v, "verify", "--full", check=False).returncode == 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -410,7 +411,7 @@ def test_output_option_writes_into_the_given_folder(tmp_path: Path) -> None:
 
 
 # -- 3. the cache ---------------------------------------------------------------------------------
-def test_second_resolve_is_a_cache_hit_with_copies_of_the_cache(tmp_path: Path) -> None:
+def test_second_resolve_is_a_cache_hit_with_hard_links_to_the_cache(tmp_path: Path) -> None:
     repo = fresh_repo(tmp_path / "repo")
     add(repo, model(tmp_path, 1))
     add(repo, model(tmp_path, 2))
@@ -423,14 +424,14 @@ def test_second_resolve_is_a_cache_hit_with_copies_of_the_cache(tmp_path: Path) 
     cached = cache_dir(repo, root)
     merged = repo / "merged"
     assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in cached.iterdir())
-    for f in merged.iterdir():  # copies (or reflinks): an edit here cannot reach the cache
-        assert inode(f) != inode(cached / f.name), f.name
-        assert f.read_bytes() == (cached / f.name).read_bytes(), f.name
+    for f in merged.iterdir():
+        assert inode(f) == inode(cached / f.name), f.name
     assert leftovers(repo) == []
-    # a deleted output folder comes back from the cache
+    # a deleted output folder comes back from the cache, still as links
     shutil.rmtree(merged)
     assert resolve(Repo.open(repo)).cache_hit
-    assert digests(merged) == digests(cached)
+    for f in merged.iterdir():
+        assert inode(f) == inode(cached / f.name), f.name
 
 
 def test_an_edit_in_the_output_folder_never_changes_what_a_later_resolve_serves(
@@ -441,18 +442,25 @@ def test_an_edit_in_the_output_folder_never_changes_what_a_later_resolve_serves(
     resolve_cli(repo)
     merged = repo / "merged"
     want = digests(merged)
-    with open(merged / "resolution.json", "ab") as fh:  # appended: size changes
+    (merged / "resolution.json").chmod(0o644)  # the files are read-only: a user insists
+    with open(merged / "resolution.json", "ab") as fh:  # appended: the cache's file too
         fh.write(b" ")
-    data = bytearray((merged / "model.safetensors").read_bytes())
-    data[-1] ^= 0xFF  # same size, other bytes: the current-output check must hash
-    (merged / "model.safetensors").write_bytes(bytes(data))
-    cached = cache_dir(repo, status(repo)["merkle_root"])
-    assert digests(cached) == want  # the cache never shared the edited files
     again = resolve_cli(repo)
-    assert again["cache_hit"] is True
+    assert again["cache_hit"] is False  # the shared file's ctime moved: re-hashed, recomputed
     assert digests(merged) == want
-    proc = crdt(repo, "verify", "--full")
-    assert proc.returncode == 0, proc.stderr
+    # the same size, other bytes, mtime set back: the ctime still moves
+    path = merged / "model.safetensors"
+    st = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert crdt(repo, "verify", "--full", check=False).returncode == 1
+    assert resolve_cli(repo)["cache_hit"] is False
+    assert digests(merged) == want
+    assert digests(cache_dir(repo, status(repo)["merkle_root"])) == want
+    assert crdt(repo, "verify", "--full", check=False).returncode == 0
 
 
 def test_gc_prunes_entries_no_ref_reaches_then_the_least_recent_beyond_the_budget(
@@ -498,7 +506,8 @@ def test_checkout_back_to_a_resolved_set_republishes_the_cached_files(tmp_path: 
     switch = git(repo, "checkout", "-q", "HEAD~1")
     assert switch.stderr == ""  # a cache hit: nothing to say, nothing computed
     assert json.loads((merged / "resolution.json").read_text())["merkle_root"] == root1
-    assert digests(merged) == digests(cached1)
+    for f in merged.iterdir():
+        assert inode(f) == before[f.name][0], f.name
     # the cache entry was not rewritten, and no new one was made
     assert {f.name: (inode(f), f.stat().st_mtime_ns) for f in cached1.iterdir()} == before
     assert sorted(p.name for p in cached1.parent.iterdir()) == entries
