@@ -106,7 +106,7 @@ CONVENTIONAL_RANGES: dict[str, tuple[float, float, bool]] = {
     "fd_step": (0.0, 1.0, True),
     "lr": (0.0, 10.0, True),
     "sigma": (0.0, 10.0, True),
-    "eps": (0.0, 1.0, False),
+    "eps": (0.0, 1e6, False),
     "epsilon": (0.0, 1e6, False),
     "ridge": (0.0, 1e6, False),
     "cosine_weight": (0.0, 1e6, False),
@@ -341,10 +341,10 @@ def _check_range(param: Param, value: float, label: str) -> None:
     shown = f"{value:g}" if isinstance(value, float) else str(value)
     if len(shown) > 24:
         shown = shown[:20] + "..."
+    if high <= 1:  # a fraction: the interval says it best
+        raise ResolveError(f"{label} must be in {param.range_text()}, got {shown}")
     if below and not low_open:
         raise ResolveError(f"{label} must be >= {low:g}, got {shown}")
-    if high <= 1:
-        raise ResolveError(f"{label} must be in {param.range_text()}, got {shown}")
     side = f"> {low:g}" if below else f"<= {high:g}"
     raise ResolveError(f"{label} must be {side}, got {shown}")
 
