@@ -644,7 +644,10 @@ def _mutations() -> st.SearchStrategy[tuple[str, Any]]:
         st.tuples(st.just("dtype"), weird),
         st.tuples(st.just("chunks"), st.integers(0, 5000)),
         st.tuples(st.just("file"), file_names),
-        st.tuples(st.just("tensor_name"), st.text(min_size=0, max_size=30)),
+        st.tuples(
+            st.just("tensor_name"),
+            st.one_of(st.just("__metadata__"), st.text(min_size=0, max_size=30)),
+        ),
         st.tuples(st.just("nest"), st.integers(1, 5000)),
         st.tuples(st.just("drop"), st.sampled_from(["tensors", "format", "files", "kind"])),
     )
@@ -791,3 +794,25 @@ def test_repair_drop_invalid_sets_inconsistent_records_aside() -> None:
     assert list(result.manifest.records) == [kept]
     assert sorted(result.invalid) == sorted({good, reused, orphan} - {kept})
     Manifest.parse(result.manifest.serialize())  # a valid state
+
+
+def test_verify_reports_a_plugin_that_is_not_installed(honest_repo: Path) -> None:
+    from git_crdt_merge.verify import verify
+
+    repo = Repo.open(honest_repo)
+    saved = (honest_repo / ".crdt" / "manifest").read_bytes()
+    try:
+        set_register(repo, "strategy", {"name": "dam", "params": {"objective": "nope"}})
+        problems = [p.message for p in verify(repo, None, resolvable=True).problems]
+        assert any("plugin 'nope' not found" in m for m in problems), problems
+    finally:
+        (honest_repo / ".crdt" / "manifest").write_bytes(saved)
+        git(honest_repo, "add", ".crdt/manifest")
+
+
+def test_a_manifest_over_the_record_limit_is_one_line_error() -> None:
+    from git_crdt_merge.manifest import MAX_RECORDS
+
+    line = add_record("a" * 32, "e" * 64, "m").line
+    with pytest.raises(ManifestError, match=f"more than {MAX_RECORDS} records"):
+        Manifest.parse((line + "\n").encode() * (MAX_RECORDS + 1))
