@@ -24,6 +24,11 @@ DESCRIPTOR_KINDS = ("full", "lora")
 TENSOR_KEYS = {"bytes", "chunks", "dtype", "shape"}  # format 1
 TENSOR_KEYS_V2 = TENSOR_KEYS | {"blake3"}  # plus the blake3 of the tensor's whole content
 DESCRIPTOR_FORMATS = (1, 2)
+MAX_FILE_NAME_BYTES = 255
+# The declared range of a contribution's weight: wide enough for any real use, small enough
+# that weight x value stays finite in float32 for weights of real models (|value| < 1e30);
+# resolution also refuses any non-finite result (engine.py).
+MIN_WEIGHT, MAX_WEIGHT = -1e6, 1e6
 
 # Non-finite test on the bit pattern: (bits & mask) == mask means exponent all ones
 # (NaN or Inf); F8_E4M3 (the "fn" variant) has no Inf and NaN is S.1111.111.
@@ -85,6 +90,25 @@ def table_differences(a: TensorTable, b: TensorTable, what_a: str, what_b: str) 
     return out
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a file of the merged model (None: it can).
+
+    The output folder has a fixed namespace: the model's safetensors files and index,
+    ``resolution.json`` and a strategy's side file are ours, so a contribution's files (config,
+    tokenizer) can never replace them; and a name must be a plain file name a file system
+    accepts (no separator, NUL or control character, at most 255 bytes, not hidden)."""
+    if not name or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES:
+        return f"must be 1 to {MAX_FILE_NAME_BYTES} bytes"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        return "is not a plain file name"
+    low = name.casefold()
+    if low.endswith((".safetensors", ".safetensors.index.json")) or low == "resolution.json":
+        return "is reserved for the merged model's own files"
+    return None
+
+
 def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> list[str]:
     try:
         check_tensor_name(name)
@@ -95,7 +119,7 @@ def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> 
     if "blake3" in keys and not (isinstance(info["blake3"], str) and ID_RE.match(info["blake3"])):
         return [f"{where}: tensor {name!r} has a malformed content hash"]
     dtype, shape, chunks, nbytes = info["dtype"], info["shape"], info["chunks"], info["bytes"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         return [f"{where}: tensor {name!r} has unknown dtype {dtype!r}"]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape
@@ -137,19 +161,20 @@ def descriptor_problems(desc: Any, where: str) -> list[str]:
         out.append(f"{where}: 'storage' must map names to positive integers")
     files = desc.get("files", {})
     if not isinstance(files, dict) or not all(
-        isinstance(k, str)
-        and k
-        and "/" not in k
-        and "\\" not in k
-        and ".." not in k
-        and isinstance(v, str)
-        and ID_RE.match(v)
-        for k, v in files.items()
+        isinstance(k, str) and isinstance(v, str) and ID_RE.match(v) for k, v in files.items()
     ):
         out.append(f"{where}: 'files' must map plain file names to object ids")
+    else:
+        for fname in sorted(files):
+            why = file_name_problem(fname)
+            if why:
+                out.append(f"{where}: file name {fname!r} {why}")
+                break
     weight = desc.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
         out.append(f"{where}: weight {weight!r} is not a finite number")
+    elif not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        out.append(f"{where}: weight {weight!r} is outside [{MIN_WEIGHT:g}, {MAX_WEIGHT:g}]")
     meta = desc.get("metadata", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         out.append(f"{where}: 'metadata' must map strings to strings")

@@ -29,8 +29,10 @@ from rich.table import Table
 
 from . import __version__, contributions, freshness, gitops, history, invariants
 from . import install as installer
+from .bounded import display, display_data
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
+from .render import cell
 from .repo import Repo
 from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES, ObjectStore
 
@@ -54,7 +56,7 @@ def emit_json(data: Any) -> None:
 
 
 def fail(exc: CrdtError) -> typer.Exit:
-    err.print(f"git-crdt: error: {exc}", markup=False, soft_wrap=True)
+    err.print(f"git-crdt: error: {display(exc)}", markup=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 
@@ -474,6 +476,7 @@ def strategies(json_: JsonOpt = False) -> None:
                         "required": p.default is registry.REQUIRED,
                         "per_contribution": p.per_contribution,
                         "help": p.help,
+                        **({"range": p.range_text()} if p.type in (int, float) else {}),
                     }
                     for p in st.params
                 ],
@@ -585,7 +588,7 @@ def list_(json_: JsonOpt = False) -> None:
     table = Table("name", "id", "weight", "tensors", "size")
     for r in rows:
         size = "missing" if r["bytes"] is None else human_bytes(r["bytes"])
-        table.add_row(r["name"], r["id"][:12], str(r["weight"]), str(r["tensors"]), size)
+        table.add_row(cell(r["name"]), r["id"][:12], str(r["weight"]), str(r["tensors"]), size)
     err.print(table)
 
 
@@ -616,10 +619,10 @@ def status(json_: JsonOpt = False) -> None:
         markup=False,
     )
     err.print(f"base         {data['base'] or '(none)'}")
-    err.print(f"output       {data['output']}/", markup=False)
+    err.print(f"output       {display(data['output'])}/", markup=False)
     table = Table("name", "id", title=f"{len(data['contributions'])} contributions")
     for c in data["contributions"]:
-        table.add_row(c["name"], c["id"][:12])
+        table.add_row(cell(c["name"]), c["id"][:12])
     err.print(table)
 
 
@@ -638,7 +641,7 @@ def log(
         return
     from .render import log_table
 
-    err.print(log_table([e.as_dict() for e in entries]))
+    err.print(log_table([e.as_dict() for e in entries]))  # cells escaped there
 
 
 @app.command()
@@ -679,9 +682,9 @@ def diff(
     if json_:
         emit_json(data)
     elif tensors:
-        err.print(model_diff_table(data))
+        err.print(model_diff_table(display_data(data)))
     else:
-        print_state_diff(err, data)
+        print_state_diff(err, display_data(data))
 
 
 @app.command()
@@ -699,7 +702,7 @@ def show(
     if json_:
         emit_json(data)
     else:
-        print_show(err, data)
+        print_show(err, display_data(data))
 
 
 @app.command()
@@ -720,7 +723,7 @@ def repair(
         repo.require_initialized()
 
         def damaged() -> bytes:
-            data = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+            data = repo.read_manifest_bytes()
             # During a conflicted merge the index also holds both sides (stages 2 and 3).
             for stage in (2, 3):
                 side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
@@ -838,16 +841,25 @@ def verify(
         bool,
         typer.Option("--fetch", help="Partial clone: fetch absent objects first."),
     ] = False,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Hash nothing: presence and sizes only.")
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the manifest, every record, descriptor and object, the compatibility of the
-    contributions and the strategy; exit 1 listing every problem (and how to fix it).  In a
-    partial clone, objects not fetched yet are named as absent."""
+    contributions and the strategy; exit 1 listing every problem (and how to fix it).
+
+    By default every object that HEAD does not hold as the same git blob is re-hashed (what
+    a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
+    it); --full re-hashes every object, the cache and the published output too.  In a
+    partial clone, objects not fetched yet are named as absent (--fetch fetches them)."""
     from .verify import verify as do_verify
 
     if staged and rev is not None:
         raise fail(UsageError("--staged and --rev are exclusive"))
+    if full and fast:
+        raise fail(UsageError("--full and --fast are exclusive"))
     with handle_errors(), byte_progress("verify", full and not (json_ or quiet)) as (st, adv):
         report = do_verify(
             open_repo(),
@@ -857,25 +869,57 @@ def verify(
             fetch=fetch,
             progress=adv,
             on_start=st,
+            hash_new_against=None if fast else "HEAD",
         )
     if json_:
         emit_json(report.as_dict())
     else:
         for p in report.problems:
-            err.print(f"problem: {p.message}\n  fix: {p.fix}", markup=False, soft_wrap=True)
+            err.print(
+                f"problem: {display(p.message)}\n  fix: {p.fix}", markup=False, soft_wrap=True
+            )
         if not quiet:
             for note in report.notes:
-                err.print(f"note: {note}", markup=False, soft_wrap=True)
+                err.print(f"note: {display(note)}", markup=False, soft_wrap=True)
             speed = report.bytes_hashed / max(report.hash_seconds, 1e-9) / 1e6
             hashed = f", {human_bytes(report.bytes_hashed)} hashed at {speed:.0f} MB/s"
             verdict = f"{len(report.problems)} problem(s)" if report.problems else "ok"
             err.print(
                 f"{verdict}: {report.state}, {report.contributions} contributions, "
-                f"{report.objects} objects{hashed if full else ''}",
+                f"{report.objects} objects{hashed if report.bytes_hashed else ''}",
                 markup=False,
             )
     if report.problems:
         raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--max-bytes", help="Cache size budget, e.g. 20g (default: crdt.cacheMaxBytes)."
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Prune the result cache: entries that no ref reaches, then the least recently used
+    beyond the size budget."""
+    from . import cache
+
+    with handle_errors():
+        repo = open_repo()
+        repo.require_initialized()
+        budget = cache.parse_size(max_bytes) if max_bytes is not None else cache.cache_budget(repo)
+        with repo.lock():
+            result = cache.prune(repo, cache.reachable_roots(repo), budget)
+    if json_:
+        emit_json(result.as_dict())
+        return
+    err.print(
+        f"removed {len(result.removed)} cache entries ({human_bytes(result.bytes_removed)}), "
+        f"kept {len(result.kept)} ({human_bytes(result.bytes_kept)})"
+    )
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

@@ -16,7 +16,7 @@ from typing import Any
 
 import blake3
 
-from . import checks, descriptor, extras, faults, formats, gitops
+from . import bounded, checks, descriptor, extras, faults, formats, gitops
 from .errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
 from .manifest import (
     MANIFEST_PATH,
@@ -24,7 +24,6 @@ from .manifest import (
     add_record,
     check_name,
     remove_record,
-    set_record,
 )
 from .repo import Repo, new_tag
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
@@ -163,11 +162,9 @@ def _load(store: ObjectStore, address: str) -> tuple[dict[str, Any], bytes]:
     size = store.size(address)
     if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
         raise ManifestError(f"descriptor {address[:16]} is larger than the limit")
-    data = store.get(address, max_size=checks.MAX_DESCRIPTOR_BYTES)
-    try:
-        desc = json.loads(data)
-    except ValueError:
-        raise ManifestError(f"descriptor {address[:16]} is not JSON") from None
+    # verified: a descriptor rewritten in place (same size, other bytes) is refused
+    data = store.get(address, verify=True, max_size=checks.MAX_DESCRIPTOR_BYTES)
+    desc = bounded.loads_json(data, f"descriptor {address[:16]}")
     if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
         raise ManifestError(f"descriptor {address[:16]} has no tensor table")
     return desc, data
@@ -214,6 +211,9 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
 def _check_weight(weight: float | None) -> None:
     if weight is not None and not math.isfinite(weight):
         raise InputError(f"--weight must be a finite number, got {weight}")
+    if weight is not None and not checks.MIN_WEIGHT <= weight <= checks.MAX_WEIGHT:
+        lo, hi = checks.MIN_WEIGHT, checks.MAX_WEIGHT
+        raise InputError(f"--weight must be within [{lo:g}, {hi:g}], got {weight:g}")
 
 
 def default_name(path: Path) -> str:
@@ -268,7 +268,7 @@ def add_contribution(
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
             return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
         for other_id, other_name in visible:
-            if other_name == name:
+            if other_name == name:  # nothing staged yet: refused before any index change
                 raise InputError(
                     f"name {name!r} is already used by contribution {other_id[:12]}; remove it "
                     "first or pass --name"
@@ -404,8 +404,8 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
     replica = repo.replica_id()
     with repo.lock(), repo.transaction() as env:
         manifest = repo.read_manifest()
-        rec = set_record(key, value, manifest.max_clock() + 1, replica)
-        repo.write_manifest(manifest.with_records([rec]), env)
+        manifest = manifest.write_register(key, value, replica)
+        repo.write_manifest(manifest, env)
 
 
 def set_base(

@@ -27,10 +27,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-from . import FORMAT_VERSION, __version__, cache
+from . import FORMAT_VERSION, __version__, cache, checks
 from .cache import cache_key, seed_of
 from .contributions import read_descriptor
 from .errors import ResolveError
+from .formats import MAX_AUX_BYTES
 from .manifest import Manifest
 from .numerics import RandomStream
 from .store import ObjectStore
@@ -466,6 +467,7 @@ def compute(
                 out = merge_tensor(
                     plan, spec, store, rng, compute, device, slots, extra_slots, model, side
                 )
+                _check_finite(plan, spec, out, store, device, slots, extra_slots)
                 _write_tensor(fh, out, spec)
                 del out
                 release_free_heap()
@@ -485,14 +487,24 @@ def compute(
         )
     side_record = None if side is None else side.finish(metadata)
     for fname, oid in sorted(plan.files.items()):
-        if fname == "adapter_config.json" or "/" in fname or fname.startswith("."):
+        if fname == "adapter_config.json":
             continue
+        why = checks.file_name_problem(fname)
+        if why is not None:  # the output's namespace is fixed: never a contribution's name
+            raise ResolveError(f"the model's file {fname!r} {why}")
         if side is not None and fname == side.path.name:
             raise ResolveError(
                 f"the model's file {fname!r} has the name of the side output of strategy "
                 f"{plan.strategy.name}"
             )
-        (work / fname).write_bytes(store.get(oid))
+        size = store.size(oid)
+        if size is not None and size > MAX_AUX_BYTES:  # bounded, like at ingest
+            raise ResolveError(f"the model's file {fname!r} is larger than {MAX_AUX_BYTES} bytes")
+        try:
+            with open(work / fname, "xb") as fh:  # exclusive: never over a file of ours
+                fh.write(store.get(oid, verify=True))
+        except FileExistsError:
+            raise ResolveError(f"the model's file {fname!r} is given twice") from None
     (work / cache.RESOLUTION_FILE).write_text(
         json.dumps(
             resolution_record(
@@ -508,6 +520,33 @@ def compute(
         )
         + "\n"
     )
+
+
+def _check_finite(
+    plan: Plan,
+    spec: TensorSpec,
+    out: torch.Tensor,
+    store: ObjectStore,
+    device: str,
+    slots: InputSlots,
+    extra_slots: InputSlots,
+) -> None:
+    """A merged tensor of finite inputs must be finite: a weight or parameter inside its
+    declared range can still overflow float32 for some values (weight x value > 3.4e38), and
+    that must be an error, not a model full of Inf or NaN.  The inputs are read again only
+    when the result is not finite (inputs with NaN, admitted by --allow-nonfinite, may give
+    NaN)."""
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return
+    base, tensors, _ = _load_inputs(plan, spec, store, device, slots, extra_slots)
+    inputs = [t for t in (base, *tensors) if t is not None and t.is_floating_point()]
+    if all(bool(torch.isfinite(t).all()) for t in inputs):
+        bad = int(out.numel() - torch.isfinite(out).sum())
+        raise ResolveError(
+            f"strategy {plan.strategy.name} gives {bad} non-finite values in tensor "
+            f"{spec.name!r} from finite inputs: a weight or parameter is too large for "
+            f"{spec.dtype} (weights {', '.join(f'{w:g}' for w in plan.weights[:4])})"
+        )
 
 
 def _write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:

@@ -85,6 +85,8 @@ def check_tensor_name(name: str) -> None:
         raise InputError(f"tensor name {name!r} contains a control character")
     if "/" in name or "\\" in name or ".." in name:
         raise InputError(f"tensor name {name!r} contains a path separator or '..'")
+    if name == "__metadata__":  # the safetensors header's own key: no reader could load it
+        raise InputError("tensor name '__metadata__' is reserved by the safetensors format")
 
 
 def _no_symlink(path: Path) -> None:

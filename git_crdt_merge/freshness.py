@@ -83,7 +83,7 @@ def output_state(repo: Repo, manifest: Manifest | None = None) -> OutputState:
     rel = manifest.output()
     out_dir = repo.root / rel
     root = manifest.merkle_root()
-    have = cache.output_key(out_dir)
+    have = cache.published_key(repo, out_dir)
     empty = not manifest.visible_contributions()
     failure = last_failure(repo, root)
     hint = "run 'git crdt resolve'"
@@ -107,9 +107,9 @@ def output_state(repo: Repo, manifest: Manifest | None = None) -> OutputState:
 
 def remove_output(repo: Repo, out_dir: Path) -> bool:
     """Remove a published model (only one of ours) when the set has become empty."""
-    if out_dir.is_symlink() or not out_dir.is_dir() or cache.output_key(out_dir) is None:
+    if out_dir.is_symlink() or not out_dir.is_dir() or cache.published_key(repo, out_dir) is None:
         return False
-    cache.check_replaceable(out_dir)
+    cache.check_replaceable(repo, out_dir)
     trash = cache.cache_root(repo) / f".old-{os.getpid()}-{time.monotonic_ns()}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
-from .errors import GitError, LockError, NotARepositoryError
+from .errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
 
-# A bound on any manifest we read from history (the manifest parser bounds each line).
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# The largest manifest blob read from git (the work-tree file has the same bound: manifest.py).
+MAX_BLOB_READ = 64 * 1024**2
 
 
 def run(
@@ -445,10 +445,35 @@ def tree_entries(root: Path, rev: str, prefix: str) -> dict[str, str]:
     return entries
 
 
-def show_blob(root: Path, spec: str) -> bytes | None:
-    """Contents of ``REV:PATH`` or ``:PATH`` (index), or None if it does not exist."""
+def show_blob(root: Path, spec: str, limit: int = MAX_BLOB_READ) -> bytes | None:
+    """Contents of ``REV:PATH`` or ``:PATH`` (index), or None if it does not exist.
+
+    Bounded: a blob larger than ``limit`` (or a tree, or a symbolic link, which git stores as
+    a blob of mode 120000) is a ManifestError, never read."""
+    fmt = "--batch-check=%(objecttype) %(objectsize)"
+    check = run(["cat-file", fmt], root, input=f"{spec}\n".encode(), check=False)
+    parts = check.stdout.decode(errors="replace").split()
+    if check.returncode != 0 or len(parts) != 2 or parts[1] == "missing":
+        return None
+    if parts[0] != "blob":
+        raise ManifestError(f"{spec} is a {parts[0]}, not a file")
+    if int(parts[1]) > limit:
+        raise ManifestError(f"{spec} is larger than the limit of {limit} bytes")
+    if ":" in spec and _is_symlink_entry(root, spec):
+        raise ManifestError(f"{spec} is a symbolic link; refusing to read it as a file")
     proc = run(["cat-file", "blob", spec], root, check=False)
     return proc.stdout if proc.returncode == 0 else None
+
+
+def _is_symlink_entry(root: Path, spec: str) -> bool:
+    """Whether ``REV:PATH`` or ``:PATH`` has mode 120000 (a symbolic link)."""
+    rev, path = spec.split(":", 1)
+    if rev == "" or rev.isdigit():  # the index (":PATH", ":2:PATH")
+        stage_path = path.split(":", 1)[-1] if rev.isdigit() else path
+        out = run(["ls-files", "-s", "--", stage_path], root, check=False).stdout
+    else:
+        out = run(["ls-tree", rev, "--", path], root, check=False).stdout
+    return out.startswith(b"120000 ")
 
 
 def manifest_history(
@@ -465,15 +490,19 @@ def manifest_history(
     from .gitobjects import ObjectDB
 
     repo = pygit2.Repository(str(root))
+    if rev == "HEAD" and repo.head_is_unborn:
+        return []  # no commit yet
     try:
         head = repo.revparse_single(rev).peel(pygit2.Commit)
-    except (KeyError, ValueError):
-        return []
+    except (KeyError, ValueError, pygit2.InvalidSpecError):
+        raise NotFoundError(f"no commit {rev!r}") from None
     walker = repo.walk(head.id, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
     commits: list[tuple[str, str, list[str], str | None]] = []
     for commit in walker:
         try:
-            blob_id: str | None = str(commit.tree[path].id)
+            entry = commit.tree[path]
+            regular = entry.type_str == "blob" and entry.filemode != pygit2.enums.FileMode.LINK
+            blob_id: str | None = str(entry.id) if regular else None
         except KeyError:
             blob_id = None
         subject = commit.message.splitlines()[0] if commit.message else ""
@@ -488,7 +517,11 @@ def manifest_history(
         data = None
         if blob_id is not None:
             try:
-                data = db.read(blob_id, max_size=MAX_MANIFEST_BYTES)
+                size = db.blob_size(blob_id)
+                if size is not None and size <= MAX_BLOB_READ:  # larger: not a manifest
+                    data = db.read(blob_id, max_size=MAX_BLOB_READ)
+                elif size is None:
+                    raise GitError(f"git object {blob_id} is missing")
             except GitError as exc:
                 raise GitError(f"the manifest of commit {commit_id[:10]}: {exc}") from None
         out.append((commit_id, subject, parents, data))

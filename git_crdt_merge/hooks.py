@@ -12,7 +12,13 @@
   any pushed commit lost at the tip.
 - ``post-commit`` also runs for cherry-pick, revert and every rebase pick, which run no
   pre-commit hook: when the commit changed ``.crdt/``, it verifies the commit and warns.
+- What the pre hooks pass on is re-hashed: ``pre-merge-commit`` (and ``pre-commit`` while a
+  merge is concluded) every object that ``HEAD`` lacks, ``pre-push`` every object the
+  remote's tip lacks.
 - A resolving hook that fails records why (:mod:`freshness`), so ``status`` can say it.
+
+Every line they print goes through :func:`bounded.display` (pulled names and messages may
+hold terminal escape sequences).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sys
 
 from . import gitops
+from .bounded import display
 from .errors import CrdtError
 from .repo import Repo
 
@@ -30,7 +37,7 @@ ZERO = "0" * 40
 
 
 def _say(msg: str) -> None:
-    print(f"git-crdt: {msg}", file=sys.stderr)
+    print(f"git-crdt: {display(msg)}", file=sys.stderr)
 
 
 def post_hook(repo: Repo, name: str, args: list[str]) -> int:
@@ -91,15 +98,20 @@ def pushed_revs(stdin_text: str) -> list[str]:
     """The tip commit of every ref a push sends (the state that lands on the remote; commits
     below a tip are not checked): from git's pre-push input, or from the pre-commit
     framework, which consumes that input and passes ``PRE_COMMIT_TO_REF`` instead."""
-    revs = []
+    return [rev for rev, _ in pushed_refs(stdin_text)]
+
+
+def pushed_refs(stdin_text: str) -> list[tuple[str, str]]:
+    """(tip, what the remote has: its old tip, or "" for a new ref) of every pushed ref."""
+    refs = []
     for line in stdin_text.splitlines():
         parts = line.split()
         if len(parts) == 4 and parts[1] != ZERO:
-            revs.append(parts[1])
+            refs.append((parts[1], "" if parts[3] == ZERO else parts[3]))
     framework = os.environ.get("PRE_COMMIT_TO_REF")
-    if not revs and framework:
-        revs.append(framework)
-    return revs
+    if not refs and framework:
+        refs.append((framework, os.environ.get("PRE_COMMIT_FROM_REF", "")))
+    return refs
 
 
 def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
@@ -108,13 +120,20 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
     if not repo.is_initialized():
         return 0
     stdin_text = sys.stdin.read() if name == "pre-push" else ""
-    revs = pushed_revs(stdin_text) if name == "pre-push" else [":"]
-    if name == "pre-push" and not _pushed_history_keeps_records(repo, stdin_text, args):
-        return 1
-    for rev in revs:
+    pushes: list[tuple[str, str | None]]
+    if name == "pre-push":
+        if not _pushed_history_keeps_records(repo, stdin_text, args):
+            return 1
+        pushes = list(pushed_refs(stdin_text))
+    else:
+        merging = name == "pre-merge-commit" or (gitops.git_dir(repo.root) / "MERGE_HEAD").exists()
+        pushes = [(":", "HEAD" if merging else None)]
+    for rev, against in pushes:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
-        report = verify(repo, rev)
+        # What this hook passes on (a merge's new objects, a push's) is re-hashed: a chunk
+        # rewritten in place at the same size is caught before it spreads.
+        report = verify(repo, rev, hash_new_against=against)
         # A partial clone lacks objects its promisor remote holds: not a broken state.
         absent = [p for p in report.problems if p.kind == "absent"]
         report.problems = [p for p in report.problems if p.kind != "absent"]

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import gitops
-from .errors import CrdtError, NotARepositoryError
+from . import bounded, gitops
+from .errors import CrdtError, InputError, NotARepositoryError
 from .repo import Repo, atomic_write
 
 HOOKS = (
@@ -346,10 +346,20 @@ def configure_transport(cwd: Path | str, *, bare: bool) -> list[str]:
     return notes
 
 
+def _read_small(path: Path) -> str:
+    """A repository text file we add lines to (``.gitattributes``, ``.gitignore``): a regular
+    file of at most 1 MiB, never read through a symbolic link ("" if absent)."""
+    try:
+        data = bounded.read_regular(path, 1024**2, path.name, InputError)
+    except FileNotFoundError:
+        return ""
+    return data.decode("utf-8", errors="replace")
+
+
 def ensure_attributes(root: Path) -> bool:
     """Add our lines to ``.gitattributes``; return True if the file changed."""
     path = root / ".gitattributes"
-    text = path.read_text() if path.exists() else ""
+    text = _read_small(path)
     lines = text.splitlines()
     missing = [line for line in ATTRIBUTES if line not in lines]
     if not missing:
@@ -406,14 +416,16 @@ def init(cwd: Path | str = ".") -> list[str]:
     """Create ``.crdt/`` with an empty manifest, bind it to the driver, and install."""
     repo = Repo.open(cwd)
     notes = []
-    (repo.root / ".crdt").mkdir(exist_ok=True)
+    if not os.path.lexists(repo.root / ".crdt"):
+        (repo.root / ".crdt").mkdir()
+    repo.check_crdt_dir()  # never through a committed symbolic link
     if not repo.manifest_path.exists():
         atomic_write(repo.manifest_path, b"")
         notes.append("created .crdt/manifest")
     if ensure_attributes(repo.root):
         notes.append("bound .crdt/manifest to the crdt merge driver in .gitattributes")
     ignore = repo.root / ".gitignore"
-    text = ignore.read_text() if ignore.exists() else ""
+    text = _read_small(ignore)
     if "/merged/" not in text.splitlines():
         sep = "" if not text or text.endswith("\n") else "\n"
         atomic_write(ignore, (text + sep + "/merged/\n").encode())

@@ -35,10 +35,16 @@ from typing import Any
 import blake3
 
 from . import FORMAT_VERSION
+from .bounded import json_depth
 from .errors import ManifestError
 
 MANIFEST_PATH = ".crdt/manifest"
 MAX_LINE_BYTES = 64 * 1024
+# A state larger than this is refused as a whole (every command parses the manifest, and a
+# pulled one is hostile data): 100,000 records parse in about 2 s here.
+MAX_RECORDS = 100_000
+MAX_MANIFEST_BYTES = 64 * 1024**2
+MAX_RECORD_DEPTH = 16  # a record is a few levels deep (per-contribution parameter mappings)
 MAX_NAME_CHARS = 200
 TAG_RE = re.compile(r"[0-9a-f]{32}\Z")
 ID_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -75,14 +81,27 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Characters an output path may not hold: control characters (a newline would add a line to
+# .git/info/exclude), and those that git's pattern syntax reads (``*?[]!#\``).
+_OUTPUT_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f*?\[\]!#\\]")
+
+
 def _check_output_path(value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ManifestError("register 'output' must be a non-empty relative path")
     parts = value.split("/")
     if value.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in value:
         raise ManifestError(f"register 'output' {value!r} must be a plain relative path")
-    if parts[0] in (".git", ".crdt"):
-        raise ManifestError(f"register 'output' {value!r} may not point into .git or .crdt")
+    if len(value) > 1024 or _OUTPUT_BAD.search(value):
+        raise ManifestError(
+            f"register 'output' {value[:64]!r} holds a control or pattern character, or is "
+            "longer than 1024 characters"
+        )
+    for p in parts:
+        if p != p.strip() or len(p.encode("utf-8", "surrogatepass")) > 255:
+            raise ManifestError(f"register 'output' {value!r}: {p!r} is not a plain name")
+        if p.casefold() in (".git", ".crdt"):  # at any depth: a nested repository's .git too
+            raise ManifestError(f"register 'output' {value!r} may not point into .git or .crdt")
 
 
 def _check_register_value(key: str, value: Any) -> None:
@@ -151,6 +170,8 @@ def parse_record(line: str) -> Record:
         raise ManifestError(f"not JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(obj, dict):
         raise ManifestError("not a JSON object")
+    if json_depth(obj) > MAX_RECORD_DEPTH:
+        raise ManifestError(f"nested deeper than {MAX_RECORD_DEPTH} levels")
     op = obj.get("op")
     if op == "add":
         _require(obj, {"op", "tag", "id", "name", "message", "desc"}, {"op", "tag", "id", "name"})
@@ -213,6 +234,10 @@ class Manifest:
         """
         if not data:
             return cls({})
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{source}: larger than the limit of {MAX_MANIFEST_BYTES} bytes")
+        if data.count(b"\n") > MAX_RECORDS:
+            raise ManifestError(f"{source}: more than {MAX_RECORDS} records")
         if b"\r" in data:
             raise ManifestError(f"{source}: contains a carriage return (CRLF line endings?)")
         try:
@@ -311,12 +336,30 @@ class Manifest:
             seen.setdefault(r.fields["id"], r.fields["name"])
         return sorted(seen.items())
 
+    def clock_cap(self) -> int:
+        """The largest clock a write in this state can honestly have: the number of register
+        writes (each write's clock is one more than the greatest it saw, and a state keeps
+        every record it saw, so an honest state with n writes has no clock above n)."""
+        return sum(1 for r in self.records.values() if r.op == "set")
+
+    def plausible(self, rec: Record) -> bool:
+        """Whether a write's clock is within :meth:`clock_cap`.
+
+        A pulled record can carry any clock up to 2^53 - 1; taken at face value it would pin
+        the register forever (no later write could have a greater clock).  An implausible
+        write ranks below every plausible one, so the next honest write wins.  A pure
+        function of the record set, so every replica picks the same value."""
+        return int(rec.fields["clock"]) <= self.clock_cap()
+
     def register_record(self, key: str) -> Record | None:
+        """The winning write: greatest (plausible, clock, replica, record hash)."""
+        cap = self.clock_cap()
         best: Record | None = None
-        best_key: tuple[int, str, str] | None = None
+        best_key: tuple[bool, int, str, str] | None = None
         for r in self.records.values():
             if r.op == "set" and r.fields["key"] == key:
-                k = (r.fields["clock"], r.fields["replica"], r.record_hash)
+                clock = int(r.fields["clock"])
+                k = (clock <= cap, clock, r.fields["replica"], r.record_hash)
                 if best_key is None or k > best_key:
                     best, best_key = r, k
         return best
@@ -326,7 +369,30 @@ class Manifest:
         return default if rec is None else rec.fields["value"]
 
     def max_clock(self) -> int:
-        return max((r.fields["clock"] for r in self.records.values() if r.op == "set"), default=0)
+        """The greatest plausible clock: a new write takes this plus one, which the cap of
+        the state with that write admits, so it is plausible and wins (registers stay
+        writable)."""
+        cap = self.clock_cap()
+        clocks = [int(r.fields["clock"]) for r in self.records.values() if r.op == "set"]
+        return max((c for c in clocks if c <= cap), default=0)
+
+    def write_register(self, key: str, value: Any, replica: str) -> Manifest:
+        """This state plus a write of ``value`` to register ``key`` that wins.
+
+        The clock is one more than the greatest plausible clock, which beats every record
+        whatever clock it claims (:meth:`plausible`); a pulled record with exactly that clock
+        and a greater replica id becomes plausible with the write and ties it, so write again
+        (each write raises the cap by one).  Registers therefore stay writable."""
+        state = self
+        for _ in range(8):
+            rec = set_record(key, value, state.max_clock() + 1, replica)
+            state = state.with_records([rec])
+            if state.register_record(key) == rec:
+                return state
+        raise ManifestError(
+            f"register {key!r} could not be written over the records that claim greater "
+            "clocks; run 'git crdt log' to see who wrote them"
+        )
 
     def strategy(self) -> dict[str, Any]:
         return dict(self.register("strategy", DEFAULT_STRATEGY))

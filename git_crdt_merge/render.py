@@ -23,6 +23,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .bounded import display
+
+
+def cell(value: Any) -> str:
+    """Repository text as a table cell: control characters escaped, rich markup escaped."""
+    return escape(display(value))
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -146,10 +153,10 @@ def model_diff_table(data: dict[str, Any]) -> Table:
         table.add_column(col, justify="right")
     for r in data["tensors"]:
         if r["status"] != "compared":
-            table.add_row(r["name"], r["status"], "", "", "", "")
+            table.add_row(cell(r["name"]), cell(r["status"]), "", "", "", "")
             continue
         table.add_row(
-            r["name"],
+            cell(r["name"]),
             "x".join(map(str, r["shape"])) or "scalar",
             _num(r["l2"]),
             _num(r["cosine"], ".6f"),
@@ -187,7 +194,7 @@ def print_show(console: Console, data: dict[str, Any]) -> None:
     for t in data["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
         table.add_row(
-            escape(t["name"]), t["dtype"], shape, human_bytes(t["bytes"]), str(t["chunks"])
+            cell(t["name"]), cell(t["dtype"]), shape, human_bytes(t["bytes"]), str(t["chunks"])
         )
     console.print(table)
 
@@ -213,5 +220,5 @@ def log_table(entries: list[dict[str, Any]]) -> Table:
             what = f"{rec['key']} = {_value(shown)}  (clock {rec['clock']})"
         else:
             what = _value(rec)
-        table.add_row((e["commit"] or "-")[:10], e["subject"], op, what)
+        table.add_row(cell((e["commit"] or "-")[:10]), cell(e["subject"]), cell(op), cell(what))
     return table

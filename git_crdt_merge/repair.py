@@ -58,6 +58,35 @@ def repair_bytes(data: bytes, *, drop_invalid: bool = False) -> RepairResult:
             invalid.append(line)
             continue
         records[rec.line] = rec
+    if drop_invalid:
+        for line in _inconsistent(records):
+            invalid.append(records.pop(line).line)
     state = Manifest(records)
-    state._check_consistency("repaired manifest")
+    try:
+        state._check_consistency("repaired manifest")
+    except ManifestError as exc:
+        raise ManifestError(f"{exc} (pass --drop-invalid to set it aside)") from None
     return RepairResult(state, len(records), markers, invalid)
+
+
+def _inconsistent(records: dict[str, Record]) -> list[str]:
+    """Lines that keep the records from being one state, each valid on its own: a record
+    that reuses a tag (the first in file order keeps it) and a remove that observes a tag no
+    add has (it cannot have observed it)."""
+    ordered = sorted(records.values(), key=lambda r: r.line.encode())
+    seen: set[str] = set()
+    drop = []
+    for rec in ordered:
+        if rec.op == "set":
+            continue
+        if rec.tag in seen:
+            drop.append(rec.line)
+        else:
+            seen.add(rec.tag)
+    dropped = set(drop)
+    adds = {r.tag for r in ordered if r.op == "add" and r.line not in dropped}
+    for rec in ordered:
+        if rec.op == "remove" and rec.line not in dropped:
+            if any(t not in adds for t in rec.fields["observed"]):
+                drop.append(rec.line)
+    return drop

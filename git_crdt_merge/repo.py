@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import faults, gitops
-from .errors import LockError, NotARepositoryError
+from . import bounded, faults, gitops
+from .errors import LockError, ManifestError, NotARepositoryError
 from .gitops import pid_alive
-from .manifest import MANIFEST_PATH, Manifest
+from .manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest
 
 LOCK_TIMEOUT_S = 120.0
 
@@ -71,24 +72,55 @@ class Repo:
         return gitops.common_dir(self.root) / "crdt"
 
     def is_initialized(self) -> bool:
-        return (self.root / ".crdt").is_dir()
+        """Whether the work tree has a ``.crdt`` entry (a symbolic link counts, so that
+        :meth:`require_initialized` refuses it loudly instead of the repository looking
+        uninitialised)."""
+        return os.path.lexists(self.root / ".crdt")
 
     def require_initialized(self) -> None:
         if not self.is_initialized():
             raise NotARepositoryError(
                 f"{self.root} has no .crdt/ directory: run 'git crdt init' first"
             )
+        self.check_crdt_dir()
+
+    def check_crdt_dir(self) -> None:
+        """``.crdt`` must be a real directory and ``.crdt/manifest`` (if any) a regular file:
+        a commit can make either a symbolic link, and then every read or write of the
+        manifest would go wherever it points (outside the repository, ``/dev/zero``)."""
+        crdt = self.root / ".crdt"
+        st = crdt.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise ManifestError(
+                ".crdt is a symbolic link (committed by someone?); refusing to read or write "
+                "through it: 'git rm .crdt' and restore the directory from a good commit"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise ManifestError(".crdt is not a directory")
+        try:
+            mst = self.manifest_path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mst.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mst.st_mode) else "not a regular file"
+            raise ManifestError(f"{MANIFEST_PATH} is {kind}; refusing to read or write through it")
+
+    def read_manifest_bytes(self) -> bytes:
+        """The work-tree manifest's bytes (empty if absent): a bounded read of a regular
+        file inside a real ``.crdt`` directory."""
+        self.check_crdt_dir()
+        try:
+            return bounded.read_regular(self.manifest_path, MAX_MANIFEST_BYTES, MANIFEST_PATH)
+        except FileNotFoundError:
+            return b""
 
     def read_manifest(self) -> Manifest:
-        try:
-            data = self.manifest_path.read_bytes()
-        except FileNotFoundError:
-            return Manifest({})
-        return Manifest.parse(data, MANIFEST_PATH)
+        return Manifest.parse(self.read_manifest_bytes(), MANIFEST_PATH)
 
     def write_manifest(self, manifest: Manifest, env: dict[str, str] | None = None) -> None:
         """Write the manifest atomically and stage it (``git add``).  Call it inside
         :meth:`transaction` with the manifest read there, and pass its ``env``."""
+        self.check_crdt_dir()
         atomic_write(self.manifest_path, manifest.serialize(), tmp_dir=self.state_dir)
         faults.point("manifest:written")
         gitops.stage_file(self.root, MANIFEST_PATH, env=env)
@@ -105,7 +137,9 @@ class Repo:
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a writer that was killed (we hold the lock, so none is live):
         the manifest's, and the merge driver's (named by a pid that is gone)."""
-        for where in (self.root / ".crdt", self.state_dir):
+        crdt = self.root / ".crdt"
+        places = [self.state_dir] + ([] if crdt.is_symlink() else [crdt])
+        for where in places:
             for tmp in where.glob(".manifest.*.tmp"):
                 tmp.unlink(missing_ok=True)
         for tmp in self.state_dir.glob("merge-driver-*.tmp"):

@@ -7,6 +7,7 @@ result into the cache under a temporary name, renames it into place and publishe
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,15 @@ def _no_symlink_on_the_way(root: Path, out_dir: Path) -> None:
             )
 
 
+def check_output_path(root: Path, out_dir: Path) -> None:
+    """The output folder lies in the work tree, through no symbolic link, and not inside a
+    git directory or a ``.crdt`` one at any depth (a nested repository's ``.git/hooks``)."""
+    _no_symlink_on_the_way(root, out_dir)
+    for part in out_dir.relative_to(root).parts:
+        if part.casefold() in (".git", ".crdt"):
+            raise ResolveError(f"output path {out_dir.relative_to(root)} goes into {part}")
+
+
 def check_inputs(store: ObjectStore, descriptors: list[dict[str, Any]]) -> None:
     """Refuse descriptors whose tables contradict themselves or their chunks (sizes read from
     the object headers), before any buffer is sized from them: a hostile descriptor must give
@@ -89,8 +99,8 @@ def resolve(
     manifest = repo.read_manifest()
     out_dir = output if output is not None else repo.root / manifest.output()
     if output is None:
-        _no_symlink_on_the_way(repo.root, out_dir)
-    cache.check_replaceable(out_dir)  # before any work: never computed only to be refused
+        check_output_path(repo.root, out_dir)
+    cache.check_replaceable(repo, out_dir)  # before any work: never computed only to be refused
     root = manifest.merkle_root()
     if not manifest.visible_contributions():
         if output is None:  # the set became empty: the old model must not stay
@@ -110,6 +120,7 @@ def resolve(
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
+    check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
@@ -130,10 +141,51 @@ def resolve(
             progress=advance,
         )
         faults.point("resolve:computed")
-        final = cache.commit_to_cache(repo, key, work)
+        cache.commit_to_cache(repo, key, work)
+    except MemoryError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ResolveError("out of memory while resolving (see 'git crdt verify')") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    cache.publish(final, out_dir)
-    cache.keep_out_of_git(repo, out_dir)
+    cache.publish_entry(repo, key, out_dir)
+    cache.prune_to_budget(repo, key)
     return Outcome(root, out_dir, False)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use: the system's MemAvailable, and what the
+    address-space limit (``ulimit -v``) leaves; None where neither is known."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", "rb") as fh:
+                used = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            found.append(max(limit - used, 0))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(largest: int, inputs: int) -> None:
+    """Refuse a resolution whose buffers alone (one slot per input, plus the result and
+    temporaries, each the largest tensor) cannot fit: a descriptor that lists one small chunk
+    many times claims a tensor far larger than its objects, and must be a one-line error, not
+    an out-of-memory kill."""
+    need = largest * (inputs + 3)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ResolveError(
+            f"resolving needs about {need / 1e9:.1f} GB of memory (largest tensor "
+            f"{largest / 1e9:.2f} GB x {inputs + 3}), {have / 1e9:.1f} GB is available"
+        )

@@ -23,7 +23,6 @@ merge in progress) and its fix.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 import blake3
 
-from . import checks, descriptor, gitops, invariants
+from . import bounded, checks, descriptor, gitops, invariants
 from .errors import CrdtError, GitError, ManifestError, NotFoundError
 from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
@@ -54,6 +53,8 @@ FIXES = {
     "lost-record": invariants.LOST_FIX,
     "attributes": "put '.crdt/manifest merge=crdt text eol=lf' back into .gitattributes "
     "('git crdt init' does it) and stage it",
+    "output": "run 'git crdt resolve': a modified cache entry is dropped and computed again, "
+    "and a modified output folder is published again from the cache",
 }
 
 
@@ -112,8 +113,7 @@ def load_state(repo: Repo, rev: str | None) -> Manifest:
 
 def _manifest_bytes(repo: Repo, rev: str | None) -> tuple[bytes, str]:
     if rev is None:
-        path = repo.manifest_path
-        return (path.read_bytes() if path.exists() else b""), MANIFEST_PATH
+        return repo.read_manifest_bytes(), MANIFEST_PATH
     spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"
     return gitops.show_blob(repo.root, spec) or b"", spec
 
@@ -142,7 +142,7 @@ def _parse_leniently(data: bytes, source: str, report: Report) -> Manifest | Non
 
 
 def _unstaged_note(repo: Repo) -> str | None:
-    work = repo.manifest_path.read_bytes() if repo.manifest_path.exists() else b""
+    work = repo.read_manifest_bytes()
     staged = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
     if work == staged:
         return None
@@ -163,11 +163,16 @@ def verify(
     fetch: bool = False,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    hash_new_against: str | None = None,
 ) -> Report:
     """Verify the state at ``rev`` (None: work tree manifest + index objects; ":" staged).
 
     In a partial clone, objects not fetched yet are reported as ``absent``; ``fetch=True``
-    first fetches what the visible set needs, in one batch per level."""
+    first fetches what the visible set needs, in one batch per level.
+
+    ``hash_new_against``: also re-hash (blake3) every object of the state that the tree of
+    that revision does not hold with the same git blob, i.e. what the state brings in (the
+    hooks that pass content on: ``pre-merge-commit``, ``pre-push``); ``""`` hashes all."""
     t0 = time.perf_counter()
     repo.require_initialized()
     report = Report(state={None: "work tree", ":": "staged"}.get(rev, f"revision {rev}"))
@@ -198,10 +203,20 @@ def verify(
         except CrdtError as exc:
             report.notes.append(f"could not fetch every absent object: {exc}")
     _check_objects(repo, store, manifest, report, resolvable)
+    if hash_new_against is not None and not full:
+        t1 = time.perf_counter()
+        only = new_objects(repo, store, hash_new_against)
+        _rehash(repo, store, report, progress, on_start, only)
+        report.hash_seconds = time.perf_counter() - t1
     if full and not any(p.kind == "conflict" for p in report.problems):
         t1 = time.perf_counter()
         _rehash(repo, store, report, progress, on_start)
         _check_content(store, manifest, report)
+        if store.rev is None:  # the clone's own results: the cache and the published folders
+            from . import cache
+
+            for msg in cache.verify_outputs(repo):
+                report.add("output", msg)
         report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
@@ -257,13 +272,17 @@ def _check_objects(
             report.add("descriptor", f"{what}: descriptor larger than the limit")
             continue
         try:
-            data = store.get(address)
-            desc = json.loads(data)
+            data = store.get(address, verify=True)  # small: always checked against its name
         except CrdtError as exc:
-            report.add("missing-object", f"{what}: {exc}")
+            kind = "corrupt-object" if "blake3" in str(exc) else "missing-object"
+            if must:
+                report.add(kind, f"{what}: {exc}")
             continue
-        except ValueError:
-            report.add("descriptor", f"{what}: descriptor is not JSON")
+        try:
+            desc = bounded.loads_json(data, "descriptor")
+        except CrdtError as exc:
+            if must:
+                report.add("descriptor", f"{what}: {exc}")
             continue
         found = checks.descriptor_problems(desc, what)
         if not found and descriptor.contribution_id(desc, data) != cid:
@@ -385,6 +404,7 @@ def _check_registers(
     descs: dict[str, dict[str, Any]],
     report: Report,
 ) -> None:
+    from . import plugins
     from .strategies import registry  # imports torch: only the full CLI check comes here
 
     value = manifest.strategy()
@@ -393,7 +413,15 @@ def _check_registers(
         if not visible:
             return  # an empty set resolves to nothing: no contract to meet yet
         registry.check_contract(strategy, len(visible), manifest.base() is not None)
-        registry.resolve_params(strategy, value["params"], visible)
+        params = registry.resolve_params(strategy, value["params"], visible)
+        for pname, group in registry.PLUGIN_PARAMS.items():
+            plugin = params.get(pname)
+            if isinstance(plugin, str) and plugin and not plugins.installed(group, plugin):
+                report.add(
+                    "register",
+                    f"strategy {strategy.name}: plugin {plugin!r} not found in entry point "
+                    f"group {group!r}: this clone cannot resolve the set",
+                )
         weights = [float(descs[c].get("weight", 1.0)) for c, _ in visible if c in descs]
         if len(weights) == len(visible):
             registry.check_weights(strategy, weights, visible)
@@ -419,7 +447,7 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> No
     ids += [base] if base else []
     for cid in ids:
         try:
-            desc = json.loads(store.get(manifest.descriptor_address(cid)))
+            desc = bounded.loads_json(store.get(manifest.descriptor_address(cid)), "descriptor")
         except (CrdtError, ValueError):
             continue  # reported by the fast checks
         if checks.descriptor_problems(desc, "") or desc.get("format") != descriptor.FORMAT_V2:
@@ -441,16 +469,34 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> No
                 )
 
 
+def new_objects(repo: Repo, store: ObjectStore, against: str) -> set[str]:
+    """Object ids of ``store``'s state that the tree of ``against`` lacks, or holds as another
+    git blob (all of them when ``against`` is "" or not a commit here)."""
+    known = store.known()
+    if not against:
+        return set(known)
+    proc = gitops.run(
+        ["rev-parse", "--verify", "-q", f"{against}^{{commit}}"], repo.root, check=False
+    )
+    if proc.returncode != 0:
+        return set(known)
+    old = ObjectStore(repo.root, rev=proc.stdout.decode().strip()).known()
+    return {oid for oid, sha in known.items() if old.get(oid) != sha}
+
+
 def _rehash(
     repo: Repo,
     store: ObjectStore,
     report: Report,
     progress: Callable[[int], None] | None,
     on_start: Callable[[int], None] | None,
+    only: set[str] | None = None,
 ) -> None:
-    """blake3 of every object against its name, at disk speed: each object is read straight
-    into one reusable buffer and hashed with all cores."""
+    """blake3 of every object (or of those in ``only``) against its name, at disk speed: each
+    object is read straight into one reusable buffer and hashed with all cores."""
     known = store.known()
+    if only is not None:
+        known = {oid: sha for oid, sha in known.items() if oid in only}
     sizes = _object_sizes(store, known.values())
     items = sorted((oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None)
     if on_start is not None:

@@ -206,6 +206,7 @@ def test_json_mode_errors_keep_stdout_empty(repo: Path, tmp_path: Path) -> None:
 def test_name_taken_by_another_contribution_is_refused(repo: Path, tmp_path: Path) -> None:
     crdt(repo, "add-contribution", str(make_model(tmp_path / "a.safetensors", 1)), "-n", "m")
     before = (repo / ".crdt" / "manifest").read_bytes()
+    staged = git(repo, "ls-files", "-s").stdout
     proc = crdt(
         repo,
         "add-contribution",
@@ -216,6 +217,7 @@ def test_name_taken_by_another_contribution_is_refused(repo: Path, tmp_path: Pat
     )
     assert_one_line_error(proc, 4, "'m' is already used")
     assert (repo / ".crdt" / "manifest").read_bytes() == before
+    assert git(repo, "ls-files", "-s").stdout == staged  # nothing staged (docs/errors.md)
 
 
 INVALID_ARGS = [

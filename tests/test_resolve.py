@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -431,6 +432,63 @@ def test_second_resolve_is_a_cache_hit_with_hard_links_to_the_cache(tmp_path: Pa
     assert resolve(Repo.open(repo)).cache_hit
     for f in merged.iterdir():
         assert inode(f) == inode(cached / f.name), f.name
+
+
+def test_an_edit_in_the_output_folder_never_changes_what_a_later_resolve_serves(
+    tmp_path: Path,
+) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    add(repo, model(tmp_path, 1))
+    resolve_cli(repo)
+    merged = repo / "merged"
+    want = digests(merged)
+    (merged / "resolution.json").chmod(0o644)  # the files are read-only: a user insists
+    with open(merged / "resolution.json", "ab") as fh:  # appended: the cache's file too
+        fh.write(b" ")
+    again = resolve_cli(repo)
+    assert again["cache_hit"] is False  # the shared file's ctime moved: re-hashed, recomputed
+    assert digests(merged) == want
+    # the same size, other bytes, mtime set back: the ctime still moves
+    path = merged / "model.safetensors"
+    st = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert crdt(repo, "verify", "--full", check=False).returncode == 1
+    assert resolve_cli(repo)["cache_hit"] is False
+    assert digests(merged) == want
+    assert digests(cache_dir(repo, status(repo)["merkle_root"])) == want
+    assert crdt(repo, "verify", "--full", check=False).returncode == 0
+
+
+def test_gc_prunes_entries_no_ref_reaches_then_the_least_recent_beyond_the_budget(
+    tmp_path: Path,
+) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    add(repo, model(tmp_path, 1))
+    one = resolve_cli(repo)["merkle_root"]
+    git(repo, "switch", "-q", "-c", "side")
+    add(repo, model(tmp_path, 2))
+    two = resolve_cli(repo)["merkle_root"]
+    add(repo, model(tmp_path, 3), commit=False)
+    three = resolve_cli(repo)["merkle_root"]  # only the work tree and index reach it
+    crdt(repo, "remove-contribution", "m3")
+    git(repo, "commit", "-q", "-m", "remove m3")
+    entries = {p.name for p in (repo / ".git" / "crdt" / "cache").iterdir()}
+    assert {one, two, three} <= entries
+    out = json.loads(crdt(repo, "gc", "--json").stdout)
+    assert out["removed"] == [three] and sorted(out["kept"]) == sorted([one, two])
+    # a budget below both: the least recently used goes, the newest stays
+    resolve_cli(repo)  # a hit on two: the most recent
+    size = sum(f.stat().st_size for f in cache_dir(repo, two).iterdir())
+    out = json.loads(crdt(repo, "gc", "--json", "--max-bytes", str(size)).stdout)
+    assert out["removed"] == [one] and out["kept"] == [two]
+    assert not cache_dir(repo, one).exists() and cache_dir(repo, two).is_dir()
+    git(repo, "switch", "-q", "main")
+    assert resolve_cli(repo)["cache_hit"] is False  # computed again, identical root
+    assert resolve_cli(repo)["merkle_root"] == one
 
 
 def test_checkout_back_to_a_resolved_set_republishes_the_cached_files(tmp_path: Path) -> None:

@@ -399,7 +399,8 @@ def test_parameter_validation_errors_are_one_line() -> None:
         assert "\n" not in str(info.value)
     bad_values: list[tuple[str, dict[str, Any], str]] = [
         ("karcher", {"max_iter": -1}, "karcher: parameter max_iter must be >= 0"),
-        ("karcher", {"tol": -1e-5}, "karcher: parameter tol must be >= 0"),
+        ("karcher", {"tol": -1e-5}, r"karcher: parameter tol must be in \(0, 1\]"),
+        ("karcher", {"tol": 0}, r"karcher: parameter tol must be in \(0, 1\]"),
         ("multislerp", {"eps": -1.0}, "multislerp: parameter eps must be >= 0"),
         ("sce", {"select_topk": 1.5}, r"sce: parameter select_topk must be in \[0, 1\]"),
         ("sce", {"select_topk": -0.1}, r"sce: parameter select_topk must be in \[0, 1\]"),

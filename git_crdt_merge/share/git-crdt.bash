@@ -3,7 +3,7 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify merge-driver demo completion man version'
+__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
@@ -29,7 +29,8 @@ __git_crdt_options() {
         repair) echo '--drop-invalid --no-drop-invalid --dry-run --no-dry-run --json -h --help' ;;
         restore-records) echo '--from --remove --json -h --help' ;;
         revert) echo '-n --no-commit -h --help' ;;
-        verify) echo '--staged --rev --full --fetch --json -q --quiet -h --help' ;;
+        verify) echo '--staged --rev --full --fetch --fast --json -q --quiet -h --help' ;;
+        gc) echo '--max-bytes --json -h --help' ;;
         merge-driver) echo '-h --help' ;;
         demo) echo '--keep --json -q --quiet -h --help' ;;
         completion) echo '--path -h --help' ;;

@@ -55,13 +55,79 @@ REQUIRED: Any = _Required()
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a strategy."""
+    """One parameter of a strategy.
+
+    Every numeric parameter has a declared range ``[low, high]`` (``low`` excluded when
+    ``low_open``): the manifest is hostile data, and an iteration count of 1e12 or a
+    tolerance of 0 must be refused where the register is written, verified and resolved,
+    not hang or divide by zero.  Unset bounds come from :data:`CONVENTIONAL_RANGES` by name,
+    else from the type (:data:`TYPE_RANGES`)."""
 
     name: str
     type: type  # float | int | bool | str
     default: Any  # REQUIRED or a value of ``type``
     per_contribution: bool = False
     help: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool | None = None
+
+    def bounds(self) -> tuple[float, float, bool]:
+        """(low, high, low excluded) of a numeric parameter."""
+        low, high, low_open = CONVENTIONAL_RANGES.get(
+            self.name, TYPE_RANGES.get(self.type, (-math.inf, math.inf, False))
+        )
+        return (
+            low if self.low is None else self.low,
+            high if self.high is None else self.high,
+            low_open if self.low_open is None else self.low_open,
+        )
+
+    def range_text(self) -> str:
+        low, high, low_open = self.bounds()
+        return f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+# The ranges a parameter of this name has unless its declaration says otherwise: fractions,
+# tolerances and step sizes are positive; iteration counts and populations are bounded so
+# that a resolution finishes (a generation or a step evaluates the whole model).
+CONVENTIONAL_RANGES: dict[str, tuple[float, float, bool]] = {
+    "density": (0.0, 1.0, True),
+    "base_density": (0.0, 1.0, True),
+    "eta": (0.0, 1.0, True),
+    "energy": (0.0, 1.0, True),
+    "mutation_rate": (0.0, 1.0, True),
+    "rank_fraction": (0.0, 1.0, True),
+    "fraction": (0.0, 1.0, False),
+    "select_topk": (0.0, 1.0, False),
+    "init": (0.0, 1.0, False),
+    "gamma": (0.0, 1.0, False),
+    "tol": (0.0, 1.0, True),
+    "fd_step": (0.0, 1.0, True),
+    "lr": (0.0, 10.0, True),
+    "sigma": (0.0, 10.0, True),
+    "eps": (0.0, 1e6, False),
+    "epsilon": (0.0, 1e6, False),
+    "ridge": (0.0, 1e6, False),
+    "cosine_weight": (0.0, 1e6, False),
+    "l1_weight": (0.0, 1e6, False),
+    "l2_weight": (0.0, 1e6, False),
+    "max_iter": (0, 1000, False),
+    "steps": (0, 10_000, False),
+    "generations": (0, 500, False),
+    "population_size": (2, 256, False),
+    "rank": (0, 65_536, False),
+}
+# String parameters that name an installed plugin (verify checks that it is installed; the
+# register may name one that only the resolving machine has).
+PLUGIN_PARAMS: dict[str, str] = {
+    "objective": plugins.FITNESS_GROUP,
+    "fitness": plugins.FITNESS_GROUP,
+}
+TYPE_RANGES: dict[type, tuple[float, float, bool]] = {
+    float: (-1e6, 1e6, False),
+    int: (0, 1_000_000, False),
+}
 
 
 @dataclass(frozen=True)
@@ -240,13 +306,17 @@ def _coerce(strategy: Strategy, param: Param, value: Any, where: str = "") -> An
     if param.type is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ResolveError(f"{label} must be a number, got {value!r}")
+        if isinstance(value, int) and abs(value) > 2**63:
+            raise ResolveError(f"{label} must be within {param.range_text()}, got a huge integer")
         result = float(value)
         if not math.isfinite(result):
             raise ResolveError(f"{label} must be finite, got {value!r}")
+        _check_range(param, result, label)
         return result
     if param.type is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ResolveError(f"{label} must be an integer, got {value!r}")
+        _check_range(param, value, label)
         return int(value)
     if param.type is bool:
         if not isinstance(value, bool):
@@ -255,8 +325,28 @@ def _coerce(strategy: Strategy, param: Param, value: Any, where: str = "") -> An
     if param.type is str:
         if not isinstance(value, str):
             raise ResolveError(f"{label} must be a string, got {value!r}")
+        if len(value) > 200:
+            raise ResolveError(f"{label} is longer than 200 characters")
         return value
     raise ResolveError(f"{label} has unsupported type {param.type!r}")  # pragma: no cover
+
+
+def _check_range(param: Param, value: float, label: str) -> None:
+    """The declared range; the message says the violated side, or the interval for
+    fractions."""
+    low, high, low_open = param.bounds()
+    below = value <= low if low_open else value < low
+    if not below and value <= high:
+        return
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    if len(shown) > 24:
+        shown = shown[:20] + "..."
+    if high <= 1:  # a fraction: the interval says it best
+        raise ResolveError(f"{label} must be in {param.range_text()}, got {shown}")
+    if below and not low_open:
+        raise ResolveError(f"{label} must be >= {low:g}, got {shown}")
+    side = f"> {low:g}" if below else f"<= {high:g}"
+    raise ResolveError(f"{label} must be {side}, got {shown}")
 
 
 def _per_contribution(
