@@ -679,11 +679,16 @@ def verify(
     staged: Annotated[bool, typer.Option("--staged", help="Check the index (pre-commit).")] = False,
     rev: Annotated[str | None, typer.Option("--rev", help="Check a commit instead.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
+    fetch: Annotated[
+        bool,
+        typer.Option("--fetch", help="Partial clone: fetch absent objects first."),
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the manifest, every record, descriptor and object, the compatibility of the
-    contributions and the strategy; exit 1 listing every problem (and how to fix it)."""
+    contributions and the strategy; exit 1 listing every problem (and how to fix it).  In a
+    partial clone, objects not fetched yet are named as absent."""
     from .verify import verify as do_verify
 
     if staged and rev is not None:
@@ -694,6 +699,7 @@ def verify(
             ":" if staged else rev,
             full=full,
             resolvable=True,
+            fetch=fetch,
             progress=adv,
             on_start=st,
         )

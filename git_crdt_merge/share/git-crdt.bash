@@ -25,7 +25,7 @@ __git_crdt_options() {
         diff) echo '--tensors --json -q --quiet -h --help' ;;
         show) echo '--json -h --help' ;;
         repair) echo '--drop-invalid --no-drop-invalid --dry-run --no-dry-run --json -h --help' ;;
-        verify) echo '--staged --rev --full --json -q --quiet -h --help' ;;
+        verify) echo '--staged --rev --full --fetch --json -q --quiet -h --help' ;;
         merge-driver) echo '-h --help' ;;
         demo) echo '--keep --json -q --quiet -h --help' ;;
         completion) echo '--path -h --help' ;;
