@@ -114,15 +114,6 @@ def check_attr(cwd: Path | str, attr: str, path: str) -> str:
     return text.rsplit(": ", 1)[-1] if text else "unspecified"
 
 
-def is_partial_clone(cwd: Path | str) -> bool:
-    """Whether missing objects are fetched on demand from a promisor remote (so that asking
-    for an object's size or contents may download it)."""
-    if config_get(cwd, "extensions.partialClone") is not None:
-        return True
-    proc = run(["config", "--get-regexp", r"^remote\..*\.promisor$"], cwd, check=False)
-    return any(line.split()[-1:] == ["true"] for line in proc.stdout.decode().splitlines())
-
-
 def remote_url(cwd: Path | str, name: str) -> str | None:
     proc = run(["remote", "get-url", name], cwd, check=False)
     return proc.stdout.decode().strip() if proc.returncode == 0 else None

@@ -369,7 +369,8 @@ def transport_diagnosis(cwd: Path | str, *, bare: bool, where: str = "") -> Diag
             f"a new pack (run {fix})"
         )
     # In a partial clone, asking for a missing blob's size would fetch it: skip the check.
-    stored, ok = stored_chunk_problems(cwd) if not gitops.is_partial_clone(cwd) else ([], None)
+    partial = gitops.promisor_remote(Path(cwd)) is not None
+    stored, ok = stored_chunk_problems(cwd) if not partial else ([], None)
     d.problems += [prefix + p for p in stored]
     if ok:
         d.ok.append(prefix + ok)
