@@ -538,7 +538,7 @@ def transport_diagnosis(cwd: Path | str, *, bare: bool, where: str = "") -> Diag
             f"a new pack (run {fix})"
         )
     # In a partial clone, asking for a missing blob's size would fetch it: skip the check.
-    partial = gitops.config_get(cwd, "extensions.partialClone") is not None
+    partial = gitops.promisor_remote(Path(cwd)) is not None
     stored, ok = stored_chunk_problems(cwd) if not partial else ([], None)
     d.problems += [prefix + p for p in stored]
     if ok:

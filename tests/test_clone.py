@@ -161,6 +161,10 @@ def test_clone_passes_branch_depth_and_filter_through(tmp_path: Path, origin: Pa
     assert json.loads(crdt(e, "doctor", "--json").stdout)["problems"] == []
     again = git(e, "rev-list", "--objects", "--missing=print", "HEAD").stdout.splitlines()
     assert again == missing
+    # resolve fetches the chunks it needs (in one batch) and still writes none into the tree
+    crdt(e, "resolve", "-q")
+    assert (e / "merged" / "model.safetensors").is_file() and files_under_objects(e) == []
+    assert crdt(e, "verify", "--full").returncode == 0
 
 
 def test_clone_into_a_folder_that_is_not_empty_is_a_one_line_error(
