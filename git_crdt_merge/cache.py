@@ -49,7 +49,7 @@ from .repo import Repo, atomic_write, pid_alive
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
 MARKER_LIMIT = 1024**2  # bytes of one content record or publication marker
-_HASH_PIECE = 16 << 20
+_HASH_PIECE = 1 << 20
 
 
 def seed_of(root: str) -> bytes:
@@ -97,11 +97,14 @@ def hash_file(path: Path) -> str:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        while True:
-            piece = os.read(fd, _HASH_PIECE)
-            if not piece:
-                return h.hexdigest()
-            h.update(piece)
+        buf = bytearray(_HASH_PIECE)  # one small reused buffer: resolution's RSS budget
+        view = memoryview(buf)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    return h.hexdigest()
+                h.update(view[:n])
     finally:
         os.close(fd)
 
