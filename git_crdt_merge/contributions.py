@@ -177,8 +177,8 @@ def read_descriptor(store: ObjectStore, manifest: Manifest, contribution_id: str
     address = manifest.descriptor_address(contribution_id)
     desc, data = _load(store, address)
     problems = checks.descriptor_problems(desc, f"descriptor {address[:16]}")
-    if problems:
-        raise ManifestError(problems[0])
+    if problems:  # every reader then sees well-typed fields (weights, shapes, names)
+        raise StoreError(problems[0])
     got = descriptor.contribution_id(desc, data)
     if got != contribution_id:
         raise ManifestError(

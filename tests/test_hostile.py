@@ -648,8 +648,11 @@ def _mutations() -> st.SearchStrategy[tuple[str, Any]]:
 
 
 def _mutate(desc: dict[str, Any], chunk: str, how: str, value: Any, store: ObjectStore) -> bytes:
-    name = next(iter(desc["tensors"]))
-    info = desc["tensors"][name]
+    tensors = desc.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:  # an earlier mutation dropped the table
+        tensors = desc["tensors"] = {"t": {}}
+    name = next(iter(tensors))
+    info = tensors[name]
     if how in ("weight",):
         desc["weight"] = value
     elif how in ("shape", "bytes", "dtype"):
