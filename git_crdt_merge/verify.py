@@ -183,8 +183,8 @@ def verify(
     _check_objects(repo, store, manifest, report, resolvable)
     if full and not any(p.kind == "conflict" for p in report.problems):
         t1 = time.perf_counter()
-        _rehash(repo, store, report, progress, on_start)
-        _check_content(store, manifest, report)
+        bad = _rehash(repo, store, report, progress, on_start)
+        _check_content(store, manifest, report, bad)
         report.hash_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report
@@ -360,9 +360,10 @@ def _check_registers(
                 )
 
 
-def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> None:
+def _check_content(store: ObjectStore, manifest: Manifest, report: Report, bad: set[str]) -> None:
     """Each format-2 tensor's chunks, joined, against the content hash its id is made of: two
-    descriptors that claim one id must describe the same bytes."""
+    descriptors that claim one id must describe the same bytes.  Tensors with a chunk in
+    ``bad`` (already reported as not matching its name) are skipped."""
     ids = [cid for cid, _ in manifest.visible_contributions()]
     base = manifest.base()
     ids += [base] if base else []
@@ -376,6 +377,8 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report) -> No
         entries = [(n, e) for n, e in desc["tensors"].items()]
         entries += [(n, e) for _, n, e in checks.nested_tensor_entries(desc)]
         for name, entry in entries:
+            if bad.intersection(entry["chunks"]):
+                continue
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             try:
                 for chunk in entry["chunks"]:
@@ -396,9 +399,10 @@ def _rehash(
     report: Report,
     progress: Callable[[int], None] | None,
     on_start: Callable[[int], None] | None,
-) -> None:
+) -> set[str]:
     """blake3 of every object against its name, at disk speed: each object is read straight
-    into one reusable buffer and hashed with all cores."""
+    into one reusable buffer and hashed with all cores.  Returns the ids found bad."""
+    bad: set[str] = set()
     known = store.known()
     sizes = gitops.object_sizes(repo.root, known.values())
     items = sorted((oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None)
@@ -413,9 +417,12 @@ def _rehash(
             reader.read_into(sha, view)
         except Exception as exc:  # corrupt zlib stream, truncated file, bad pack entry
             report.add("corrupt-object", f"object {oid[:16]} cannot be read ({exc})")
+            bad.add(oid)
             continue
         if blake3.blake3(view, max_threads=blake3.blake3.AUTO).hexdigest() != oid:
             report.add("corrupt-object", f"object {oid[:16]} does not match its blake3 name")
+            bad.add(oid)
         report.bytes_hashed += n
         if progress is not None:
             progress(n)
+    return bad
