@@ -163,7 +163,7 @@ def _load(store: ObjectStore, address: str) -> tuple[dict[str, Any], bytes]:
     size = store.size(address)
     if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
         raise ManifestError(f"descriptor {address[:16]} is larger than the limit")
-    data = store.get(address)
+    data = store.get(address, max_size=checks.MAX_DESCRIPTOR_BYTES)
     try:
         desc = json.loads(data)
     except ValueError:
@@ -189,6 +189,24 @@ def read_descriptor(store: ObjectStore, manifest: Manifest, contribution_id: str
             f"{contribution_id[:16]} (a substituted or corrupt object: run 'git crdt verify')"
         )
     return desc
+
+
+def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
+    """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
+    the descriptors in one batch, then every object they reference in one batch.  Returns the
+    number of objects fetched (0 in a full clone, with no git process started)."""
+    if not store.partial:
+        return 0
+    ids = [cid for cid, _ in manifest.visible_contributions()]
+    base = manifest.base()
+    if base is not None:
+        ids.append(base)
+    fetched = store.fetch_absent(ids)
+    refs: set[str] = set()
+    for cid in ids:
+        if store.has(cid):
+            refs |= {oid for oid, _ in checks.object_references(load_descriptor(store, cid))}
+    return fetched + store.fetch_absent(refs)
 
 
 def _check_weight(weight: float | None) -> None:
