@@ -201,11 +201,12 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     base = manifest.base()
     if base is not None:
         ids.append(base)
-    fetched = store.fetch_absent(ids)
+    addresses = [manifest.descriptor_address(cid) for cid in ids]
+    fetched = store.fetch_absent(addresses)
     refs: set[str] = set()
-    for cid in ids:
-        if store.has(cid):
-            refs |= {oid for oid, _ in checks.object_references(load_descriptor(store, cid))}
+    for address in addresses:
+        if store.has(address):
+            refs |= {oid for oid, _ in checks.object_references(load_descriptor(store, address))}
     return fetched + store.fetch_absent(refs)
 
 
