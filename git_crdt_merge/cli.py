@@ -90,8 +90,13 @@ def byte_progress(
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
 
 
-def open_repo() -> Repo:
-    return Repo.open(Path.cwd())
+def open_repo(*, tidy: bool = False) -> Repo:
+    """The repository of the current directory; ``tidy`` (commands that write the set or the
+    model) first takes chunk files a ``git stash pop`` left in the work tree out again."""
+    repo = Repo.open(Path.cwd())
+    if tidy:
+        installer.drop_chunk_files(repo.root)
+    return repo
 
 
 def human_bytes(n: float) -> str:
@@ -121,13 +126,102 @@ def install(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Register the merge driver and the hooks in this clone (idempotent)."""
+    """Register the merge driver and the hooks in this clone (idempotent).
+
+    Also sets what git needs to move the chunks undeflated and without delta search (push,
+    fetch, clone, gc); in a bare repository (a remote) it sets only that."""
     with handle_errors():
         notes = installer.install(Path.cwd(), global_=global_)
     if not quiet:
         for note in notes:
             err.print(note, markup=False)
         err.print("git-crdt installed")
+
+
+@app.command()
+def clone(
+    url: Annotated[str, typer.Argument(help="The repository to clone (any git URL or path).")],
+    directory: Annotated[
+        Path | None, typer.Argument(help="The new folder (default: from the URL, as git).")
+    ] = None,
+    branch: Annotated[
+        str | None, typer.Option("--branch", "-b", help="Check out this branch or tag.")
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option("--depth", min=1, help="A shallow clone of N commits.")
+    ] = None,
+    filter_: Annotated[
+        str | None,
+        typer.Option("--filter", help="A partial clone, e.g. blob:none (git clone --filter)."),
+    ] = None,
+    origin: Annotated[
+        str | None, typer.Option("--origin", "-o", help="Name of the remote (default origin).")
+    ] = None,
+    single_branch: Annotated[
+        bool, typer.Option("--single-branch", help="Fetch only one branch's history.")
+    ] = False,
+    no_tags: Annotated[bool, typer.Option("--no-tags", help="Fetch no tags.")] = False,
+    shallow_since: Annotated[
+        str | None, typer.Option("--shallow-since", help="A shallow clone since DATE.")
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option("--reference", help="Borrow objects from this repository.")
+    ] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option("--config", "-c", help="KEY=VALUE set in the new clone (repeatable)."),
+    ] = None,
+    no_resolve: Annotated[
+        bool, typer.Option("--no-resolve", help="Check out, but do not resolve the model.")
+    ] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Clone, install and check out without ever writing a chunk into the work tree.
+
+    Like 'git lfs clone': 'git clone --no-checkout', then 'git crdt install' in the new
+    clone (driver, hooks, transport settings, sparse checkout excluding .crdt/objects/), then
+    the checkout and the merged model. A plain 'git clone' writes every chunk into the work
+    tree first."""
+    from .clone import clone as do_clone
+
+    args: list[str] = []
+    for flag, value in (
+        ("--branch", branch),
+        ("--depth", depth),
+        ("--filter", filter_),
+        ("--origin", origin),
+        ("--shallow-since", shallow_since),
+        ("--reference", reference),
+    ):
+        if value is not None:
+            args.append(f"{flag}={value}")
+    args += ["--single-branch"] if single_branch else []
+    args += ["--no-tags"] if no_tags else []
+    args += [f"--config={c}" for c in config or []]
+    args += ["--quiet"] if quiet or json_ else []
+    show = not (quiet or json_) and err.is_terminal
+    with handle_errors(), byte_progress("resolve", show) as (start, advance):
+        result = do_clone(
+            url,
+            directory,
+            cwd=Path.cwd(),
+            clone_args=args,
+            resolve=not no_resolve,
+            show_progress=show,
+            on_start=start,
+            progress=advance,
+        )
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        for note in result.notes:
+            err.print(note, markup=False)
+        if result.resolved and not result.resolved["empty"]:
+            where = Path(result.resolved["output"])
+            rel = where.relative_to(result.path) if where.is_relative_to(result.path) else where
+            err.print(f"merged model in {rel}/", markup=False)
+        err.print(f"cloned into {result.path} (chunks kept out of the work tree)", markup=False)
 
 
 @app.command()
@@ -143,9 +237,21 @@ def uninstall(
 
 
 @app.command()
-def doctor(json_: JsonOpt = False) -> None:
-    """Report what is missing or broken; exit 1 if anything is."""
-    d = installer.doctor(Path.cwd())
+def doctor(
+    remote: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            help="Also check a remote on this machine (a remote's name, a path or a file:// "
+            "URL): would it deflate the chunks again or search them for deltas?",
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Report what is missing or broken; exit 1 if anything is.
+
+    Also runs in a bare repository (a remote), where it checks the transport settings."""
+    d = installer.doctor(Path.cwd(), remote=remote)
     if json_:
         emit_json({"ok": d.ok, "problems": d.problems})
     else:
@@ -188,7 +294,7 @@ def add_contribution(
     with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
         extra_inputs = contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra)
         result = contributions.add_contribution(
-            open_repo(),
+            open_repo(tidy=True),
             path,
             name=name,
             weight=weight,
@@ -218,7 +324,7 @@ def remove_contribution(
 ) -> None:
     """Remove a contribution (observed-remove: concurrent re-adds survive)."""
     with handle_errors():
-        cid = contributions.remove_contribution(open_repo(), name_or_id)
+        cid = contributions.remove_contribution(open_repo(tidy=True), name_or_id)
     if json_:
         emit_json({"removed": cid})
     else:
@@ -236,7 +342,7 @@ def set_base(
     """Store the base model and record it in the 'base' register."""
     with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
         result = contributions.set_base(
-            open_repo(),
+            open_repo(tidy=True),
             path,
             allow_pickle=allow_pickle,
             on_start=start,
@@ -360,7 +466,7 @@ def resolve(
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
     with handle_errors(), byte_progress("resolve", not (json_ or quiet)) as (start, advance):
         outcome = do_resolve(
-            open_repo(),
+            open_repo(tidy=True),
             output=output,
             device=device,
             compute_dtype=compute_dtype,
@@ -677,11 +783,16 @@ def verify(
     staged: Annotated[bool, typer.Option("--staged", help="Check the index (pre-commit).")] = False,
     rev: Annotated[str | None, typer.Option("--rev", help="Check a commit instead.")] = None,
     full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
+    fetch: Annotated[
+        bool,
+        typer.Option("--fetch", help="Partial clone: fetch absent objects first."),
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check the manifest, every record, descriptor and object, the compatibility of the
-    contributions and the strategy; exit 1 listing every problem (and how to fix it)."""
+    contributions and the strategy; exit 1 listing every problem (and how to fix it).  In a
+    partial clone, objects not fetched yet are named as absent."""
     from .verify import verify as do_verify
 
     if staged and rev is not None:
@@ -692,6 +803,7 @@ def verify(
             ":" if staged else rev,
             full=full,
             resolvable=True,
+            fetch=fetch,
             progress=adv,
             on_start=st,
         )

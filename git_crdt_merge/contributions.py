@@ -151,7 +151,7 @@ def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
     size = store.size(contribution_id)
     if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
         raise ManifestError(f"descriptor {contribution_id[:16]} is larger than the limit")
-    data = store.get(contribution_id)
+    data = store.get(contribution_id, max_size=checks.MAX_DESCRIPTOR_BYTES)
     try:
         desc = json.loads(data)
     except ValueError:
@@ -159,6 +159,24 @@ def load_descriptor(store: ObjectStore, contribution_id: str) -> dict[str, Any]:
     if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
         raise ManifestError(f"descriptor {contribution_id[:16]} has no tensor table")
     return desc
+
+
+def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
+    """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
+    the descriptors in one batch, then every object they reference in one batch.  Returns the
+    number of objects fetched (0 in a full clone, with no git process started)."""
+    if not store.partial:
+        return 0
+    ids = [cid for cid, _ in manifest.visible_contributions()]
+    base = manifest.base()
+    if base is not None:
+        ids.append(base)
+    fetched = store.fetch_absent(ids)
+    refs: set[str] = set()
+    for cid in ids:
+        if store.has(cid):
+            refs |= {oid for oid, _ in checks.object_references(load_descriptor(store, cid))}
+    return fetched + store.fetch_absent(refs)
 
 
 def _check_weight(weight: float | None) -> None:

@@ -3,7 +3,8 @@
 Tensor data is written as loose objects by this module itself (``blob <size>\\0`` + data,
 SHA-1 named, zlib *stored* blocks, atomic rename): git and libgit2 read them like any other
 object, and it runs near disk speed where ``git add`` or libgit2 deflate at 16-33 MB/s
-(measurements in ../docs/performance.md).  No torch here.
+(measurements in ../docs/performance.md).  Objects are read back, in whatever form git left
+them, by :mod:`.gitobjects`.  No torch here.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import struct
 import subprocess
 import tempfile
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import faults
 from .errors import GitError, LockError, NotARepositoryError
+
+# A bound on any manifest we read from history (the manifest parser bounds each line).
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 
 def run(
@@ -85,6 +88,64 @@ def config_unset(root: Path | str, key: str, *, scope: str = "local") -> None:
 
 def config_remove_section(root: Path | str, section: str, *, scope: str = "local") -> None:
     run(["config", f"--{scope}", "--remove-section", section], root, check=False)
+
+
+def config_get_int(root: Path | str, key: str) -> int | None:
+    """The effective value of an integer key (git's k/m/g suffixes applied); None if unset."""
+    proc = run(["config", "--type=int", "--get", key], root, check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        return int(proc.stdout.decode().strip())
+    except ValueError:
+        return None
+
+
+# -- repositories, bare or not ---------------------------------------------------------------
+def is_bare(cwd: Path | str) -> bool | None:
+    """True in a bare repository, False in a work tree, None outside any repository."""
+    proc = run(["rev-parse", "--is-bare-repository"], cwd, check=False)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode().strip() == "true"
+
+
+def check_attr(cwd: Path | str, attr: str, path: str) -> str:
+    """The value of attribute ``attr`` for ``path`` (``set``, ``unset``, ``unspecified`` or a
+    value); in a bare repository only ``$GIT_DIR/info/attributes`` and the global files apply."""
+    text = out(["check-attr", attr, "--", path], cwd)
+    return text.rsplit(": ", 1)[-1] if text else "unspecified"
+
+
+def remote_url(cwd: Path | str, name: str) -> str | None:
+    proc = run(["remote", "get-url", name], cwd, check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def stored_forms(cwd: Path | str, shas: Iterable[str]) -> dict[str, tuple[int, int, bool]]:
+    """SHA-1 -> (size, bytes on disk, stored as a delta) for each object that exists."""
+    shas = sorted(set(shas))
+    if not shas:
+        return {}
+    fmt = "--batch-check=%(objectname) %(objectsize) %(objectsize:disk) %(deltabase)"
+    text = run(["cat-file", fmt], cwd, input="".join(f"{s}\n" for s in shas).encode())
+    forms: dict[str, tuple[int, int, bool]] = {}
+    for line in text.stdout.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[1].isdigit():
+            forms[parts[0]] = (int(parts[1]), int(parts[2]), parts[3].strip("0") != "")
+    return forms
+
+
+def clone(args: Sequence[str], cwd: Path | str, *, show_progress: bool) -> None:
+    """``git clone ARGS``; with ``show_progress`` git's own progress and messages reach the
+    user's terminal (stderr is inherited), otherwise they are captured."""
+    if not show_progress:
+        run(["clone", *args], cwd)
+        return
+    code = subprocess.run(["git", "clone", *args], cwd=cwd).returncode
+    if code != 0:
+        raise GitError(f"git clone failed (exit {code}; git's message is above)")
 
 
 # -- objects ---------------------------------------------------------------------------------
@@ -174,132 +235,34 @@ def write_loose_blob(objects_dir: Path, data: bytes | memoryview, sha: str | Non
     return sha
 
 
-def read_loose_blob(objects_dir: Path, sha: str) -> bytes | None:
-    """Read a loose blob directly (fast for stored blocks); None if it is not loose."""
-    try:
-        raw = _loose_path(objects_dir, sha).read_bytes()
-    except FileNotFoundError:
-        return None
-    data = zlib.decompress(raw)
-    nul = data.index(b"\x00")
-    return data[nul + 1 :]
+def promisor_remote(root: Path) -> str | None:
+    """The remote a partial clone fetches its missing objects from (None: not partial)."""
+    proc = run(["config", "--get-regexp", r"^remote\..*\.promisor$"], root, check=False)
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lower() in ("true", "yes", "on", "1"):
+            return key[len("remote.") : -len(".promisor")]
+    return config_get(root, "extensions.partialClone")
 
 
-def loose_blob_size(objects_dir: Path, sha: str) -> int | None:
-    """Size of a loose blob from its header (None if the object is not loose)."""
-    try:
-        with open(_loose_path(objects_dir, sha), "rb") as fh:
-            head = fh.read(96)
-    except FileNotFoundError:
-        return None
-    try:
-        text = zlib.decompressobj().decompress(head, 64)
-    except zlib.error:
-        raise GitError(f"git object {sha} is corrupt") from None
-    nul = text.find(b"\x00")
-    if not text.startswith(b"blob ") or nul < 0:
-        raise GitError(f"git object {sha} is not a blob")
-    return int(text[5:nul])
-
-
-def _stored_layout(header_len: int, size: int) -> list[int]:
-    """Payload lengths of the stored deflate blocks ``write_loose_blob`` makes."""
-    total = header_len + size
-    if total == 0:
-        return [0]
-    first = min(_STORED_MAX, total)
-    lengths = [first]
-    rest = total - first
-    while rest > 0:
-        lengths.append(min(_STORED_MAX, rest))
-        rest -= lengths[-1]
-    return lengths
-
-
-def read_stored_blob_into(objects_dir: Path, sha: str, dest: memoryview) -> bool:
-    """Read a loose blob written by :func:`write_loose_blob` straight into ``dest``.
-
-    The stored-block layout is known from the size, so one ``preadv`` scatters the payload into
-    ``dest`` (no decompression, one copy from the page cache) and the block headers and the
-    adler32 checksum are checked.  Returns False (``dest`` untouched or partial) when the object
-    is not loose or was written another way; the caller then falls back to a normal read.
-    """
-    header = b"blob %d\x00" % len(dest)
-    lengths = _stored_layout(len(header), len(dest))
-    expected_size = 2 + 5 * len(lengths) + len(header) + len(dest) + 4
-    try:
-        fd = os.open(_loose_path(objects_dir, sha), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        if os.fstat(fd).st_size != expected_size:
-            return False
-        heads = bytearray(5 * len(lengths))
-        hv = memoryview(heads)
-        head_buf = bytearray(len(header))
-        zhead = bytearray(2)
-        trailer = bytearray(4)
-        iov: list[memoryview | bytearray] = [zhead]
-        pos = 0
-        for i, n in enumerate(lengths):
-            iov.append(hv[5 * i : 5 * i + 5])
-            if i == 0:
-                iov.append(head_buf)
-                n -= len(header)
-            if n:
-                iov.append(dest[pos : pos + n])
-                pos += n
-        iov.append(trailer)
-        offset = 0
-        for i in range(0, len(iov), _IOV_BATCH):
-            batch = iov[i : i + _IOV_BATCH]
-            want = sum(len(b) for b in batch)
-            if os.preadv(fd, batch, offset) != want:
-                return False
-            offset += want
-    finally:
-        os.close(fd)
-    want_heads = b"".join(
-        bytes([1 if i == len(lengths) - 1 else 0]) + struct.pack("<HH", n, n ^ 0xFFFF)
-        for i, n in enumerate(lengths)
-    )
-    if bytes(zhead) != b"\x78\x01" or bytes(head_buf) != header or heads != want_heads:
-        return False
-    checksum = _adler32(dest, _adler32(header)) & 0xFFFFFFFF
-    if struct.unpack(">I", trailer)[0] != checksum:
-        raise GitError(f"git object {sha} is corrupt (adler32 mismatch)")
-    return True
-
-
-class BlobReader:
-    """Reads blobs by SHA-1: loose objects directly, packed ones through pygit2."""
-
-    def __init__(self, root: Path) -> None:
-        self.objects_dir = common_dir(root) / "objects"
-        self._repo: object | None = None
-        self.root = root
-
-    def read(self, sha: str) -> bytes:
-        data = read_loose_blob(self.objects_dir, sha)
-        if data is not None:
-            return data
-        if self._repo is None:
-            import pygit2
-
-            self._repo = pygit2.Repository(str(self.root))
-        try:
-            return bytes(self._repo[sha].data)  # type: ignore[index]
-        except (KeyError, ValueError):
-            raise GitError(f"git object {sha} is missing") from None
-
-    def read_into(self, sha: str, dest: memoryview) -> None:
-        """Fill ``dest`` with the blob's bytes (its size must be ``len(dest)``)."""
-        if read_stored_blob_into(self.objects_dir, sha, dest):
-            return
-        data = self.read(sha)
-        if len(data) != len(dest):
-            raise GitError(f"git object {sha} has {len(data)} bytes, expected {len(dest)}")
-        dest[:] = data
+def fetch_objects(root: Path, remote: str, shas: Sequence[str]) -> None:
+    """Fetch the named objects from ``remote`` in one process, as git's own lazy fetch of a
+    partial clone does for one object at a time (no tags, no refs updated, no negotiation)."""
+    if not shas:
+        return
+    args = [
+        "-c",
+        "fetch.negotiationAlgorithm=noop",
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--no-write-fetch-head",
+        "--recurse-submodules=no",
+        "--filter=blob:none",
+        "--stdin",
+        remote,
+    ]
+    run(args, root, input="".join(f"{s}\n" for s in shas).encode())
 
 
 # -- index -----------------------------------------------------------------------------------
@@ -492,8 +455,14 @@ def manifest_history(
     root: Path, path: str, rev: str = "HEAD"
 ) -> list[tuple[str, str, list[str], bytes | None]]:
     """(commit, subject, parent commits, manifest bytes or None) for every commit reachable
-    from ``rev``, parents before children."""
+    from ``rev``, parents before children.
+
+    A partial clone lacks the manifests of older commits: they are fetched in one batch first,
+    and a manifest that still cannot be read is an error, never taken for an empty one (which
+    would credit its records to a later commit)."""
     import pygit2
+
+    from .gitobjects import ObjectDB
 
     repo = pygit2.Repository(str(root))
     try:
@@ -501,36 +470,29 @@ def manifest_history(
     except (KeyError, ValueError):
         return []
     walker = repo.walk(head.id, pygit2.enums.SortMode.TOPOLOGICAL | pygit2.enums.SortMode.REVERSE)
-    out: list[tuple[str, str, list[str], bytes | None]] = []
+    commits: list[tuple[str, str, list[str], str | None]] = []
     for commit in walker:
         try:
-            data: bytes | None = bytes(commit.tree[path].data)  # type: ignore[union-attr]
+            blob_id: str | None = str(commit.tree[path].id)
         except KeyError:
-            data = None
-        out.append(
-            (
-                str(commit.id),
-                commit.message.splitlines()[0] if commit.message else "",
-                [str(p) for p in commit.parent_ids],
-                data,
-            )
-        )
+            blob_id = None
+        subject = commit.message.splitlines()[0] if commit.message else ""
+        commits.append((str(commit.id), subject, [str(p) for p in commit.parent_ids], blob_id))
+    db = ObjectDB(common_dir(root) / "objects", root=root)
+    absent = db.missing(b for *_, b in commits if b is not None)
+    remote = promisor_remote(root) if absent else None
+    if remote is not None:
+        fetch_objects(root, remote, absent)
+    out: list[tuple[str, str, list[str], bytes | None]] = []
+    for commit_id, subject, parents, blob_id in commits:
+        data = None
+        if blob_id is not None:
+            try:
+                data = db.read(blob_id, max_size=MAX_MANIFEST_BYTES)
+            except GitError as exc:
+                raise GitError(f"the manifest of commit {commit_id[:10]}: {exc}") from None
+        out.append((commit_id, subject, parents, data))
     return out
-
-
-def object_sizes(root: Path, shas: Iterable[str]) -> dict[str, int | None]:
-    """SHA-1 -> size of each object in the object database (None: missing or not a blob)."""
-    shas = sorted(set(shas))
-    if not shas:
-        return {}
-    fmt = "--batch-check=%(objectname) %(objecttype) %(objectsize)"
-    text = run(["cat-file", fmt], root, input="".join(f"{s}\n" for s in shas).encode())
-    sizes: dict[str, int | None] = {}
-    for sha, line in zip(shas, text.stdout.decode().splitlines(), strict=True):
-        parts = line.split()
-        ok = len(parts) == 3 and parts[0] == sha and parts[1] == "blob"
-        sizes[sha] = int(parts[2]) if ok else None
-    return sizes
 
 
 def unmerged_paths(root: Path, path: str) -> bool:

@@ -3,7 +3,8 @@
 - ``post-checkout``, ``post-merge``, ``post-rewrite``, ``post-commit``: resolve the merged model.
   A no-op on a cache hit (no torch import), quiet unless there is work, and never fails the
   user's git command: a resolution error is reported and the hook exits 0.
-  ``git config crdt.autoResolve false`` turns them off.
+  ``git config crdt.autoResolve false`` turns them off.  They also take chunk files that
+  ``git stash pop`` wrote into the work tree out again (``install.drop_chunk_files``).
 - ``pre-commit``, ``pre-merge-commit``: verify the staged state; ``pre-push``: verify the tip
   of every pushed ref.  These check integrity only (``verify(resolvable=False)``) and block a
   bad commit, merge or push with a message saying how to fix it.  That includes the join
@@ -114,6 +115,11 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
         report = verify(repo, rev)
+        # A partial clone lacks objects its promisor remote holds: not a broken state.
+        absent = [p for p in report.problems if p.kind == "absent"]
+        report.problems = [p for p in report.problems if p.kind != "absent"]
+        if absent and name != "pre-push":
+            _say(f"{name}: {len(absent)} objects not fetched yet (partial clone); not checked")
         if report.problems:
             where = "the staged state" if rev == ":" else f"commit {rev[:10]}"
             for p in report.problems[:10]:
@@ -163,6 +169,10 @@ def main(argv: list[str]) -> int:
         return 0
     if name in POST_HOOKS:
         try:
+            from .install import drop_chunk_files
+
+            if drop_chunk_files(repo.root):
+                _say("took the chunk files under .crdt/objects/ out of the work tree again")
             return post_hook(repo, name, args)
         except CrdtError as exc:
             _say(f"{name}: could not resolve the merged model: {exc}")

@@ -321,7 +321,6 @@ def _stage_objects(
         if (oid := object_id_of_path(path)) is not None
     }
     available = _object_entries(repo, commits)
-    reader = gitops.BlobReader(repo.root)
     stage: dict[str, str] = {}
     missing = []
     for cid in dict.fromkeys(contribution_ids):
@@ -330,9 +329,10 @@ def _stage_objects(
             if cid not in indexed:
                 missing.append(cid)
             continue
+        data = gitops.read_blobs(repo.root, [sha])[sha]
         try:
-            desc = json.loads(reader.read(sha))
-        except (ValueError, gitops.GitError):
+            desc = json.loads(data or b"")
+        except ValueError:
             missing.append(cid)
             continue
         oids = [cid, *(oid for oid, _ in checks.object_references(desc))]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, checks, faults
+from .contributions import fetch_set
 from .errors import ResolveError, StoreError
 from .repo import Repo
 from .store import ObjectStore
@@ -106,6 +107,7 @@ def resolve(
     if device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
     store = ObjectStore(repo.root)
+    fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
     if on_start is not None:

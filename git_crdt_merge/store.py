@@ -10,19 +10,21 @@ stored once, whatever contribution they belong to.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 
-from . import gitops
-from .errors import StoreError, UsageError
+from . import gitobjects, gitops
+from .errors import GitError, StoreError, UsageError
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 # The largest object git-crdt writes (ingest) or accepts (verify): a sane bound on memory.
 MAX_OBJECT_BYTES = 1024**3
+# Below this, one blake3 thread beats spinning up the pool.
+_PARALLEL_HASH_BYTES = 1 << 20
 
 
 def object_path(object_id: str) -> str:
@@ -61,7 +63,8 @@ class ObjectStore:
         self._pending: dict[str, str] = {}
         self._touched: set[str] = set()  # already-staged ids a writer used again
         self._lock = threading.Lock()
-        self._reader: gitops.BlobReader | None = None
+        self._db: gitobjects.ObjectDB | None = None
+        self._promisor: str | None = None
 
     # -- lookup ------------------------------------------------------------------------------
     def known(self) -> dict[str, str]:
@@ -145,56 +148,100 @@ class ObjectStore:
         return len(items)
 
     # -- reading -----------------------------------------------------------------------------
-    def size(self, object_id: str) -> int | None:
-        """The object's size in bytes without reading it (None: not stored)."""
-        sha = self.sha_of(object_id)
-        if sha is None:
-            return None
-        try:
-            loose = gitops.loose_blob_size(self.objects_dir, sha)
-        except gitops.GitError:
-            return None
-        return loose if loose is not None else gitops.object_sizes(self.root, [sha])[sha]
+    @property
+    def db(self) -> gitobjects.ObjectDB:
+        if self._db is None:
+            self._db = gitobjects.ObjectDB(self.objects_dir, root=self.root)
+        return self._db
 
-    def get(self, object_id: str, *, verify: bool = False) -> bytes:
+    def _sha_or_raise(self, object_id: str) -> str:
         sha = self.sha_of(object_id)
         if sha is None:
             where = self.rev or "the index"
             raise StoreError(f"object {object_id[:16]} is missing from {where}")
-        if self._reader is None:
-            self._reader = gitops.BlobReader(self.root)
+        return sha
+
+    def size(self, object_id: str) -> int | None:
+        """The object's size in bytes from its git header (None: not stored, or not present
+        in the object database)."""
+        sha = self.sha_of(object_id)
+        if sha is None:
+            return None
         try:
-            data = self._reader.read(sha)
-        except Exception as exc:
+            return self.db.blob_size(sha)
+        except GitError as exc:
+            raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
+
+    def absent(self, object_ids: Iterable[str]) -> list[str]:
+        """The ids that are staged or committed but whose bytes this clone does not hold (a
+        partial clone has not fetched them yet), sorted."""
+        out = []
+        for oid in sorted(set(object_ids)):
+            sha = self.sha_of(oid)
+            if sha is not None and self.db.entry(sha) is None:
+                out.append(oid)
+        return out
+
+    @property
+    def partial(self) -> bool:
+        """Whether this is a partial clone (objects may be absent until fetched)."""
+        if self._promisor is None:
+            self._promisor = gitops.promisor_remote(self.root) or ""
+        return bool(self._promisor)
+
+    def fetch_absent(self, object_ids: Iterable[str]) -> int:
+        """Fetch, in one batch from the promisor remote, every listed object this partial
+        clone lacks; returns how many were fetched (0 outside a partial clone)."""
+        if not self.partial:
+            return 0  # a full clone: reading reports a missing object
+        ids = self.absent(object_ids)
+        if not ids:
+            return 0
+        remote = self._promisor or ""
+        gitops.fetch_objects(self.root, remote, [self.sha_of(i) or "" for i in ids])
+        still = self.absent(ids)
+        if still:
+            raise StoreError(
+                f"{len(still)} objects (first {still[0][:16]}) are missing here and the "
+                f"promisor remote {remote!r} did not send them"
+            )
+        return len(ids)
+
+    def get(self, object_id: str, *, verify: bool = True, max_size: int | None = None) -> bytes:
+        """The object's bytes, checked against its blake3 name unless ``verify=False``;
+        ``max_size`` refuses a larger object before reading it."""
+        sha = self._sha_or_raise(object_id)
+        try:
+            data = self.db.read(sha, max_size=max_size)
+        except GitError as exc:
             raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
         if verify and blake3.blake3(data).hexdigest() != object_id:
             raise StoreError(f"object {object_id[:16]} does not match its blake3 hash")
         return data
 
     def read_into(self, object_ids: Sequence[str], dest: memoryview) -> None:
-        """Fill ``dest`` with the concatenation of the objects (a tensor's chunks)."""
-        if self._reader is None:
-            self._reader = gitops.BlobReader(self.root)
+        """Fill ``dest`` with the concatenation of the objects (a tensor's chunks), each read
+        straight from its loose file or pack entry and checked against its blake3 name before
+        the caller sees it: bytes from a pull feed nothing until they are verified."""
         pos = 0
         for oid in object_ids:
-            sha = self.sha_of(oid)
-            if sha is None:
-                where = self.rev or "the index"
-                raise StoreError(f"object {oid[:16]} is missing from {where}")
-            size = gitops.loose_blob_size(self._reader.objects_dir, sha)
-            if size is None:
-                data = self.get(oid)
-                size = len(data)
+            sha = self._sha_or_raise(oid)
+            try:
+                size = self.db.blob_size(sha)
+                if size is None:
+                    raise GitError("it is not in the object database")
                 if pos + size > len(dest):
                     raise StoreError(f"object {oid[:16]} is larger than its tensor")
-                dest[pos : pos + size] = data
-            else:
-                if pos + size > len(dest):
-                    raise StoreError(f"object {oid[:16]} is larger than its tensor")
-                try:
-                    self._reader.read_into(sha, dest[pos : pos + size])
-                except Exception as exc:
-                    raise StoreError(f"object {oid[:16]} cannot be read: {exc}") from None
+                part = dest[pos : pos + size]
+                self.db.read_into(sha, part)
+            except GitError as exc:
+                raise StoreError(f"object {oid[:16]} cannot be read: {exc}") from None
+            threads = blake3.blake3.AUTO if size >= _PARALLEL_HASH_BYTES else 1
+            if blake3.blake3(part, max_threads=threads).hexdigest() != oid:
+                raise StoreError(
+                    f"object {oid[:16]} does not match its blake3 hash (corrupt or substituted; "
+                    "run 'git crdt verify --full')"
+                )
             pos += size
         if pos != len(dest):
             raise StoreError(f"tensor data has {pos} bytes, expected {len(dest)}")

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 
 from . import checks, gitops, invariants
-from .errors import CrdtError, ManifestError, NotFoundError
+from .errors import CrdtError, GitError, ManifestError, NotFoundError
 from .manifest import MANIFEST_PATH, Manifest, parse_record
 from .repo import Repo
 from .store import MAX_OBJECT_BYTES, ObjectStore
@@ -43,6 +43,8 @@ FIXES = {
     "conflict": "run 'git crdt repair' (the union of both sides), then 'git commit'",
     "missing-object": "fetch the commit that has it, re-run 'git crdt add-contribution' with the "
     "same model, or 'git crdt remove-contribution' it",
+    "absent": "run 'git crdt verify --fetch' to fetch them in one batch (resolution fetches what "
+    "it needs by itself)",
     "corrupt-object": "re-run 'git crdt add-contribution' with the same model (rewrites the "
     "object), or fetch it again from a good clone",
     "descriptor": "'git crdt remove-contribution' it and add the model again",
@@ -158,10 +160,14 @@ def verify(
     *,
     full: bool = False,
     resolvable: bool = False,
+    fetch: bool = False,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> Report:
-    """Verify the state at ``rev`` (None: work tree manifest + index objects; ":" staged)."""
+    """Verify the state at ``rev`` (None: work tree manifest + index objects; ":" staged).
+
+    In a partial clone, objects not fetched yet are reported as ``absent``; ``fetch=True``
+    first fetches what the visible set needs, in one batch per level."""
     t0 = time.perf_counter()
     repo.require_initialized()
     report = Report(state={None: "work tree", ":": "staged"}.get(rev, f"revision {rev}"))
@@ -184,6 +190,13 @@ def verify(
             report.notes.append(note)
     _check_history(repo, rev, data, report)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
+    if fetch:
+        from .contributions import fetch_set
+
+        try:
+            fetch_set(store, manifest)
+        except CrdtError as exc:
+            report.notes.append(f"could not fetch every absent object: {exc}")
     _check_objects(repo, store, manifest, report, resolvable)
     if full and not any(p.kind == "conflict" for p in report.problems):
         t1 = time.perf_counter()
@@ -225,7 +238,7 @@ def _check_objects(
     }
     removed -= set(required)
     known = store.known()
-    sizes = gitops.object_sizes(repo.root, known.values())
+    sizes = _object_sizes(store, known.values())
     descs: dict[str, dict[str, Any]] = {}
     referenced: set[str] = set()
     for cid in sorted(required) + sorted(removed):
@@ -235,8 +248,7 @@ def _check_objects(
         sha = known.get(cid)
         if sha is None or sizes.get(sha) is None:
             if must:
-                where = "staged or committed" if sha is None else "in the object database"
-                report.add("missing-object", f"{what}: descriptor {cid[:16]} is not {where}")
+                _report_missing(report, store, sha, f"{what}: descriptor {cid[:16]}")
             continue
         if (sizes[sha] or 0) > checks.MAX_DESCRIPTOR_BYTES:
             report.add("descriptor", f"{what}: descriptor larger than the limit")
@@ -262,8 +274,7 @@ def _check_objects(
             if not must:
                 continue
             if osha is None or sizes.get(osha) is None:
-                where = "staged or committed" if osha is None else "in the object database"
-                report.add("missing-object", f"{what}: object {oid[:16]} ({path}) is not {where}")
+                _report_missing(report, store, osha, f"{what}: object {oid[:16]} ({path})")
             elif (sizes[osha] or 0) > MAX_OBJECT_BYTES:
                 report.add("descriptor", f"{what}: object {oid[:16]} ({path}) is too large")
         if must:
@@ -280,6 +291,28 @@ def _check_objects(
                 f"{len(stray)} staged objects are referenced by no record (left by an "
                 "interrupted add-contribution or set-base; harmless: a re-run reuses them)"
             )
+
+
+def _object_sizes(store: ObjectStore, shas: Iterable[str]) -> dict[str, int | None]:
+    """SHA-1 -> blob size from the object headers, read directly (None: absent, or not a
+    readable blob).  No git process: ``cat-file --batch-check`` would fetch the absent objects
+    of a partial clone one at a time."""
+    sizes: dict[str, int | None] = {}
+    for sha in set(shas):
+        try:
+            sizes[sha] = store.db.blob_size(sha)
+        except GitError:
+            sizes[sha] = None
+    return sizes
+
+
+def _report_missing(report: Report, store: ObjectStore, sha: str | None, what: str) -> None:
+    if sha is None:
+        report.add("missing-object", f"{what} is not staged or committed")
+    elif store.partial and store.db.entry(sha) is None:
+        report.add("absent", f"{what} is not fetched yet (partial clone)")
+    else:
+        report.add("missing-object", f"{what} is not in the object database")
 
 
 def _check_chunk_sizes(
@@ -368,17 +401,16 @@ def _rehash(
     """blake3 of every object against its name, at disk speed: each object is read straight
     into one reusable buffer and hashed with all cores."""
     known = store.known()
-    sizes = gitops.object_sizes(repo.root, known.values())
+    sizes = _object_sizes(store, known.values())
     items = sorted((oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None)
     if on_start is not None:
         on_start(sum(sizes[sha] or 0 for _, sha in items))
-    reader = gitops.BlobReader(repo.root)
     buf = bytearray(max((sizes[sha] or 0 for _, sha in items), default=0))
     for oid, sha in items:
         n = sizes[sha] or 0
         view = memoryview(buf)[:n]
         try:
-            reader.read_into(sha, view)
+            store.db.read_into(sha, view)
         except Exception as exc:  # corrupt zlib stream, truncated file, bad pack entry
             report.add("corrupt-object", f"object {oid[:16]} cannot be read ({exc})")
             continue

@@ -3,14 +3,15 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify merge-driver demo completion man version'
+__git_crdt_commands='init install clone uninstall doctor add-contribution remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
         init) echo '-q --quiet -h --help' ;;
         install) echo '--global -q --quiet -h --help' ;;
+        clone) echo '-b --branch --depth --filter -o --origin --single-branch --no-tags --shallow-since --reference -c --config --no-resolve --json -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
-        doctor) echo '--json -h --help' ;;
+        doctor) echo '--remote --json -h --help' ;;
         add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
         set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
@@ -26,7 +27,7 @@ __git_crdt_options() {
         repair) echo '--drop-invalid --no-drop-invalid --dry-run --no-dry-run --json -h --help' ;;
         restore-records) echo '--from --remove --json -h --help' ;;
         revert) echo '-n --no-commit -h --help' ;;
-        verify) echo '--staged --rev --full --json -q --quiet -h --help' ;;
+        verify) echo '--staged --rev --full --fetch --json -q --quiet -h --help' ;;
         merge-driver) echo '-h --help' ;;
         demo) echo '--keep --json -q --quiet -h --help' ;;
         completion) echo '--path -h --help' ;;
