@@ -37,9 +37,16 @@ from pathlib import Path
 
 import blake3
 
-from . import faults, gitops
+from . import bounded, faults, gitops
 from .errors import CrdtError, ManifestError
-from .manifest import Manifest, Record, add_record, parse_record, remove_record
+from .manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    Record,
+    add_record,
+    parse_record,
+    remove_record,
+)
 
 USAGE = "usage: git-crdt merge-driver ANCESTOR OURS THEIRS [MARKER_SIZE [PATH]]"
 
@@ -47,18 +54,24 @@ USAGE = "usage: git-crdt merge-driver ANCESTOR OURS THEIRS [MARKER_SIZE [PATH]]"
 def merge_files(ours: Path, theirs: Path, label: str, base: Path | None = None) -> bytes:
     """``ours ∪ (theirs ∖ base)`` of three manifest files, canonical; raises ManifestError
     naming the bad side.  Without ``base`` it is the join."""
-    a = Manifest.parse(ours.read_bytes(), f"{label} (ours)")
-    b = Manifest.parse(theirs.read_bytes(), f"{label} (theirs)")
+    a = Manifest.parse(_read(ours, f"{label} (ours)"), f"{label} (ours)")
+    b = Manifest.parse(_read(theirs, f"{label} (theirs)"), f"{label} (theirs)")
     base_lines = _lines(base)
     return three_way(a, b, base_lines).serialize()
+
+
+def _read(path: Path, what: str) -> bytes:
+    """One side of the merge: a bounded read of the regular file git wrote (a hostile side
+    can be as large as git can store; the manifest limit applies, as everywhere)."""
+    return bounded.read_regular(path, MAX_MANIFEST_BYTES, what)
 
 
 def _lines(path: Path | None) -> set[str]:
     if path is None:
         return set()
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = _read(path, "the merge base")
+    except (OSError, CrdtError):
         return set()
     return set(data.decode("utf-8", errors="replace").split("\n")) - {""}
 
@@ -172,9 +185,10 @@ def main(argv: list[str]) -> int:
         merged = merge_files(ours, theirs, label, base)
     except CrdtError as exc:
         print(f"git-crdt merge-driver: {exc}", file=sys.stderr)
-        try:
-            _write(ours, conflict_text(ours.read_bytes(), theirs.read_bytes(), marker_size))
-        except OSError:
+        try:  # both sides, for the user to resolve; a side over the limit stays as it is
+            sides = _read(ours, "ours"), _read(theirs, "theirs")
+            _write(ours, conflict_text(*sides, marker_size))
+        except (OSError, CrdtError):
             pass
         return 1
     except OSError as exc:

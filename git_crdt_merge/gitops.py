@@ -403,11 +403,18 @@ def commit_parents(root: Path, rev: str) -> list[str]:
 
 
 def read_blobs(root: Path, specs: Sequence[str]) -> dict[str, bytes | None]:
-    """``REV:PATH`` (or any blob spec) -> contents, None where it does not exist; one git
-    process for all of them."""
+    """``REV:PATH`` (or any blob spec) -> contents, None where it does not exist; two git
+    processes for all of them.  Bounded like :func:`show_blob`: a blob over
+    ``MAX_BLOB_READ`` is a ManifestError, never read."""
     specs = list(dict.fromkeys(specs))
     if not specs:
         return {}
+    fmt = "--batch-check=%(objecttype) %(objectsize)"
+    check = run(["cat-file", fmt], root, input="".join(f"{s}\n" for s in specs).encode())
+    for spec, line in zip(specs, check.stdout.decode(errors="replace").splitlines(), strict=True):
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "blob" and int(parts[1]) > MAX_BLOB_READ:
+            raise ManifestError(f"{spec} is larger than the limit of {MAX_BLOB_READ} bytes")
     proc = run(["cat-file", "--batch"], root, input="".join(f"{s}\n" for s in specs).encode())
     data = proc.stdout
     found: dict[str, bytes | None] = {}
