@@ -279,16 +279,21 @@ def read_marker(repo: Repo, out_dir: Path) -> dict[str, Any] | None:
     return marker
 
 
-def published_key(repo: Repo, out_dir: Path) -> str | None:
-    """The cache key of the model we published at ``out_dir`` (None: nothing of ours there),
-    from the marker under ``.git/crdt`` and the folder's identity; the files' content is not
-    checked here (``output_is_current`` does)."""
+def _publication(repo: Repo, out_dir: Path) -> dict[str, Any] | None:
+    """The publication the marker under ``.git/crdt`` records for the folder now at
+    ``out_dir`` (matched by its identity), or None."""
     marker = read_marker(repo, out_dir)
     try:
         st = out_dir.lstat()
     except OSError:
         return None
-    pub = None if marker is None or not stat.S_ISDIR(st.st_mode) else _published_as(marker, st)
+    return None if marker is None or not stat.S_ISDIR(st.st_mode) else _published_as(marker, st)
+
+
+def published_key(repo: Repo, out_dir: Path) -> str | None:
+    """The cache key of the model we published at ``out_dir`` (None: nothing of ours there);
+    the files' content is not checked here (``output_is_current`` does)."""
+    pub = _publication(repo, out_dir)
     key = None if pub is None else pub.get("key")
     return key if isinstance(key, str) else None
 
@@ -356,12 +361,7 @@ def check_replaceable(repo: Repo, out_dir: Path) -> None:
 def output_is_current(repo: Repo, out_dir: Path, key: str, entry: dict[str, Any]) -> bool:
     """True if ``out_dir`` is the folder we published for ``key`` and its files still hold
     the recorded content: the recorded identity (no read), else the recorded blake3."""
-    marker = read_marker(repo, out_dir)
-    try:
-        st = out_dir.lstat()
-    except OSError:
-        return False
-    pub = None if marker is None or not stat.S_ISDIR(st.st_mode) else _published_as(marker, st)
+    pub = _publication(repo, out_dir)
     if pub is None or pub.get("key") != key:
         return False
     files = pub.get("files", {})

@@ -46,37 +46,25 @@ _INFLATE_PIECE = 1 << 20
 _IDX_MAGIC = b"\xfftOc"
 
 
-def _varint_size(buf: memoryview, pos: int, first_shift: int, first: int) -> tuple[int, int]:
-    """A pack entry's little-endian base-128 size after the first byte's low bits."""
-    size, shift, c = first, first_shift, 0x80
+def _varint(buf: bytes | memoryview, pos: int, value: int = 0, shift: int = 0) -> tuple[int, int]:
+    """A little-endian base-128 number at ``pos`` (continuing ``value`` from bit ``shift``):
+    git's sizes in pack entry headers and delta headers.  Returns (value, next position)."""
     while True:
         if pos >= len(buf):
-            raise GitError("truncated pack entry header")
+            raise GitError("truncated size in a pack entry or delta")
         c = buf[pos]
         pos += 1
-        size |= (c & 0x7F) << shift
+        value |= (c & 0x7F) << shift
         shift += 7
         if not c & 0x80 or shift > 70:
-            return size, pos
+            return value, pos
 
 
-def _delta_sizes(head: bytes) -> int:
-    """The result size of a delta, from the first bytes of its inflated data."""
-    pos = 0
-    for which in range(2):
-        size, shift = 0, 0
-        while True:
-            if pos >= len(head):
-                raise GitError("truncated delta header")
-            c = head[pos]
-            pos += 1
-            size |= (c & 0x7F) << shift
-            shift += 7
-            if not c & 0x80:
-                break
-        if which == 1:
-            return size
-    raise AssertionError("unreachable")  # pragma: no cover
+def _delta_result_size(head: bytes) -> int:
+    """The result size of a delta, from the first bytes of its inflated data (base size, then
+    result size)."""
+    _, pos = _varint(head, 0)
+    return _varint(head, pos)[0]
 
 
 def _stored_segments(
@@ -340,7 +328,7 @@ class ObjectDB:
             raise GitError(f"git object {sha}: offset outside its pack")
         c = v[offset]
         kind = (c >> 4) & 7
-        size, pos = _varint_size(v, offset + 1, 4, c & 0x0F) if c & 0x80 else (c & 0x0F, offset + 1)
+        size, pos = _varint(v, offset + 1, c & 0x0F, 4) if c & 0x80 else (c & 0x0F, offset + 1)
         if kind == OBJ_OFS_DELTA:
             while pos < len(v) and v[pos] & 0x80:
                 pos += 1
@@ -352,7 +340,7 @@ class ObjectDB:
         if kind in (OBJ_OFS_DELTA, OBJ_REF_DELTA):
             d = _fastzlib.decompressobj()
             try:
-                size = _delta_sizes(d.decompress(v[pos : pos + 64], 32))
+                size = _delta_result_size(d.decompress(v[pos : pos + 64], 32))
             except Exception:
                 raise GitError(f"git object {sha}: corrupt delta") from None
         return Entry(pack.path, offset, kind, size, pos, b"")
