@@ -263,8 +263,13 @@ def add_contribution(
         visible = manifest.visible_contributions()
         if any(other_id == cid for other_id, _ in visible):
             # The same content is already in the set (perhaps stored with another chunk
-            # size): nothing to store.  Staging completes an interrupted earlier add.
+            # size): nothing to store.  Staging completes an interrupted earlier add, and its
+            # objects get skip-worktree back if an interrupted writer left them without it.
+            address = manifest.descriptor_address(cid)
+            desc = read_descriptor(store, manifest, cid)
+            store.touch([address, *(oid for oid, _ in checks.object_references(desc))])
             with repo.transaction() as env:
+                store.flush(env)
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
             return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
         for other_id, other_name in visible:

@@ -124,6 +124,12 @@ class ObjectStore:
     def pending(self) -> dict[str, str]:
         return dict(self._pending)
 
+    def touch(self, object_ids: Iterable[str]) -> None:
+        """Mark already-staged objects as used again: the next :meth:`flush` gives them
+        skip-worktree back if they lost it."""
+        with self._lock:
+            self._touched.update(object_ids)
+
     def flush(self, env: dict[str, str] | None = None) -> int:
         """Stage every object written since the last flush (skip-worktree); return the count.
 
