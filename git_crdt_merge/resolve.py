@@ -17,6 +17,7 @@ from typing import Any
 from . import cache, checks, faults
 from .contributions import fetch_set
 from .errors import ResolveError, StoreError
+from .manifest import Manifest
 from .repo import Repo
 from .store import ObjectStore
 
@@ -112,11 +113,43 @@ def resolve(
     if cache.try_publish(repo, key, out_dir):
         return Outcome(root, out_dir, True)
 
+    resolve_to_cache(
+        repo,
+        manifest,
+        ObjectStore(repo.root),
+        key,
+        device=device,
+        compute_dtype=compute_dtype,
+        max_shard=max_shard,
+        on_start=on_start,
+        progress=progress,
+    )
+    cache.publish_entry(repo, key, out_dir)
+    cache.prune_to_budget(repo, key)
+    return Outcome(root, out_dir, False)
+
+
+def resolve_to_cache(
+    repo: Repo,
+    manifest: Manifest,
+    store: ObjectStore,
+    key: str,
+    *,
+    device: str = "cpu",
+    compute_dtype: str = "float32",
+    max_shard: int = cache.DEFAULT_MAX_SHARD,
+    on_start: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """The one cache-miss path: compute the merged model of ``manifest``'s visible set into the
+    cache entry ``key`` and return its folder.  It fetches what a partial clone lacks, plans,
+    refuses hostile descriptors (:func:`check_inputs`) and what memory cannot hold before any
+    buffer is sized, computes into a work folder and commits it to the cache.  Every caller
+    (``resolve``, ``diff --tensors REV``) goes through here, so none runs unguarded."""
     from . import engine  # torch is imported only when there is work to do
 
     if device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
-    store = ObjectStore(repo.root)
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
@@ -141,16 +174,13 @@ def resolve(
             progress=advance,
         )
         faults.point("resolve:computed")
-        cache.commit_to_cache(repo, key, work)
+        return cache.commit_to_cache(repo, key, work)
     except MemoryError:
         shutil.rmtree(work, ignore_errors=True)
         raise ResolveError("out of memory while resolving (see 'git crdt verify')") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    cache.publish_entry(repo, key, out_dir)
-    cache.prune_to_budget(repo, key)
-    return Outcome(root, out_dir, False)
 
 
 def available_memory() -> int | None:

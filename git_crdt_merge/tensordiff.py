@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import cache, contributions, engine, formats, gitops, numerics
+from . import cache, contributions, formats, gitops, numerics, resolve
 from .diff import WORK_TREE, read_state, state_label
 from .errors import CrdtError, NotFoundError
 from .repo import Repo
@@ -88,10 +88,7 @@ def resolved_folder(repo: Repo, rev: str | None) -> Path:
     if hit is not None:
         return hit
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
-    plan = engine.make_plan(store, manifest)
-    work = cache.new_work_dir(repo, key)
-    engine.compute(plan, store, work)
-    return cache.commit_to_cache(repo, key, work)
+    return resolve.resolve_to_cache(repo, manifest, store, key)
 
 
 def open_model(repo: Repo, spec: str) -> Model:

@@ -484,6 +484,32 @@ def test_unbounded_content_is_refused_without_exhausting_memory_or_time(
     assert_untouched(v, before, head, c, model)
 
 
+def test_diff_tensors_of_a_hostile_revision_is_refused_as_resolve_refuses_it(
+    tmp_path: Path, origin: Path
+) -> None:
+    """``diff --tensors REV`` computes REV's merged model through resolve's own cache-miss
+    path, so a descriptor whose table contradicts its chunks is refused before any buffer is
+    sized, with resolve's exit code and message."""
+    a = attacker(origin, tmp_path)
+    store = ObjectStore(a)
+    chunk = store.put(os.urandom(64))
+    store.flush()
+    forged = {
+        "format": 1,
+        "kind": "full",
+        "tensors": {"t": {"bytes": 4096, "chunks": [chunk], "dtype": "U8", "shape": [4096]}},
+        "files": {},
+        "metadata": {},
+    }
+    add_descriptor(a, canonical_json(forged).encode(), "forged", remove_others=True)
+    git(a, "commit", "-q", "--no-verify", "-m", "a table its chunks contradict")
+    other = random_model(tmp_path / "other.safetensors", 2)
+    refused = crdt_error(a, "diff", "--tensors", "HEAD", str(other), code=6)
+    assert "its chunks hold 64 bytes, the descriptor says 4096" in refused
+    assert not list((a / ".git" / "crdt" / "cache").glob("[0-9a-f]*"))  # nothing was computed
+    assert crdt_error(a, "resolve", code=6) == refused
+
+
 # -- Bounded values ---------------------------------------------------------------------------
 def test_out_of_range_weights_and_parameters_are_refused_everywhere(
     tmp_path: Path, origin: Path
