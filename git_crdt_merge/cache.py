@@ -314,9 +314,8 @@ def _tracked_under(repo: Repo, out_dir: Path) -> str | None:
         return None
     if rel == ".." or rel.startswith("../"):
         return None
-    proc = gitops.run(["ls-files", "-z", "--", rel], repo.root, check=False)
-    first = proc.stdout.split(b"\0", 1)[0]
-    return first.decode("utf-8", "replace") if first else None
+    tracked = gitops.tracked_under(repo.root, rel)
+    return tracked[0] if tracked else None
 
 
 def check_replaceable(repo: Repo, out_dir: Path) -> None:
@@ -649,8 +648,7 @@ def keep_out_of_git(repo: Repo, out_dir: Path) -> None:
     text_rel = rel.as_posix()
     if not _SAFE_EXCLUDE.match(text_rel) or text_rel != text_rel.strip():
         return
-    proc = gitops.run(["check-ignore", "-q", "--", f"{text_rel}/"], repo.root, check=False)
-    if proc.returncode == 0:
+    if gitops.is_ignored(repo.root, f"{text_rel}/"):
         return
     exclude = gitops.git_dir(repo.root) / "info" / "exclude"
     text = exclude.read_text("utf-8") if exclude.exists() else ""
@@ -738,34 +736,10 @@ def prune(
 def reachable_roots(repo: Repo) -> set[str]:
     """Merkle roots of the manifest at every ref (branches, tags, remotes, HEAD), of the index
     and of the work tree: the results a checkout may ask for again."""
-    from .manifest import MANIFEST_PATH, Manifest
-
-    out = gitops.run(
-        ["for-each-ref", "--format=%(objectname) %(objecttype) %(*objectname)"],
-        repo.root,
-        check=False,
-    ).stdout.decode()
-    commits = set()
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[1] == "commit":
-            commits.add(parts[0])
-        elif len(parts) == 3 and parts[1] == "tag":
-            commits.add(parts[2])
-    head = gitops.run(["rev-parse", "-q", "--verify", "HEAD"], repo.root, check=False)
-    if head.returncode == 0:
-        commits.add(head.stdout.decode().strip())
-    specs = [f"{c}:{MANIFEST_PATH}" for c in sorted(commits)] + [f":{MANIFEST_PATH}"]
     roots = set()
-    for spec in specs:
+    for rev in [*sorted(gitops.ref_commits(repo.root)), ":", None]:
         try:
-            data = gitops.show_blob(repo.root, spec)
-            if data is not None:
-                roots.add(Manifest.parse(data, spec).merkle_root())
+            roots.add(repo.manifest_at(rev).merkle_root())
         except CrdtError:
             continue  # an invalid state has no result to keep
-    try:
-        roots.add(repo.read_manifest().merkle_root())
-    except CrdtError:
-        pass
     return roots

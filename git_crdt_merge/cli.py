@@ -32,6 +32,7 @@ from . import install as installer
 from .bounded import display, display_data
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
+from .manifest import MANIFEST_PATH
 from .render import cell
 from .repo import Repo
 from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES, ObjectStore
@@ -726,7 +727,7 @@ def repair(
             data = repo.read_manifest_bytes()
             # During a conflicted merge the index also holds both sides (stages 2 and 3).
             for stage in (2, 3):
-                side = gitops.show_blob(repo.root, f":{stage}:.crdt/manifest")
+                side = gitops.show_blob(repo.root, f":{stage}:{MANIFEST_PATH}")
                 if side:
                     data += b"\n" + side
             return data
@@ -821,14 +822,10 @@ def revert(
             err.print(f"nothing to revert: the state already undoes {commit}", markup=False)
             return
         if not no_commit:
-            sha = gitops.out(["rev-parse", f"{commit}^{{commit}}"], repo.root)
-            subject = gitops.out(["log", "-1", "--format=%s", sha], repo.root)
+            sha = gitops.commit_of(repo.root, commit) or commit
+            subject = gitops.commit_subject(repo.root, sha)
             message = f'Revert "{subject}"\n\nThis reverts commit {sha} (git crdt revert).\n'
-            gitops.run(
-                ["commit", "-q", "-F", "-", "--", ".crdt/manifest"],
-                repo.root,
-                input=message.encode(),
-            )
+            gitops.commit_paths(repo.root, message, [MANIFEST_PATH])
     err.print("; ".join(done) + ("" if no_commit else "; committed"), markup=False)
 
 

@@ -70,13 +70,12 @@ def clone(
         ["--no-checkout", *clone_args, "--", url, str(target)], cwd, show_progress=show_progress
     )
     notes = installer.install(target, sparse=True)
-    has_head = gitops.run(["rev-parse", "--verify", "-q", "HEAD"], target, check=False)
-    if has_head.returncode != 0:
+    if gitops.rev_parse(target, "HEAD") is None:
         notes.append("the repository is empty: nothing to check out")
         return CloneResult(target, notes, None)
     # Our post-checkout hook would resolve too; resolve here instead, so that errors and the
     # outcome reach the caller (a hook must never fail the checkout).
-    gitops.run(["-c", "crdt.autoResolve=false", "checkout", "-q"], target)
+    gitops.checkout_head(target, "crdt.autoResolve=false")
     installer.drop_chunk_files(target)  # nothing to do unless git ignored the pattern
     repo = Repo.open(target)
     if not resolve or not repo.is_initialized():

@@ -18,13 +18,10 @@ directory: the user's global git config is never read or written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from . import gitops
 from .errors import CrdtError, GitError, UsageError
 
 CLONES = ("alice", "bob", "carol")
@@ -232,25 +230,11 @@ class Git:
         # Its own process group: if the demo is interrupted, git and the hooks it started
         # (which resolve, and write into the demo's folder) are killed before that folder is
         # removed, so nothing re-creates it afterwards.
-        proc = subprocess.Popen(
-            ["git", *args],
-            cwd=cwd,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            stdout, stderr = proc.communicate()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
+        proc = gitops.run(args, cwd, env=self.env, check=False, own_group=True)
         if proc.returncode != 0:
-            text = (stderr or stdout).decode(errors="replace").strip()
+            text = (proc.stderr or proc.stdout).decode(errors="replace").strip()
             raise GitError(f"git {' '.join(args)} failed in {cwd.name}: {text}")
-        return stdout.decode()
+        return proc.stdout.decode()
 
     def crdt(self, cwd: Path, *args: str) -> str:
         return self(cwd, "crdt", *args)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import gitops
-from .errors import NotFoundError
 from .manifest import Manifest
 from .repo import Repo
-from .verify import load_state
 
 WORK_TREE = "work tree"
 
@@ -23,30 +20,9 @@ def state_label(rev: str | None) -> str:
     return WORK_TREE if rev is None else ("index" if rev == ":" else rev)
 
 
-def read_state(repo: Repo, rev: str | None) -> Manifest:
-    """The manifest at ``rev`` (None: the work tree); a revision without one, and ``HEAD``
-    before the first commit, are the empty set."""
-    if rev is not None and rev != ":":
-        proc = gitops.run(
-            ["rev-parse", "--verify", "-q", f"{rev}^{{commit}}"], repo.root, check=False
-        )
-        if proc.returncode != 0:
-            unborn = (
-                rev == "HEAD"
-                and gitops.run(["symbolic-ref", "-q", "HEAD"], repo.root, check=False).returncode
-                == 0
-            )
-            if unborn:
-                return Manifest.parse(b"", rev)
-            raise NotFoundError(f"unknown revision {rev!r}")
-        if gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
-            return Manifest.parse(b"", rev)
-    return load_state(repo, rev)
-
-
 def state_diff(repo: Repo, rev_a: str | None, rev_b: str | None) -> dict[str, Any]:
     """Contributions added and removed from A to B, and registers whose value changed."""
-    a, b = read_state(repo, rev_a), read_state(repo, rev_b)
+    a, b = repo.manifest_at(rev_a, known=True), repo.manifest_at(rev_b, known=True)
     va, vb = dict(a.visible_contributions()), dict(b.visible_contributions())
     registers = []
     for key, get in (("strategy", Manifest.strategy), ("base", Manifest.base)):

@@ -9,9 +9,11 @@ them, by :mod:`.gitobjects`.  No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -34,14 +36,43 @@ def run(
     input: bytes | None = None,
     check: bool = True,
     env: dict[str, str] | None = None,
+    own_group: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``git ARGS`` in ``cwd``; raise GitError with git's first stderr line on failure."""
-    proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env=env)
+    """Run ``git ARGS`` in ``cwd``; raise GitError with git's first stderr line on failure.
+
+    ``own_group``: git runs in a process group of its own, killed whole if this process is
+    interrupted while it waits, so no hook git started outlives the caller (the demo)."""
+    if own_group:
+        proc = _run_in_own_group(["git", *args], cwd, input, env)
+    else:
+        proc = subprocess.run(["git", *args], cwd=cwd, input=input, capture_output=True, env=env)
     if check and proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         first = msg[0] if msg else f"exit {proc.returncode}"
         raise GitError(f"git {args[0]} failed: {first}")
     return proc
+
+
+def _run_in_own_group(
+    argv: list[str], cwd: Path | str, input: bytes | None, env: dict[str, str] | None
+) -> subprocess.CompletedProcess[bytes]:
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(input)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def out(args: Sequence[str], cwd: Path | str, **kw: object) -> str:
@@ -395,6 +426,68 @@ def rev_parse(root: Path, spec: str) -> str | None:
     """The object name of ``spec`` (e.g. ``HEAD``, ``MERGE_HEAD``, ``abc^{commit}``), or None."""
     proc = run(["rev-parse", "--verify", "-q", spec], root, check=False)
     return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def commit_of(root: Path, rev: str) -> str | None:
+    """The commit ``rev`` names (a tag is peeled), or None when it names none."""
+    return rev_parse(root, f"{rev}^{{commit}}")
+
+
+def head_is_unborn(root: Path) -> bool:
+    """HEAD points to a branch that has no commit yet."""
+    return (
+        rev_parse(root, "HEAD") is None
+        and run(["symbolic-ref", "-q", "HEAD"], root, check=False).returncode == 0
+    )
+
+
+def ref_commits(root: Path) -> set[str]:
+    """The commits every ref (branches, tags peeled, remotes) and HEAD point to."""
+    listing = run(
+        ["for-each-ref", "--format=%(objectname) %(objecttype) %(*objectname)"], root, check=False
+    ).stdout.decode()
+    commits = set()
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] == "commit":
+            commits.add(parts[0])
+        elif len(parts) == 3 and parts[1] == "tag":
+            commits.add(parts[2])
+    head = rev_parse(root, "HEAD")
+    if head is not None:
+        commits.add(head)
+    return commits
+
+
+def tracked_under(root: Path, rel: str) -> list[str]:
+    """Paths git tracks at or under ``rel`` (the index), or [] when git cannot say."""
+    proc = run(["ls-files", "-z", "--", rel], root, check=False)
+    if proc.returncode != 0:
+        return []
+    return [p for p in proc.stdout.decode(errors="replace").split("\0") if p]
+
+
+def is_ignored(root: Path, rel: str) -> bool:
+    """Whether git's ignore rules (.gitignore, info/exclude, core.excludesFile) cover ``rel``."""
+    return run(["check-ignore", "-q", "--", rel], root, check=False).returncode == 0
+
+
+def checkout_head(root: Path, *config: str) -> None:
+    """Populate the work tree and index from HEAD (after a ``--no-checkout`` clone)."""
+    args: list[str] = []
+    for item in config:
+        args += ["-c", item]
+    run([*args, "checkout", "-q"], root)
+
+
+def commit_subject(root: Path, rev: str) -> str:
+    """The first line of ``rev``'s commit message."""
+    return out(["log", "-1", "--format=%s", rev], root)
+
+
+def commit_paths(root: Path, message: str, paths: Sequence[str]) -> None:
+    """Commit only ``paths`` with ``message`` (read from stdin, so any text is safe)."""
+    run(["commit", "-q", "-F", "-", "--", *paths], root, input=message.encode())
 
 
 def commit_parents(root: Path, rev: str) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import bounded, faults, gitops
-from .errors import LockError, ManifestError, NotARepositoryError
+from .errors import LockError, ManifestError, NotARepositoryError, NotFoundError
 from .gitops import pid_alive
 from .manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest
 
@@ -116,6 +116,25 @@ class Repo:
 
     def read_manifest(self) -> Manifest:
         return Manifest.parse(self.read_manifest_bytes(), MANIFEST_PATH)
+
+    def manifest_bytes_at(self, rev: str | None) -> tuple[bytes, str]:
+        """(bytes, source label) of the manifest of a state: the work tree (``rev`` None), the
+        index (``":"``) or a revision; a state without a manifest gives empty bytes."""
+        if rev is None:
+            return self.read_manifest_bytes(), MANIFEST_PATH
+        spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"
+        return gitops.show_blob(self.root, spec) or b"", spec
+
+    def manifest_at(self, rev: str | None, *, known: bool = False) -> Manifest:
+        """The one state reader: the manifest of the work tree (``rev`` None), the index
+        (``":"``) or a revision.  A state without a manifest is the empty set.  With
+        ``known``, a revision must name a commit (else :class:`NotFoundError`), except ``HEAD``
+        before the first commit, which is the empty set."""
+        if known and rev not in (None, ":") and gitops.commit_of(self.root, rev) is None:
+            if rev == "HEAD" and gitops.head_is_unborn(self.root):
+                return Manifest.parse(b"", rev)
+            raise NotFoundError(f"unknown revision {rev!r}")
+        return Manifest.parse(*self.manifest_bytes_at(rev))
 
     def write_manifest(self, manifest: Manifest, env: dict[str, str] | None = None) -> None:
         """Write the manifest atomically and stage it (``git add``).  Call it inside

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import cache, contributions, formats, gitops, numerics, resolve
-from .diff import WORK_TREE, read_state, state_label
+from .diff import WORK_TREE, state_label
 from .errors import CrdtError, NotFoundError
 from .repo import Repo
 from .store import ObjectStore
@@ -80,7 +80,7 @@ def _file_model(label: str, path: Path) -> Model:
 
 def resolved_folder(repo: Repo, rev: str | None) -> Path:
     """The cached merged model of the state at ``rev`` (computed into the cache if absent)."""
-    manifest = read_state(repo, rev)
+    manifest = repo.manifest_at(rev, known=True)
     if not manifest.visible_contributions():
         raise NotFoundError(f"{state_label(rev)} has no visible contributions: no merged model")
     key = cache.cache_key(manifest.merkle_root(), "float32", "cpu", cache.DEFAULT_MAX_SHARD)
@@ -112,8 +112,7 @@ def open_model(repo: Repo, spec: str) -> Model:
     path = Path(spec)
     if path.exists():
         return _file_model(str(path), path)
-    proc = gitops.run(["rev-parse", "--verify", "-q", f"{spec}^{{commit}}"], repo.root, check=False)
-    if proc.returncode != 0:
+    if gitops.commit_of(repo.root, spec) is None:
         raise NotFoundError(
             f"{spec!r} is not a contribution, a file or folder, or a revision (see 'git crdt list')"
         )

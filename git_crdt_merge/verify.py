@@ -102,22 +102,6 @@ class Report:
         }
 
 
-def load_state(repo: Repo, rev: str | None) -> Manifest:
-    """The manifest of a revision, of the index (rev=":"), or of the work tree (rev=None)."""
-    if rev is None:
-        return repo.read_manifest()
-    spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"
-    data = gitops.show_blob(repo.root, spec)
-    return Manifest.parse(data or b"", spec)
-
-
-def _manifest_bytes(repo: Repo, rev: str | None) -> tuple[bytes, str]:
-    if rev is None:
-        return repo.read_manifest_bytes(), MANIFEST_PATH
-    spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"
-    return gitops.show_blob(repo.root, spec) or b"", spec
-
-
 def _parse_leniently(data: bytes, source: str, report: Report) -> Manifest | None:
     """Strict parse; on failure list every bad line and go on with the valid records."""
     try:
@@ -143,7 +127,7 @@ def _parse_leniently(data: bytes, source: str, report: Report) -> Manifest | Non
 
 def _unstaged_note(repo: Repo) -> str | None:
     work = repo.read_manifest_bytes()
-    staged = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
+    staged, _ = repo.manifest_bytes_at(":")
     if work == staged:
         return None
     if set(staged.splitlines()) <= set(work.splitlines()):
@@ -177,15 +161,14 @@ def verify(
     repo.require_initialized()
     report = Report(state={None: "work tree", ":": "staged"}.get(rev, f"revision {rev}"))
     if rev not in (None, ":"):
-        spec = f"{rev}^{{commit}}"
-        proc = gitops.run(["rev-parse", "--verify", "-q", spec], repo.root, check=False)
-        if proc.returncode != 0:
+        commit = gitops.commit_of(repo.root, rev)
+        if commit is None:
             raise NotFoundError(f"no commit {rev!r}")
-        rev = proc.stdout.decode().strip()
+        rev = commit
     elif gitops.unmerged_paths(repo.root, MANIFEST_PATH):
         report.add("conflict", f"{MANIFEST_PATH} has an unresolved merge conflict")
         return report
-    data, source = _manifest_bytes(repo, rev)
+    data, source = repo.manifest_bytes_at(rev)
     manifest = _parse_leniently(data, source, report)
     if manifest is None:
         return report
@@ -478,12 +461,10 @@ def new_objects(repo: Repo, store: ObjectStore, against: str) -> set[str]:
     known = store.known()
     if not against:
         return set(known)
-    proc = gitops.run(
-        ["rev-parse", "--verify", "-q", f"{against}^{{commit}}"], repo.root, check=False
-    )
-    if proc.returncode != 0:
+    commit = gitops.commit_of(repo.root, against)
+    if commit is None:
         return set(known)
-    old = ObjectStore(repo.root, rev=proc.stdout.decode().strip()).known()
+    old = ObjectStore(repo.root, rev=commit).known()
     return {oid for oid, sha in known.items() if old.get(oid) != sha}
 
 
