@@ -17,25 +17,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
-from . import __version__, contributions, freshness, gitops, history, invariants
+from . import __version__, contributions, freshness, gitops, history, invariants, render
 from . import install as installer
 from .bounded import display, display_data
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
 from .manifest import MANIFEST_PATH
-from .render import cell
+from .render import cell, human_bytes
 from .repo import Repo
-from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES, ObjectStore
+from .show import contribution_rows
+from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
 
 err = Console(stderr=True, highlight=False)
 
@@ -76,21 +69,9 @@ def handle_errors() -> Iterator[None]:
 def byte_progress(
     label: str, enabled: bool
 ) -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
-    """(on_start(total), advance(n)) callbacks drawing a bar with throughput on stderr."""
-    if not enabled or not err.is_terminal:
-        yield (lambda total: None), (lambda n: None)
-        return
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+    """(on_start(total), advance(n)) callbacks drawing a byte bar on stderr (render.py)."""
+    with render.byte_progress(err, label, enabled) as callbacks:
+        yield callbacks
 
 
 def open_repo(*, tidy: bool = False) -> Repo:
@@ -100,14 +81,6 @@ def open_repo(*, tidy: bool = False) -> Repo:
     if tidy:
         installer.drop_chunk_files(repo.root)
     return repo
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -419,23 +392,9 @@ def strategy(
     A per-contribution parameter takes one value for all (density=0.5) or a JSON object by
     contribution name or id (density='{"math": 0.3, "code": 0.7}')."""
     with handle_errors():
-        from .strategies import registry
+        from .choice import choose_strategy
 
-        repo = open_repo()
-        repo.require_initialized()
-        params = dict(contributions.parse_param(p) for p in (param or []))
-        found = registry.get_strategy(name)
-        manifest = repo.read_manifest()
-        registry.resolve_params(found, params, manifest.visible_contributions())
-        value = {"name": found.name, "params": params}
-        contributions.set_register(repo, "strategy", value)
-        warning = None
-        visible = manifest.visible_contributions()
-        if visible:  # an empty set has no contract to meet yet
-            try:
-                registry.check_contract(found, len(visible), manifest.base() is not None)
-            except CrdtError as exc:
-                warning = str(exc)
+        value, warning = choose_strategy(open_repo(), name, param or [])
     err.print(
         f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}",
         markup=False,
@@ -550,22 +509,6 @@ def output(
 
 
 # -- reading the set ---------------------------------------------------------------------------
-def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
-    manifest = repo.read_manifest()
-    store = ObjectStore(repo.root)
-    rows = []
-    for cid, name in manifest.visible_contributions():
-        try:
-            desc = contributions.read_descriptor(store, manifest, cid)
-            tensors = len(desc["tensors"])
-            size: int | None = sum(t["bytes"] for t in desc["tensors"].values())
-            weight = desc.get("weight", 1.0)
-        except CrdtError:
-            tensors, size, weight = 0, None, None
-        rows.append({"name": name, "id": cid, "weight": weight, "tensors": tensors, "bytes": size})
-    return rows
-
-
 def say_if_stale(repo: Repo) -> None:
     try:
         state = freshness.output_state(repo)
@@ -716,34 +659,10 @@ def repair(
 ) -> None:
     """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
     sides, as the merge driver would have made it; then stage it."""
-    from .repair import repair_bytes
-    from .repo import atomic_write
+    from .repair import repair_manifest
 
     with handle_errors():
-        repo = open_repo()
-        repo.require_initialized()
-
-        def damaged() -> bytes:
-            data = repo.read_manifest_bytes()
-            # During a conflicted merge the index also holds both sides (stages 2 and 3).
-            for stage in (2, 3):
-                side = gitops.show_blob(repo.root, f":{stage}:{MANIFEST_PATH}")
-                if side:
-                    data += b"\n" + side
-            return data
-
-        result = repair_bytes(damaged(), drop_invalid=drop_invalid)
-        saved = None
-        if not dry_run:
-            with repo.lock(), repo.transaction() as env:
-                # read again under git's index lock: the state the commit will see
-                result = repair_bytes(damaged(), drop_invalid=drop_invalid)
-                if result.invalid:
-                    saved = repo.state_dir / "repair-invalid-lines.txt"
-                    old = saved.read_bytes() if saved.exists() else b""
-                    lines = "".join(f"{x}\n" for x in result.invalid)
-                    atomic_write(saved, old + lines.encode())
-                repo.write_manifest(result.manifest, env)
+        result, saved = repair_manifest(open_repo(), drop_invalid=drop_invalid, dry_run=dry_run)
     info = {
         "records": result.records,
         "conflict_markers": result.markers,
@@ -1012,7 +931,7 @@ def man_(
         return
     if shutil.which("man"):
         raise typer.Exit(subprocess.call(["man", "-l", str(MAN_PAGE)]))
-    sys.stdout.write(markdown())
+    sys.stdout.write(markdown(app))
 
 
 @app.command()

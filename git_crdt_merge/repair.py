@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import ManifestError
 from .manifest import Manifest, Record, canonical_json, parse_record
+from .repo import Repo, atomic_write
 
 MARKERS = ("<<<<<<<", "|||||||", "=======", ">>>>>>>")
 
@@ -90,3 +92,35 @@ def _inconsistent(records: dict[str, Record]) -> list[str]:
             if any(t not in adds for t in rec.fields["observed"]):
                 drop.append(rec.line)
     return drop
+
+
+def damaged_bytes(repo: Repo) -> bytes:
+    """The work-tree manifest, plus both sides of a conflicted merge (index stages 2 and 3)."""
+    data = repo.read_manifest_bytes()
+    for stage in (2, 3):
+        side, _ = repo.manifest_bytes_at(f":{stage}")
+        if side:
+            data += b"\n" + side
+    return data
+
+
+def repair_manifest(
+    repo: Repo, *, drop_invalid: bool = False, dry_run: bool = False
+) -> tuple[RepairResult, Path | None]:
+    """Rebuild the manifest from :func:`damaged_bytes` and stage it (under the lock and git's
+    index lock, read again there: the state the commit will see).  Lines set aside with
+    ``drop_invalid`` are appended to ``.git/crdt/repair-invalid-lines.txt``, whose path is
+    returned (None when nothing was set aside or ``dry_run`` wrote nothing)."""
+    repo.require_initialized()
+    result = repair_bytes(damaged_bytes(repo), drop_invalid=drop_invalid)
+    saved = None
+    if not dry_run:
+        with repo.lock(), repo.transaction() as env:
+            result = repair_bytes(damaged_bytes(repo), drop_invalid=drop_invalid)
+            if result.invalid:
+                saved = repo.state_dir / "repair-invalid-lines.txt"
+                old = saved.read_bytes() if saved.exists() else b""
+                lines = "".join(f"{x}\n" for x in result.invalid)
+                atomic_write(saved, old + lines.encode())
+            repo.write_manifest(result.manifest, env)
+    return result, saved

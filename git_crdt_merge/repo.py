@@ -119,7 +119,8 @@ class Repo:
 
     def manifest_bytes_at(self, rev: str | None) -> tuple[bytes, str]:
         """(bytes, source label) of the manifest of a state: the work tree (``rev`` None), the
-        index (``":"``) or a revision; a state without a manifest gives empty bytes."""
+        index (``":"``, or a stage of it: ``":2"``) or a revision; a state without a manifest
+        gives empty bytes."""
         if rev is None:
             return self.read_manifest_bytes(), MANIFEST_PATH
         spec = f":{MANIFEST_PATH}" if rev == ":" else f"{rev}:{MANIFEST_PATH}"

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from . import contributions, gitops, history
-from .errors import NotFoundError
+from .errors import CrdtError, NotFoundError
 from .repo import Repo
 from .store import ObjectStore
 
@@ -106,3 +106,21 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
+    """``git crdt list``: name, id, weight, tensor count and bytes of each visible
+    contribution, in canonical order (a descriptor that cannot be read gives ``None`` sizes)."""
+    manifest = repo.read_manifest()
+    store = ObjectStore(repo.root)
+    rows = []
+    for cid, name in manifest.visible_contributions():
+        try:
+            desc = contributions.read_descriptor(store, manifest, cid)
+            tensors = len(desc["tensors"])
+            size: int | None = sum(t["bytes"] for t in desc["tensors"].values())
+            weight = desc.get("weight", 1.0)
+        except CrdtError:
+            tensors, size, weight = 0, None, None
+        rows.append({"name": name, "id": cid, "weight": weight, "tensors": tensors, "bytes": size})
+    return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from git_crdt_merge.cli import app
 from git_crdt_merge.clidocs import generated_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     stale = []
-    for path, text in generated_files(ROOT).items():
+    for path, text in generated_files(ROOT, app).items():
         current = path.read_text() if path.exists() else None
         if current == text:
             continue

@@ -12,6 +12,7 @@ import pytest
 from conftest import crdt
 
 from git_crdt_merge import clidocs
+from git_crdt_merge.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT_COMPLETION = Path("/usr/share/bash-completion/completions/git")
@@ -20,7 +21,7 @@ GIT_COMPLETION = Path("/usr/share/bash-completion/completions/git")
 def test_generated_files_are_current() -> None:
     stale = [
         str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-        for path, text in clidocs.generated_files(ROOT).items()
+        for path, text in clidocs.generated_files(ROOT, app).items()
         if not path.exists() or path.read_text() != text
     ]
     assert stale == [], f"run: .venv/bin/python scripts/gen_cli_docs.py ({stale})"
@@ -93,7 +94,7 @@ def _complete(tmp_path: Path, script: str) -> list[str]:
 
 
 def test_completion_of_git_crdt_tab_lists_the_commands(tmp_path: Path) -> None:
-    names = clidocs.commands()
+    names = clidocs.commands(app)
     # 'git-crdt <TAB>' and 'git-crdt st<TAB>', with our own completion function
     direct = _complete(
         tmp_path,
@@ -121,6 +122,6 @@ def test_completion_through_gits_own_bash_completion(tmp_path: Path) -> None:
     )
     prelude = f'source {GIT_COMPLETION}\nsource "$(git-crdt completion --path)"\n{call}'
     everything = _complete(tmp_path, prelude + 'comp git crdt ""')
-    assert sorted(everything) == sorted(c.name for c in clidocs.commands())
+    assert sorted(everything) == sorted(c.name for c in clidocs.commands(app))
     assert sorted(_complete(tmp_path, prelude + "comp git crdt d")) == ["demo", "diff", "doctor"]
     assert _complete(tmp_path, prelude + "comp git crdt show --j") == ["--json"]
