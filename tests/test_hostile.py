@@ -225,6 +225,16 @@ def add_descriptor(repo: Path, desc: bytes, name: str, *, remove_others: bool = 
     return cid
 
 
+def one_tensor_descriptor(repo: Path, *, chunk_bytes: int, repeat: int, claimed: int) -> dict:
+    """A descriptor of one U8 tensor ``t`` claiming ``claimed`` bytes, made of one stored chunk
+    of ``chunk_bytes`` random bytes listed ``repeat`` times."""
+    store = ObjectStore(repo)
+    chunk = store.put(os.urandom(chunk_bytes))
+    store.flush()
+    table = {"bytes": claimed, "chunks": [chunk] * repeat, "dtype": "U8", "shape": [claimed]}
+    return {"format": 1, "kind": "full", "tensors": {"t": table}, "files": {}, "metadata": {}}
+
+
 def write_raw_manifest(repo: Path, lines: list[str]) -> None:
     """Records no validating writer would write, appended as sorted lines, staged."""
     path = repo / ".crdt" / "manifest"
@@ -445,18 +455,7 @@ def test_unbounded_content_is_refused_without_exhausting_memory_or_time(
     a, v, c, before, head, model = start(origin, tmp_path)
     _, desc = honest_descriptor(a)
     # one 64 KiB chunk listed 65,536 times claims a 4 GiB tensor
-    store = ObjectStore(a)
-    chunk = store.put(os.urandom(65536))
-    store.flush()
-    big = {
-        "format": 1,
-        "kind": "full",
-        "tensors": {
-            "t": {"bytes": 2**32, "chunks": [chunk] * 65536, "dtype": "U8", "shape": [2**32]}
-        },
-        "files": {},
-        "metadata": {},
-    }
+    big = one_tensor_descriptor(a, chunk_bytes=65536, repeat=65536, claimed=2**32)
     add_descriptor(a, canonical_json(big).encode(), "big", remove_others=True)
     push(a, "a 4 GiB claim")
     proc, said = pull(v)
@@ -491,16 +490,7 @@ def test_diff_tensors_of_a_hostile_revision_is_refused_as_resolve_refuses_it(
     path, so a descriptor whose table contradicts its chunks is refused before any buffer is
     sized, with resolve's exit code and message."""
     a = attacker(origin, tmp_path)
-    store = ObjectStore(a)
-    chunk = store.put(os.urandom(64))
-    store.flush()
-    forged = {
-        "format": 1,
-        "kind": "full",
-        "tensors": {"t": {"bytes": 4096, "chunks": [chunk], "dtype": "U8", "shape": [4096]}},
-        "files": {},
-        "metadata": {},
-    }
+    forged = one_tensor_descriptor(a, chunk_bytes=64, repeat=1, claimed=4096)
     add_descriptor(a, canonical_json(forged).encode(), "forged", remove_others=True)
     git(a, "commit", "-q", "--no-verify", "-m", "a table its chunks contradict")
     other = random_model(tmp_path / "other.safetensors", 2)
