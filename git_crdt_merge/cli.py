@@ -732,8 +732,8 @@ def revert(
     ] = False,
 ) -> None:
     """Undo a commit's manifest change the CRDT way: its adds get an observed remove, its
-    removes a new add, its register writes the previous value.  Use it instead of a plain
-    'git revert', which deletes lines (a deleted add comes back at the next merge)."""
+    removes a new add, its register writes the previous value.  A plain 'git revert' of an
+    add gets the same remove from the hooks, after a stop to commit it."""
     with handle_errors():
         repo = open_repo()
         done = invariants.revert(repo, commit)

@@ -15,8 +15,9 @@ stash pop, ...).  It writes ``ours ∪ (theirs ∖ base)`` to ``%A`` and exits 0
   remove a new add of what it removed (the CRDT inverse; register writes are left as they are:
   ``git crdt revert`` sets them back).  Their tags are derived from the deleted lines, so two
   clones reverting the same commit write the same records.  Git calls the driver for a revert
-  only when the manifest changed since the reverted commit; otherwise it deletes the line
-  itself, and the hooks report it (``git crdt restore-records --remove``).
+  only when the manifest changed since the reverted commit; otherwise it would delete the line
+  itself, and ``prepare-commit-msg`` stages this function's answer instead and stops the pick
+  (:func:`invariants.repair_pick`).
 
 The ancestor is read as a set of lines and never validated: a malformed ancestor only means
 nothing is subtracted.  A remove from theirs that observes only tags absent from the result (the

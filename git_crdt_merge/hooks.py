@@ -10,8 +10,15 @@
   bad commit, merge or push with a message saying how to fix it.  That includes the join
   invariant (:mod:`invariants`): no record of HEAD or MERGE_HEAD lost, and for a push, none of
   any pushed commit lost at the tip.
-- ``post-commit`` also runs for cherry-pick, revert and every rebase pick, which run no
-  pre-commit hook: when the commit changed ``.crdt/``, it verifies the commit and warns.
+- ``prepare-commit-msg`` is the one hook that cherry-pick, revert and every rebase pick run
+  before they commit (they run no ``pre-commit``): there it verifies the staged state and
+  blocks the pick.  Where git took the picked side's manifest whole without calling the driver
+  (a plain ``git revert`` of an add deletes the add line), it stages what the driver would have
+  written (:func:`invariants.repair_pick`: an observed remove) and blocks, naming the command
+  that commits it (``git revert --continue``, ...).  It does nothing for ``git commit`` (its
+  ``pre-commit`` ran, or ``--no-verify`` said not to) and for merges (``pre-merge-commit``).
+- ``post-commit`` also runs for those picks: when the commit changed ``.crdt/``, it verifies
+  the commit and warns (a pick made with the hook missing, or before it existed).
 - What the pre hooks pass on is re-hashed: ``pre-merge-commit`` (and ``pre-commit`` while a
   merge is concluded) every object that ``HEAD`` lacks, ``pre-push`` every object the
   remote's tip lacks.
@@ -33,6 +40,7 @@ from .repo import Repo
 
 POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
 PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push", "pre-applypatch")
+PICK_HOOKS = ("prepare-commit-msg",)
 ZERO = "0" * 40
 
 
@@ -115,8 +123,6 @@ def pushed_refs(stdin_text: str) -> list[tuple[str, str]]:
 
 
 def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
-    from .verify import verify
-
     if not repo.is_initialized():
         return 0
     stdin_text = sys.stdin.read() if name == "pre-push" else ""
@@ -128,7 +134,15 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
     else:
         merging = name == "pre-merge-commit" or (gitops.git_dir(repo.root) / "MERGE_HEAD").exists()
         pushes = [(":", "HEAD" if merging else None)]
-    for rev, against in pushes:
+    return 0 if _states_pass(repo, name, pushes) else 1
+
+
+def _states_pass(repo: Repo, name: str, states: list[tuple[str, str | None]]) -> bool:
+    """verify() every (state, what to re-hash new objects against); print and False if any
+    has a problem."""
+    from .verify import verify
+
+    for rev, against in states:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
             continue
         # What this hook passes on (a merge's new objects, a push's) is re-hashed: a chunk
@@ -147,7 +161,60 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
                 _say(f"{name}: ... and {len(report.problems) - 10} more ('git crdt verify')")
             fixes = dict.fromkeys(p.fix for p in report.problems)
             _say(f"{name} blocked. Fix: " + "; ".join(fixes) + ".")
-            return 1
+            return False
+    return True
+
+
+def continue_command(repo: Repo, op: str) -> str:
+    """What commits the pick once its hook stopped it (git 2.39, measured): a rebase and a
+    cherry-pick (it leaves ``CHERRY_PICK_HEAD``) commit the staged state on ``--continue``; a
+    revert leaves only ``MERGE_MSG``, so it is committed by hand, and a sequence of reverts
+    then goes on with ``--continue`` (which skips the pick that HEAD now holds)."""
+    if op == "rebase":
+        return "git rebase --continue"
+    if op == "cherry-pick":
+        return "git cherry-pick --continue"
+    if (gitops.git_dir(repo.root) / "sequencer").exists():
+        return "git commit --no-edit && git revert --continue"
+    return "git commit --no-edit"
+
+
+def pick_hook(repo: Repo, name: str) -> int:
+    """``prepare-commit-msg``: check the state a cherry-pick, revert or rebase pick is about to
+    commit (see the module docstring)."""
+    from .invariants import loss_messages, pick_in_progress, repair_pick
+
+    op = pick_in_progress(repo)
+    if op is None or gitops.rev_parse(repo.root, "HEAD^{commit}") is None:
+        return 0
+    same = gitops.run(
+        ["diff-index", "--cached", "--quiet", "HEAD", "--", ".crdt"], repo.root, check=False
+    )
+    if same.returncode == 0:
+        return 0  # the pick does not touch .crdt/
+    repaired = repair_pick(repo)
+    if repaired is not None:
+        for msg in loss_messages(f"this {op}", repaired.lost):
+            _say(f"{name}: {msg}")
+        done = [f"an observed remove of {n!r}" for n in repaired.removed]
+        done += [f"{n!r} added again" for n in repaired.added_again]
+        if repaired.kept:
+            done.append(f"{repaired.kept} other record(s) kept")
+        _say(
+            f"{name}: git did not call the merge driver (the manifest did not change since the "
+            "picked commit), so it deleted those lines; staged what the driver writes instead: "
+            + ", ".join(done)
+        )
+        if repaired.missing:
+            _say(f"{name}: the objects of {len(repaired.missing)} contribution(s) were not found")
+        _say(
+            f"{name}: {op} stopped. Check with 'git crdt status', then run "
+            f"'{continue_command(repo, op)}'."
+        )
+        return 1
+    if not _states_pass(repo, name, [(":", None)]):
+        _say(f"{name}: {op} stopped; after the fix run '{continue_command(repo, op)}'.")
+        return 1
     return 0
 
 
@@ -209,6 +276,18 @@ def main(argv: list[str]) -> int:
             _say(
                 f"{name}: internal error while verifying ({exc!r}); 'git commit --no-verify' "
                 "skips it"
+            )
+            return 1
+    if name in PICK_HOOKS:
+        try:
+            return pick_hook(repo, name)
+        except CrdtError as exc:
+            _say(f"{name}: {exc}")
+            return 1
+        except Exception as exc:  # a broken check blocks, and says how to go on without it
+            _say(
+                f"{name}: internal error while verifying ({exc!r}); "
+                "'git -c core.hooksPath=/dev/null COMMAND --continue' skips the hooks"
             )
             return 1
     _say(f"unknown hook {name!r}")

@@ -5,8 +5,10 @@
    disappears comes from a text merge without the driver, a ``git revert`` (git takes the
    parent's blob when only one side changed the file, so the driver never runs), a hand edit or
    ``git checkout REV -- .crdt/manifest``.  Such a commit is blocked by ``pre-commit`` and
-   ``pre-merge-commit``, reported by ``post-commit`` (cherry-pick, revert and rebase run no
-   pre-commit hook), refused by ``pre-push`` (the pushed tip must hold every record of every
+   ``pre-merge-commit``; a cherry-pick, revert or rebase pick (which run no pre-commit hook)
+   is stopped by ``prepare-commit-msg``, with the driver's answer staged where git did not
+   call it (:func:`repair_pick`); a commit made without the hooks is reported by
+   ``post-commit``, refused by ``pre-push`` (the pushed tip must hold every record of every
    pushed commit), and listed by ``git crdt verify``.
 2. **No record without its objects.**  ``verify`` checks that every visible contribution's
    objects are in the checked tree or index; the driver's ``ours ∪ (theirs ∖ base)`` keeps picks
@@ -104,25 +106,72 @@ def loss_messages(what: str, found: Sequence[Loss]) -> list[str]:
 
 
 # -- what a state must contain ------------------------------------------------------------
-def _amending() -> bool:
-    """Whether the ``git commit`` that runs this hook has ``--amend`` (read from /proc: git
-    tells hooks nothing about it).  Then the new commit's parents are HEAD's parents."""
+def git_commands(depth: int = 6) -> list[list[str]] | None:
+    """The argv of every ``git`` process above this hook, nearest first (read from /proc: git
+    tells hooks neither which command runs them nor its options), or None where /proc is not
+    there.  Between the hook and git sit our hook script and maybe the pre-commit framework."""
     pid = os.getppid()
-    for _ in range(4):  # our hook script, maybe the pre-commit framework, then git
+    found: list[list[str]] = []
+    for _ in range(depth):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
-            return False
-        if cmd and Path(cmd[0].decode(errors="replace")).name == "git" and b"commit" in cmd:
-            return b"--amend" in cmd
+            return found if found else None
+        if cmd and Path(cmd[0].decode(errors="replace")).name == "git":
+            found.append([w.decode(errors="replace") for w in cmd if w])
         try:
             pid = int(stat.rsplit(")", 1)[1].split()[1])
         except (IndexError, ValueError):
-            return False
+            break
         if pid <= 1:
-            return False
+            break
+    return found
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """``commit`` of ``git -c x=y commit --amend``: the first word after git's own options."""
+    words = iter(argv[1:])
+    for word in words:
+        if word in ("-c", "-C", "--git-dir", "--work-tree", "--namespace"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _amending() -> bool:
+    """Whether the ``git commit`` that runs this hook has ``--amend``.  Then the new commit's
+    parents are HEAD's parents."""
+    for argv in git_commands() or []:
+        if _subcommand(argv) == "commit":
+            return "--amend" in argv
     return False
+
+
+PICKS = ("cherry-pick", "revert", "rebase")
+
+
+def pick_in_progress(repo: Repo) -> str | None:
+    """The history operation that makes the commit now being written, when it is one that runs
+    no ``pre-commit`` hook (cherry-pick, revert, a rebase pick): from the git processes above
+    us, else (no /proc) from the state files git keeps while such an operation runs."""
+    chain = git_commands()
+    if chain is not None:
+        for argv in chain:
+            sub = _subcommand(argv)
+            if sub in PICKS:
+                return sub
+        return None
+    git_dir = gitops.git_dir(repo.root)
+    if (git_dir / "rebase-merge").exists() or (git_dir / "rebase-apply").exists():
+        return "rebase"
+    for name, op in (("CHERRY_PICK_HEAD", "cherry-pick"), ("REVERT_HEAD", "revert")):
+        if (git_dir / name).exists():
+            return op
+    if (git_dir / "sequencer").exists():
+        return "cherry-pick"
+    return None
 
 
 def expected_sources(repo: Repo, *, amend: bool | None = None) -> dict[str, str]:
@@ -426,3 +475,65 @@ def revert(repo: Repo, rev: str) -> list[str]:
             return []
         repo.write_manifest(manifest.with_records(new), env)
     return done
+
+
+@dataclass
+class PickRepair:
+    """What :func:`repair_pick` staged in place of the records a pick deleted."""
+
+    lost: list[Loss]
+    removed: list[str] = field(default_factory=list)  # names now under an observed remove
+    added_again: list[str] = field(default_factory=list)  # names whose remove was reverted
+    kept: int = 0  # deleted lines that are simply back (register writes, removes of nothing)
+    missing: list[str] = field(default_factory=list)  # contributions whose objects were not found
+
+
+def repair_pick(repo: Repo) -> PickRepair | None:
+    """Stage what the merge driver would have written for the pick now being committed, when
+    git did not call it and the staged manifest lacks records of HEAD.
+
+    A cherry-pick, revert or rebase pick merges with base = the picked commit's parent (for a
+    revert: the reverted commit itself).  When HEAD's manifest equals that base, git takes the
+    picked side's blob whole and never calls the driver, so the lines the picked side lacks are
+    deleted (a plain ``git revert`` of an add: the add line goes).  The driver's answer with
+    ours = base = HEAD is ``driver.three_way(HEAD, staged, lines(HEAD))``: the staged records,
+    every HEAD record back, and the inverse of what was deleted (an observed remove of a
+    deleted add, with the same derived tag every clone writes; a new add for a deleted remove).
+    Returns None when nothing of HEAD is missing."""
+    from .driver import three_way
+
+    head = gitops.rev_parse(repo.root, "HEAD^{commit}")
+    if head is None:
+        return None
+    with repo.lock(), repo.transaction() as env:
+        staged_bytes = gitops.show_blob(repo.root, f":{MANIFEST_PATH}") or b""
+        staged = Manifest.parse(staged_bytes, f"the staged {MANIFEST_PATH}")
+        head_lines = _manifests(repo, [head])[head]
+        found = losses(set(staged.records), {f"HEAD ({_short(head)})": head_lines})
+        if not found:
+            return None
+        head_bytes = "".join(f"{line}\n" for line in sorted(head_lines)).encode()
+        ours = Manifest.parse(head_bytes, f"HEAD:{MANIFEST_PATH}")
+        state = three_way(ours, staged, head_lines)
+        result = PickRepair(found)
+        before = {cid for cid, _ in staged.visible_contributions()}
+        after = dict(state.visible_contributions())
+        lost_ids = {
+            str(r.fields["id"]): str(r.fields["name"])
+            for line in found[0].lines
+            if (r := _parse_or_none(line)) is not None and r.op == "add"
+        }
+        result.removed = sorted({n for cid, n in lost_ids.items() if cid not in after})
+        result.added_again = sorted(str(after[c]) for c in after if c not in before)
+        result.kept = len(found[0].lines) - len(lost_ids)
+        needed = [state.descriptor_address(cid) for cid in after if cid not in before]
+        _, result.missing = _stage_objects(repo, [head], needed, env)
+        repo.write_manifest(state, env)
+    return result
+
+
+def _parse_or_none(line: str) -> Record | None:
+    try:
+        return parse_record(line)
+    except ManifestError:
+        return None

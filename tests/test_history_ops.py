@@ -200,12 +200,11 @@ def test_revert_after_later_changes_is_an_observed_remove(repo: Path, tmp_path: 
     assert_sound(repo)
 
 
-def test_plain_revert_is_reported_blocked_at_push_and_restored_as_a_remove(
-    tmp_path: Path,
-) -> None:
+def test_plain_revert_is_stopped_and_staged_as_an_observed_remove(tmp_path: Path) -> None:
     """Nothing changed the manifest since the reverted add: git takes the parent's blob (the
-    driver is not called) and deletes the line.  post-commit warns, pre-push refuses, and
-    restore-records --remove + amend make it an observed remove that every clone applies."""
+    driver is not called) and would delete the line.  prepare-commit-msg stops the revert with
+    the driver's answer staged (an observed remove, the same derived tag in every clone); the
+    named command commits it, and every clone converges."""
     seed = new_repo(tmp_path / "seed")
     git(seed, "config", "crdt.autoResolve", "false")
     add(seed, tmp_path, "x", 1)
@@ -213,24 +212,98 @@ def test_plain_revert_is_reported_blocked_at_push_and_restored_as_a_remove(
     git(tmp_path, "clone", "-q", "--bare", str(seed), str(origin))
     a = clone(origin, tmp_path / "a")
     b = clone(origin, tmp_path / "b")
-    proc = git(a, "revert", "--no-edit", "HEAD")
-    assert "lacks 1 record(s)" in proc.stderr and "restore-records" in proc.stderr
-    assert crdt(a, "verify", "--rev", "HEAD", check=False).returncode == 1
-    push = git(a, "push", "-q", "origin", "main", check=False)
-    assert push.returncode != 0 and "pre-push blocked" in push.stderr
-    crdt(a, "restore-records", "--remove")
-    git(a, "commit", "-q", "--amend", "--no-edit")
+    c = clone(origin, tmp_path / "c")
+    head = git(a, "rev-parse", "HEAD").stdout.strip()
+    proc = git(a, "revert", "--no-edit", "HEAD", check=False)
+    assert proc.returncode != 0
+    assert "this revert lacks 1 record(s)" in proc.stderr
+    assert "an observed remove of 'x'" in proc.stderr
+    assert "'git commit --no-edit'" in proc.stderr
+    assert git(a, "rev-parse", "HEAD").stdout.strip() == head  # nothing committed yet
+    staged = set(git(a, "show", ":.crdt/manifest").stdout.splitlines())
+    assert manifest_lines(a, "HEAD") < staged  # every line kept, one remove added
+    git(a, "commit", "-q", "--no-edit")
+    assert git(a, "log", "-1", "--format=%s").stdout.strip() == 'Revert "add x"'
     assert names(a, "HEAD") == []
+    assert_sound(a)
     git(a, "push", "-q", "origin", "main")
+    # the same revert in another clone writes the same records
+    git(c, "revert", "--no-edit", "HEAD", check=False)
+    git(c, "commit", "-q", "--no-edit")
+    assert (
+        git(c, "show", "HEAD:.crdt/manifest").stdout == git(a, "show", "HEAD:.crdt/manifest").stdout
+    )
     # b has x visible and a local change: the join keeps the remove
     add(b, tmp_path, "z", 3)
     git(b, "pull", "-q", "--no-rebase", "--no-edit")
     assert names(b, "HEAD") == ["z"]
     git(b, "push", "-q", "origin", "main")
     git(a, "pull", "-q", "--no-rebase")
-    for r in (a, b):
+    git(c, "pull", "-q", "--no-rebase", "--no-edit")
+    for r in (a, b, c):
         assert_sound(r)
-    assert_same_state(a, b)
+    assert_same_state(a, b, c)
+
+
+def test_a_revert_of_several_commits_stops_and_continues(repo: Path, tmp_path: Path) -> None:
+    """A sequencer revert (two commits): the revert of y deletes its line (nothing changed the
+    manifest since), so it stops with the remove staged; the named commands commit it and go
+    on to the revert of x, which git hands to the driver."""
+    add(repo, tmp_path, "x", 1)
+    add(repo, tmp_path, "y", 2)
+    git(repo, "commit", "-q", "--allow-empty", "-m", "unrelated")
+    proc = git(repo, "revert", "--no-edit", "HEAD~1", "HEAD~2", check=False)
+    steps = 0
+    while proc.returncode != 0:
+        assert "'git commit --no-edit && git revert --continue'" in proc.stderr, proc.stderr
+        steps += 1
+        assert steps == 1
+        git(repo, "commit", "-q", "--no-edit")
+        proc = git(repo, "-c", "core.editor=true", "revert", "--continue", check=False)
+    assert names(repo, "HEAD") == []
+    assert_sound(repo)
+
+
+def test_a_cherry_picked_line_deletion_is_stopped(repo: Path, tmp_path: Path) -> None:
+    """A commit that deleted a manifest line by hand (committed with --no-verify), picked onto
+    a branch that did not change the manifest since: stopped, the deletion staged as the
+    driver's inverse (an observed remove), and ``git cherry-pick --continue`` commits it."""
+    add(repo, tmp_path, "x", 1)
+    add(repo, tmp_path, "y", 2)
+    git(repo, "switch", "-q", "-c", "topic")
+    lines = (repo / ".crdt" / "manifest").read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if '"x"' not in ln or '"add"' not in ln]
+    assert len(keep) == len(lines) - 1
+    (repo / ".crdt" / "manifest").write_text("".join(keep))
+    git(repo, "commit", "-q", "-a", "--no-verify", "-m", "delete the x line")
+    git(repo, "switch", "-q", "main")
+    proc = git(repo, "cherry-pick", "topic", check=False)
+    assert proc.returncode != 0 and "'git cherry-pick --continue'" in proc.stderr, proc.stderr
+    git(repo, "-c", "core.editor=true", "cherry-pick", "--continue")
+    assert names(repo, "HEAD") == ["y"]
+    assert_sound(repo)
+
+
+def test_a_picked_record_without_objects_is_stopped(repo: Path, tmp_path: Path) -> None:
+    """A topic commit that records an add but holds none of its objects (made with
+    --no-verify): cherry-picking it is stopped before it commits, and so is a rebase pick."""
+    add(repo, tmp_path, "a", 1)
+    git(repo, "switch", "-q", "-c", "topic")
+    add(repo, tmp_path, "b", 2, commit=False)
+    git(repo, "reset", "-q", "HEAD", "--", ".crdt/objects")
+    git(repo, "add", ".crdt/manifest")
+    git(repo, "commit", "-q", "--no-verify", "-m", "b without objects")
+    git(repo, "switch", "-q", "-f", "main")
+    before = git(repo, "rev-parse", "HEAD").stdout
+    proc = git(repo, "cherry-pick", "topic", check=False)
+    assert proc.returncode != 0
+    assert "prepare-commit-msg blocked" in proc.stderr, proc.stderr
+    assert git(repo, "rev-parse", "HEAD").stdout == before
+    git(repo, "cherry-pick", "--abort")
+    add(repo, tmp_path, "c", 3)
+    proc = git(repo, "rebase", "main", "topic", check=False)
+    assert proc.returncode != 0 and "'git rebase --continue'" in proc.stderr, proc.stderr
+    git(repo, "rebase", "--abort")
 
 
 def test_git_crdt_revert_is_an_observed_remove_in_every_clone(tmp_path: Path) -> None:
@@ -378,23 +451,77 @@ def _doctor_problems_env(repo: Path, env: dict[str, str]) -> list[str]:
     return proc.stderr.splitlines()
 
 
-def test_octopus_fails_without_damage_and_sequential_merges_join(
-    repo: Path, tmp_path: Path
-) -> None:
-    for n, seed in (("x", 2), ("y", 3)):
+def _octopus_branches(repo: Path, tmp: Path) -> None:
+    for n, seed in (("x", 2), ("y", 3), ("z", 4)):
         git(repo, "switch", "-q", "-c", n, "main")
-        add(repo, tmp_path, n, seed)
+        add(repo, tmp, n, seed)
     git(repo, "switch", "-q", "main")
-    add(repo, tmp_path, "a", 1)
+    add(repo, tmp, "a", 1)
+
+
+def test_octopus_merge_joins_like_sequential_merges(repo: Path, tmp_path: Path) -> None:
+    """``git merge x y z`` (every head changed the manifest) runs the crdt strategy that
+    install names in pull.octopus: one commit with four parents whose manifest, root and
+    merged bytes are those of three sequential merges; no chunk file reaches the work tree."""
+    _octopus_branches(repo, tmp_path)
+    seq = tmp_path / "seq"
+    git(tmp_path, "clone", "-q", str(repo), str(seq))
+    crdt(seq, "install", "-q")
+    git(seq, "config", "crdt.autoResolve", "false")
+    for n in ("x", "y", "z"):
+        git(seq, "merge", "-q", "--no-edit", f"origin/{n}")
+    proc = git(repo, "merge", "--no-edit", "x", "y", "z")
+    assert "Merge made by the 'crdt' strategy" in proc.stdout
+    parents = git(repo, "log", "-1", "--format=%P").stdout.split()
+    assert len(parents) == 4
+    assert names(repo, "HEAD") == ["a", "x", "y", "z"]
+    assert not (repo / ".crdt" / "objects").exists()
+    assert git(repo, "status", "--porcelain").stdout == ""
+    assert (
+        git(repo, "show", "HEAD:.crdt/manifest").stdout
+        == git(seq, "show", "HEAD:.crdt/manifest").stdout
+    )
+    assert_sound(repo)
+    assert_same_state(repo, seq)
+
+
+def test_octopus_with_a_conflict_stops_before_it_starts(repo: Path, tmp_path: Path) -> None:
+    """A conflict in another file: the strategy gives up with the sequential alternative and
+    git leaves HEAD, index and work tree as they were."""
+    _octopus_branches(repo, tmp_path)
+    for n in ("y", "z"):
+        git(repo, "switch", "-q", n)
+        (repo / "notes.txt").write_text(f"{n}\n")
+        git(repo, "add", "notes.txt")
+        git(repo, "commit", "-q", "-m", f"notes {n}")
+    git(repo, "switch", "-q", "main")
     before = git(repo, "rev-parse", "HEAD").stdout
-    proc = git(repo, "merge", "--no-edit", "x", "y", check=False)
+    proc = git(repo, "merge", "--no-edit", "x", "y", "z", check=False)
     assert proc.returncode != 0
+    assert "merging z conflicts in notes.txt" in proc.stderr, proc.stderr
+    assert "git merge x && git merge y && git merge z" in proc.stderr
     assert git(repo, "rev-parse", "HEAD").stdout == before
     assert git(repo, "status", "--porcelain").stdout == ""
-    git(repo, "merge", "-q", "--no-edit", "x")
-    git(repo, "merge", "-q", "--no-edit", "y")
-    assert names(repo, "HEAD") == ["a", "x", "y"]
-    assert_sound(repo)
+
+
+def test_octopus_without_the_strategy_on_path_is_refused(repo: Path, tmp_path: Path) -> None:
+    """The venv not activated: git cannot find git-merge-crdt and refuses before it starts;
+    doctor names the missing program."""
+    _octopus_branches(repo, tmp_path)
+    before = git(repo, "rev-parse", "HEAD").stdout
+    proc = subprocess.run(
+        ["git", "merge", "--no-edit", "x", "y"],
+        cwd=repo,
+        env=_without_venv(),
+        text=True,
+        capture_output=True,
+    )
+    assert proc.returncode != 0 and "Could not find merge strategy 'crdt'" in proc.stderr
+    assert git(repo, "rev-parse", "HEAD").stdout == before
+    assert git(repo, "status", "--porcelain").stdout == ""
+    assert any(
+        "'git-merge-crdt' is not on PATH" in p for p in _doctor_problems_env(repo, _without_venv())
+    )
 
 
 # -- writers racing git ---------------------------------------------------------------------------
