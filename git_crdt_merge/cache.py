@@ -44,7 +44,7 @@ import blake3
 
 from . import bounded, faults, gitops
 from .errors import CrdtError, ResolveError
-from .repo import Repo, atomic_write, pid_alive
+from .replicated.repo import Repo, atomic_write, pid_alive
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3

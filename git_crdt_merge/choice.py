@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import contributions
 from .errors import CrdtError
-from .repo import Repo
+from .replicated import contributions
+from .replicated.repo import Repo
 
 
 def choose_strategy(

@@ -19,16 +19,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, contributions, freshness, gitops, history, invariants, render
+from . import __version__, freshness, gitops, history, render
 from . import install as installer
 from .bounded import display, display_data
 from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
-from .manifest import MANIFEST_PATH
 from .render import cell, human_bytes
-from .repo import Repo
+from .replicated import contributions, invariants
+from .replicated.manifest import MANIFEST_PATH
+from .replicated.repo import Repo
+from .replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
 from .show import contribution_rows
-from .store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
 
 err = Console(stderr=True, highlight=False)
 
@@ -659,7 +660,7 @@ def repair(
 ) -> None:
     """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
     sides, as the merge driver would have made it; then stage it."""
-    from .repair import repair_manifest
+    from .replicated.repair import repair_manifest
 
     with handle_errors():
         result, saved = repair_manifest(open_repo(), drop_invalid=drop_invalid, dry_run=dry_run)

@@ -19,7 +19,7 @@ from typing import Any
 from . import gitops
 from . import install as installer
 from .errors import CrdtError, UsageError
-from .repo import Repo
+from .replicated.repo import Repo
 
 
 @dataclass

@@ -40,7 +40,7 @@ import blake3
 
 from . import bounded, faults, gitops
 from .errors import CrdtError, ManifestError
-from .manifest import (
+from .replicated.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
     Record,

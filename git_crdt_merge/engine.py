@@ -27,16 +27,17 @@ from typing import Any, BinaryIO
 
 import torch
 
-from . import FORMAT_VERSION, __version__, cache, checks
+from . import FORMAT_VERSION, __version__, cache
 from .cache import cache_key, seed_of
-from .contributions import read_descriptor
 from .errors import ResolveError
-from .formats import MAX_AUX_BYTES
-from .manifest import Manifest
 from .numerics import RandomStream
-from .store import ObjectStore
+from .replicated import checks
+from .replicated.contributions import read_descriptor
+from .replicated.formats import MAX_AUX_BYTES
+from .replicated.manifest import Manifest
+from .replicated.store import ObjectStore
+from .replicated.tensorio import NAME_TO_TORCH, TORCH_TO_NAME
 from .strategies import registry
-from .tensorio import NAME_TO_TORCH, TORCH_TO_NAME
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

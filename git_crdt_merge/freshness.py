@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
-from .manifest import Manifest
-from .repo import Repo, atomic_write
+from .replicated.manifest import Manifest
+from .replicated.repo import Repo, atomic_write
 
 FAILURE_FILE = "last-resolve.json"
 

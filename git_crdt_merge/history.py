@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import gitops
-from .manifest import MANIFEST_PATH
-from .repo import Repo
+from .replicated.manifest import MANIFEST_PATH
+from .replicated.repo import Repo
 
 
 @dataclass

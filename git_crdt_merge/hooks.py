@@ -36,7 +36,7 @@ import sys
 from . import gitops
 from .bounded import display
 from .errors import CrdtError
-from .repo import Repo
+from .replicated.repo import Repo
 
 POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
 PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push", "pre-applypatch")
@@ -182,7 +182,7 @@ def continue_command(repo: Repo, op: str) -> str:
 def pick_hook(repo: Repo, name: str) -> int:
     """``prepare-commit-msg``: check the state a cherry-pick, revert or rebase pick is about to
     commit (see the module docstring)."""
-    from .invariants import loss_messages, pick_in_progress, repair_pick
+    from .replicated.invariants import loss_messages, pick_in_progress, repair_pick
 
     op = pick_in_progress(repo)
     if op is None or gitops.rev_parse(repo.root, "HEAD^{commit}") is None:
@@ -221,7 +221,7 @@ def pick_hook(repo: Repo, name: str) -> int:
 def _pushed_history_keeps_records(repo: Repo, stdin_text: str, args: list[str]) -> bool:
     """The tip of every pushed ref must hold every record of every commit the push sends and
     of what the remote has: otherwise the push deletes records for everyone."""
-    from .invariants import LOST_FIX, loss_messages, range_losses
+    from .replicated.invariants import LOST_FIX, loss_messages, range_losses
 
     remote = args[0] if args else ""
     for line in stdin_text.splitlines():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import bounded, gitops
 from .errors import CrdtError, InputError, NotARepositoryError
-from .repo import Repo, atomic_write
+from .replicated.repo import Repo, atomic_write
 
 HOOKS = (
     "post-checkout",

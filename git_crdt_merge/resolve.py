@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, checks, faults
-from .contributions import fetch_set
+from . import cache, faults
 from .errors import ResolveError, StoreError
-from .manifest import Manifest
-from .repo import Repo
-from .store import ObjectStore
+from .replicated import checks
+from .replicated.contributions import fetch_set
+from .replicated.manifest import Manifest
+from .replicated.repo import Repo
+from .replicated.store import ObjectStore
 
 COMPUTE_DTYPE_NAMES = ("float32", "float64")
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import contributions, gitops, history
+from . import gitops, history
 from .errors import CrdtError, NotFoundError
-from .repo import Repo
-from .store import ObjectStore
+from .replicated import contributions
+from .replicated.repo import Repo
+from .replicated.store import ObjectStore
 
 # Descriptor keys every contribution has.  Extra inputs of strategies (Fisher diagonals, Gram
 # matrices) live under "extras" as {kind: {"tensors": {name: tensor info}}}; any other key is

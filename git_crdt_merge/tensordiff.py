@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from . import cache, contributions, formats, gitops, numerics, resolve
+from . import cache, gitops, numerics, resolve
 from .diff import WORK_TREE, state_label
 from .errors import CrdtError, NotFoundError
-from .repo import Repo
-from .store import ObjectStore
-from .tensorio import NAME_TO_TORCH
+from .replicated import contributions, formats
+from .replicated.repo import Repo
+from .replicated.store import ObjectStore
+from .replicated.tensorio import NAME_TO_TORCH
 
 # -- models as tensor tables -----------------------------------------------------------------------
 Loader = Callable[[], torch.Tensor]

@@ -30,11 +30,12 @@ from typing import Any
 
 import blake3
 
-from . import bounded, checks, descriptor, gitops, invariants
+from . import bounded, gitops
 from .errors import CrdtError, GitError, ManifestError, NotFoundError
-from .manifest import MANIFEST_PATH, Manifest, parse_record
-from .repo import Repo
-from .store import MAX_OBJECT_BYTES, ObjectStore
+from .replicated import checks, descriptor, invariants
+from .replicated.manifest import MANIFEST_PATH, Manifest, parse_record
+from .replicated.repo import Repo
+from .replicated.store import MAX_OBJECT_BYTES, ObjectStore
 
 FIXES = {
     "manifest": "run 'git crdt repair' (it keeps every valid record), or redo the merge after "
@@ -179,7 +180,7 @@ def verify(
     _check_history(repo, rev, data, report)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
     if fetch:
-        from .contributions import fetch_set
+        from .replicated.contributions import fetch_set
 
         try:
             fetch_set(store, manifest)

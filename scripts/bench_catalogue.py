@@ -28,7 +28,7 @@ import bench_resolve  # noqa: E402  (the same model and IO floor)
 WORKER = r"""
 import json, shutil, sys, time
 from git_crdt_merge import contributions, resolve
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.strategies import REQUIRED, get_strategy
 
 repo = Repo.open(".")

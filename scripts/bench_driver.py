@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from git_crdt_merge.manifest import Manifest, add_record, remove_record, set_record
+from git_crdt_merge.replicated.manifest import Manifest, add_record, remove_record, set_record
 
 
 def side(shared: list, n_own: int, replica: str) -> Manifest:

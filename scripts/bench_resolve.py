@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from git_crdt_merge import contributions, engine, resolve
 from git_crdt_merge.strategies import get_strategy
-from git_crdt_merge.repo import Repo
-from git_crdt_merge.store import ObjectStore
+from git_crdt_merge.replicated.repo import Repo
+from git_crdt_merge.replicated.store import ObjectStore
 
 repo = Repo.open(".")
 density = float(sys.argv[2])

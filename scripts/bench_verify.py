@@ -38,9 +38,10 @@ def main() -> None:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
     from safetensors.numpy import save_file
 
-    from git_crdt_merge import checks, gitops
-    from git_crdt_merge.repo import Repo
-    from git_crdt_merge.store import ObjectStore
+    from git_crdt_merge import gitops
+    from git_crdt_merge.replicated import checks
+    from git_crdt_merge.replicated.repo import Repo
+    from git_crdt_merge.replicated.store import ObjectStore
     from git_crdt_merge.verify import verify
 
     with tempfile.TemporaryDirectory() as tmp:

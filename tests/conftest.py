@@ -124,6 +124,6 @@ def origin_copy(
 def descriptor_address(repo: Path, cid: str) -> str:
     """Where contribution (or base) ``cid``'s descriptor is stored: format-2 records name it
     (``desc``); for format 1 it is the id itself."""
-    from git_crdt_merge.repo import Repo
+    from git_crdt_merge.replicated.repo import Repo
 
     return Repo.open(repo).read_manifest().descriptor_address(cid)

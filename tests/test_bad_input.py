@@ -15,9 +15,9 @@ from conftest import crdt, git, make_model, new_repo
 from typer.testing import CliRunner
 
 from git_crdt_merge import errors
-from git_crdt_merge.checks import count_nonfinite
 from git_crdt_merge.cli import app
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.checks import count_nonfinite
+from git_crdt_merge.replicated.repo import Repo
 
 SHAPES = {"layer.0.weight": (8, 16), "layer.0.bias": (8,), "head.weight": (4, 8)}
 

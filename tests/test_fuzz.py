@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 
 from git_crdt_merge import driver
 from git_crdt_merge.errors import ManifestError
-from git_crdt_merge.manifest import Manifest, Record, add_record, remove_record, set_record
-from git_crdt_merge.repair import repair_bytes
+from git_crdt_merge.replicated.manifest import (
+    Manifest,
+    Record,
+    add_record,
+    remove_record,
+    set_record,
+)
+from git_crdt_merge.replicated.repair import repair_bytes
 
 IDS = [blake3.blake3(bytes([i])).hexdigest() for i in range(5)]
 REPLICAS = ["a" * 16, "b" * 16, "0123456789abcdef"]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import crdt, git, make_model, origin_copy
 
-from git_crdt_merge.contributions import set_register
-from git_crdt_merge.manifest import Manifest, add_record, set_record
-from git_crdt_merge.repo import Repo, new_tag
+from git_crdt_merge.replicated.contributions import set_register
+from git_crdt_merge.replicated.manifest import Manifest, add_record, set_record
+from git_crdt_merge.replicated.repo import Repo, new_tag
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -27,12 +27,12 @@ from conftest import crdt, git, origin_copy
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from git_crdt_merge import descriptor
-from git_crdt_merge.contributions import set_register
 from git_crdt_merge.errors import CrdtError, ManifestError
-from git_crdt_merge.manifest import Manifest, add_record, canonical_json, remove_record
-from git_crdt_merge.repo import Repo, new_tag
-from git_crdt_merge.store import ObjectStore, object_path
+from git_crdt_merge.replicated import descriptor
+from git_crdt_merge.replicated.contributions import set_register
+from git_crdt_merge.replicated.manifest import Manifest, add_record, canonical_json, remove_record
+from git_crdt_merge.replicated.repo import Repo, new_tag
+from git_crdt_merge.replicated.store import ObjectStore, object_path
 
 MEMORY_CAP = 3 * 1024**3  # address space of every pull and command of the victim
 TIME_CAP = 240.0  # seconds; each finishes in a few under load
@@ -801,7 +801,7 @@ def test_hostile_records_are_refused_in_one_line_or_keep_registers_writable(
 
 
 def test_repair_drop_invalid_sets_inconsistent_records_aside() -> None:
-    from git_crdt_merge.repair import repair_bytes
+    from git_crdt_merge.replicated.repair import repair_bytes
 
     good = add_record("a" * 32, "e" * 64, "m").line
     reused = add_record("a" * 32, "f" * 64, "other").line  # the same tag on another record
@@ -831,7 +831,7 @@ def test_verify_reports_a_plugin_that_is_not_installed(honest_repo: Path) -> Non
 
 
 def test_a_manifest_over_the_record_limit_is_one_line_error() -> None:
-    from git_crdt_merge.manifest import MAX_RECORDS
+    from git_crdt_merge.replicated.manifest import MAX_RECORDS
 
     line = add_record("a" * 32, "e" * 64, "m").line
     with pytest.raises(ManifestError, match=f"more than {MAX_RECORDS} records"):

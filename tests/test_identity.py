@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import crdt, descriptor_address, git, new_repo
 
-from git_crdt_merge.descriptor import content_id
-from git_crdt_merge.manifest import add_record, canonical_json, set_record
-from git_crdt_merge.repo import Repo, new_tag
-from git_crdt_merge.store import ObjectStore, split_chunks
+from git_crdt_merge.replicated.descriptor import content_id
+from git_crdt_merge.replicated.manifest import add_record, canonical_json, set_record
+from git_crdt_merge.replicated.repo import Repo, new_tag
+from git_crdt_merge.replicated.store import ObjectStore, split_chunks
 
 SHAPES = {"layer.0.weight": (64, 32), "layer.0.bias": (32,), "head.weight": (16, 64)}
 
@@ -151,7 +151,7 @@ def v1_descriptor(
     store: ObjectStore, src: Path, chunk_size: int, weight: float | None
 ) -> tuple[str, dict[str, Any]]:
     """Store ``src`` exactly as format 1 did; return (id = blake3 of the bytes, descriptor)."""
-    from git_crdt_merge import formats
+    from git_crdt_merge.replicated import formats
 
     tensors = {}
     for t in formats.iter_tensors(formats.discover(src)):
@@ -311,7 +311,7 @@ def test_full_verify_finds_chunks_that_are_not_the_content_the_id_names(tmp_path
 
 def test_manifest_fields_of_format_2_are_validated() -> None:
     from git_crdt_merge.errors import ManifestError
-    from git_crdt_merge.manifest import Manifest, parse_record
+    from git_crdt_merge.replicated.manifest import Manifest, parse_record
 
     cid, desc = "1" * 64, "2" * 64
     rec = add_record("a" * 32, cid, "m", desc=desc)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from git_crdt_merge.errors import ManifestError
-from git_crdt_merge.manifest import (
+from git_crdt_merge.replicated.manifest import (
     Manifest,
     Record,
     add_record,

@@ -18,7 +18,7 @@ from conftest import crdt, git, isolate_git, make_model
 from safetensors.numpy import save_file
 from test_resolve import choose, fresh_repo
 
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.resolve import resolve
 from git_crdt_merge.strategies import REQUIRED, all_strategies
 

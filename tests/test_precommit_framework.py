@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import crdt, descriptor_address, git, make_model, new_repo
 
-from git_crdt_merge.manifest import Manifest, add_record
-from git_crdt_merge.repo import new_tag
-from git_crdt_merge.store import ObjectStore, object_path
+from git_crdt_merge.replicated.manifest import Manifest, add_record
+from git_crdt_merge.replicated.repo import new_tag
+from git_crdt_merge.replicated.store import ObjectStore, object_path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRE_COMMIT = Path(sys.executable).parent / "pre-commit"

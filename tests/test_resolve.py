@@ -23,8 +23,8 @@ import torch
 from conftest import crdt, git, make_model, new_repo, origin_copy
 from safetensors import safe_open
 
-from git_crdt_merge.contributions import set_register
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.contributions import set_register
+from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.resolve import resolve
 
 SHAPES = {"layer.0.weight": (64, 64), "layer.0.bias": (64,), "head.weight": (16, 64)}
@@ -534,7 +534,7 @@ _MEASURE = """
 import sys
 import torch  # noqa: F401
 import git_crdt_merge.resolve as r
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.repo import Repo
 
 if len(sys.argv) > 1:
     assert not r.resolve(Repo.open(sys.argv[1])).cache_hit

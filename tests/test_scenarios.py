@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import crdt, descriptor_address, git, make_model, origin_copy
 
-from git_crdt_merge.manifest import Manifest, join, set_record
+from git_crdt_merge.replicated.manifest import Manifest, join, set_record
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_tensor_shared_by_two_contributions_is_stored_once(tmp_path: Path, origi
     # 5 distinct tensors (one chunk each) + 2 descriptors
     blobs = object_blobs(b)
     assert len(blobs) == len(set(blobs)) == 7
-    from git_crdt_merge.store import ObjectStore
+    from git_crdt_merge.replicated.store import ObjectStore
 
     store = ObjectStore(b, rev="HEAD")
     descs = [json.loads(store.get(descriptor_address(b, cid))) for cid in visible(b)]

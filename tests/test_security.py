@@ -9,9 +9,9 @@ from pathlib import Path
 
 from conftest import crdt, descriptor_address, git, make_model, new_repo
 
-from git_crdt_merge.contributions import remove_contribution, set_register
-from git_crdt_merge.descriptor import content_id
-from git_crdt_merge.repo import Repo
+from git_crdt_merge.replicated.contributions import remove_contribution, set_register
+from git_crdt_merge.replicated.descriptor import content_id
+from git_crdt_merge.replicated.repo import Repo
 
 
 def test_output_register_pointing_at_a_user_folder_never_replaces_it(tmp_path: Path) -> None:
@@ -50,9 +50,9 @@ def test_descriptor_claiming_a_huge_tensor_is_a_one_line_error_not_an_allocation
 ) -> None:
     import json
 
-    from git_crdt_merge.manifest import add_record, canonical_json
-    from git_crdt_merge.repo import new_tag
-    from git_crdt_merge.store import ObjectStore
+    from git_crdt_merge.replicated.manifest import add_record, canonical_json
+    from git_crdt_merge.replicated.repo import new_tag
+    from git_crdt_merge.replicated.store import ObjectStore
 
     repo = new_repo(tmp_path / "repo")
     git(repo, "config", "crdt.autoResolve", "false")

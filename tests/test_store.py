@@ -14,8 +14,8 @@ import torch
 from conftest import crdt, descriptor_address, git, make_model
 from safetensors.torch import save_file
 
-from git_crdt_merge.descriptor import content_id
-from git_crdt_merge.store import ObjectStore, object_path
+from git_crdt_merge.replicated.descriptor import content_id
+from git_crdt_merge.replicated.store import ObjectStore, object_path
 
 
 def file_tensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:

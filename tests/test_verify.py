@@ -14,10 +14,10 @@ import pytest
 from conftest import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge import errors
-from git_crdt_merge.descriptor import content_id
-from git_crdt_merge.manifest import Manifest, add_record, set_record
-from git_crdt_merge.repo import Repo, new_tag
-from git_crdt_merge.store import ObjectStore, object_path
+from git_crdt_merge.replicated.descriptor import content_id
+from git_crdt_merge.replicated.manifest import Manifest, add_record, set_record
+from git_crdt_merge.replicated.repo import Repo, new_tag
+from git_crdt_merge.replicated.store import ObjectStore, object_path
 from git_crdt_merge.verify import verify
 
 
@@ -226,7 +226,7 @@ def test_nested_references_and_required_extra_inputs_are_checked(
     lost = "cd" * 32
     desc["extras"] = {"fisher": {"head.weight": {**desc["tensors"]["head.weight"]}}}
     desc["extras"]["fisher"]["head.weight"]["chunks"] = [lost]
-    from git_crdt_merge.manifest import canonical_json
+    from git_crdt_merge.replicated.manifest import canonical_json
 
     new_desc = store.put(canonical_json(desc).encode())
     new_id = content_id(desc)
@@ -309,9 +309,9 @@ def test_objects_and_descriptors_over_the_size_limits_are_reported(
     two: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The limits are 1 GiB per object and 64 MiB per descriptor; lowered here to test them."""
-    from git_crdt_merge import checks, contributions
     from git_crdt_merge import verify as verify_module
     from git_crdt_merge.errors import ManifestError
+    from git_crdt_merge.replicated import checks, contributions
 
     repo, ids = two
     monkeypatch.setattr(verify_module, "MAX_OBJECT_BYTES", 256)

@@ -28,8 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checks, gitobjects, gitops
-from .errors import ManifestError, NotFoundError, UsageError
+from .. import gitobjects, gitops
+from ..errors import ManifestError, NotFoundError, UsageError
+from . import checks
 from .manifest import (
     DEFAULT_OUTPUT,
     DEFAULT_STRATEGY,
@@ -500,7 +501,7 @@ def repair_pick(repo: Repo) -> PickRepair | None:
     every HEAD record back, and the inverse of what was deleted (an observed remove of a
     deleted add, with the same derived tag every clone writes; a new add for a deleted remove).
     Returns None when nothing of HEAD is missing."""
-    from .driver import three_way
+    from ..driver import three_way
 
     head = gitops.rev_parse(repo.root, "HEAD^{commit}")
     if head is None:

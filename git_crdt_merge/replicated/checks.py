@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .formats import DTYPE_SIZES, ModelSource, check_tensor_name, iter_tensors
 from .manifest import ID_RE
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
+from ..errors import ManifestError
 from .manifest import Manifest, Record, canonical_json, parse_record
 from .repo import Repo, atomic_write
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import blake3
 
-from . import FORMAT_VERSION
-from .bounded import json_depth
-from .errors import ManifestError
+from .. import FORMAT_VERSION
+from ..bounded import json_depth
+from ..errors import ManifestError
 
 MANIFEST_PATH = ".crdt/manifest"
 MAX_LINE_BYTES = 64 * 1024

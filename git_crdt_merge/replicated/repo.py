@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bounded, faults, gitops
-from .errors import LockError, ManifestError, NotARepositoryError, NotFoundError
-from .gitops import pid_alive
+from .. import bounded, faults, gitops
+from ..errors import LockError, ManifestError, NotARepositoryError, NotFoundError
+from ..gitops import pid_alive
 from .manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest
 
 LOCK_TIMEOUT_S = 120.0

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import blake3
 
-from . import gitobjects, gitops
-from .errors import GitError, StoreError, UsageError
+from .. import gitobjects, gitops
+from ..errors import GitError, StoreError, UsageError
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024

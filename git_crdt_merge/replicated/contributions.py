@@ -16,15 +16,10 @@ from typing import Any
 
 import blake3
 
-from . import bounded, checks, descriptor, extras, faults, formats, gitops
-from .errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
-from .manifest import (
-    MANIFEST_PATH,
-    Manifest,
-    add_record,
-    check_name,
-    remove_record,
-)
+from .. import bounded, faults, gitops
+from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
+from . import checks, descriptor, extras, formats
+from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
 from .repo import Repo, new_tag
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from . import formats
-from .errors import InputError
 
 __all__ = ["KINDS", "load_extra", "parse_extra"]
 
