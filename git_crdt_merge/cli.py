@@ -19,16 +19,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, freshness, gitops, history, render
+from . import __version__, gitops, history, render
 from . import install as installer
 from .bounded import display, display_data
-from .cache import DEFAULT_MAX_SHARD
 from .errors import CrdtError, UsageError
 from .render import cell, human_bytes
 from .replicated import contributions, invariants
 from .replicated.manifest import MANIFEST_PATH
 from .replicated.repo import Repo
 from .replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
+from .resolution import freshness
+from .resolution.cache import DEFAULT_MAX_SHARD
 from .show import contribution_rows
 
 err = Console(stderr=True, highlight=False)
@@ -393,7 +394,7 @@ def strategy(
     A per-contribution parameter takes one value for all (density=0.5) or a JSON object by
     contribution name or id (density='{"math": 0.3, "code": 0.7}')."""
     with handle_errors():
-        from .choice import choose_strategy
+        from .resolution.choice import choose_strategy
 
         value, warning = choose_strategy(open_repo(), name, param or [])
     err.print(
@@ -475,7 +476,7 @@ def resolve(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute the merged model of the visible set (a no-op on a cache hit)."""
-    from .resolve import resolve as do_resolve
+    from .resolution.resolve import resolve as do_resolve
 
     if device not in ("cpu", "cuda"):
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
@@ -822,7 +823,7 @@ def gc(
 ) -> None:
     """Prune the result cache: entries that no ref reaches, then the least recently used
     beyond the size budget."""
-    from . import cache
+    from .resolution import cache
 
     with handle_errors():
         repo = open_repo()

@@ -80,7 +80,7 @@ def clone(
     repo = Repo.open(target)
     if not resolve or not repo.is_initialized():
         return CloneResult(target, notes, None)
-    from .resolve import resolve as do_resolve
+    from .resolution.resolve import resolve as do_resolve
 
     try:
         outcome = do_resolve(repo, on_start=on_start, progress=progress)

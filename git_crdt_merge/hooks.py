@@ -56,18 +56,18 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     if name in ("post-commit", "post-applypatch"):
         warn_about_commit(repo)
     if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
-        from .freshness import output_state
+        from .resolution.freshness import output_state
 
         state = output_state(repo)
         if state.state == "stale":  # a model is there, and it is not the set's: say so
             _say(f"{name}: {state.message()} (crdt.autoResolve is false)")
         return 0
-    from .resolve import resolve
+    from .resolution.resolve import resolve
 
     def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
         _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
 
-    from .freshness import clear_failure, record_failure
+    from .resolution.freshness import clear_failure, record_failure
 
     try:
         outcome = resolve(repo, on_start=announce)

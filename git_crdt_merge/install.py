@@ -680,7 +680,7 @@ def doctor(cwd: Path | str = ".", *, remote: str | None = None) -> Diagnosis:
     except Exception as exc:  # report, do not crash: doctor is for broken states
         d.problems.append(f"manifest: {exc}")
         return d
-    from .freshness import output_state
+    from .resolution.freshness import output_state
 
     state = output_state(repo, manifest)
     (d.ok if state.ok else d.problems).append(state.message())

@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from . import cache, gitops, numerics, resolve
+from . import gitops, numerics
 from .diff import WORK_TREE, state_label
 from .errors import CrdtError, NotFoundError
 from .replicated import contributions, formats
 from .replicated.repo import Repo
 from .replicated.store import ObjectStore
 from .replicated.tensorio import NAME_TO_TORCH
+from .resolution import cache, resolve
 
 # -- models as tensor tables -----------------------------------------------------------------------
 Loader = Callable[[], torch.Tensor]

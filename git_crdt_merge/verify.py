@@ -197,7 +197,7 @@ def verify(
         bad = _rehash(repo, store, report, progress, on_start)
         _check_content(store, manifest, report, bad)
         if store.rev is None:  # the clone's own results: the cache and the published folders
-            from . import cache
+            from .resolution import cache
 
             for msg in cache.verify_outputs(repo):
                 report.add("output", msg)

@@ -700,7 +700,7 @@ def _mutate(desc: dict[str, Any], chunk: str, how: str, value: Any, store: Objec
 def test_hostile_descriptors_give_one_line_errors_or_a_sound_model(
     honest_repo: Path, mutations: list[tuple[str, Any]]
 ) -> None:
-    from git_crdt_merge.resolve import resolve
+    from git_crdt_merge.resolution.resolve import resolve
     from git_crdt_merge.verify import verify
 
     repo = Repo.open(honest_repo)
@@ -793,7 +793,7 @@ def test_hostile_records_are_refused_in_one_line_or_keep_registers_writable(
         after = state.write_register(key, value, "0" * 16)
         assert after.register(key) == value
         assert after.write_register(key, "x" if key == "output" else value, "0" * 16)
-    from git_crdt_merge.resolve import check_output_path
+    from git_crdt_merge.resolution.resolve import check_output_path
 
     out = state.output()
     check_output_path(Path("/nonexistent-root"), Path("/nonexistent-root") / out)

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from test_resolve import choose, fresh_repo
 
 from git_crdt_merge.replicated.repo import Repo
-from git_crdt_merge.resolve import resolve
+from git_crdt_merge.resolution.resolve import resolve
 from git_crdt_merge.strategies import REQUIRED, all_strategies
 
 SHAPES = {"layer.0.weight": (8, 16), "layer.0.bias": (8,), "head.weight": (4, 8)}

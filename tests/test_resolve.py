@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from git_crdt_merge.replicated.contributions import set_register
 from git_crdt_merge.replicated.repo import Repo
-from git_crdt_merge.resolve import resolve
+from git_crdt_merge.resolution.resolve import resolve
 
 SHAPES = {"layer.0.weight": (64, 64), "layer.0.bias": (64,), "head.weight": (16, 64)}
 STRATEGIES = {
@@ -533,7 +533,7 @@ def test_republishing_replaces_the_output_folder_whole_without_stale_files(
 _MEASURE = """
 import sys
 import torch  # noqa: F401
-import git_crdt_merge.resolve as r
+import git_crdt_merge.resolution.resolve as r
 from git_crdt_merge.replicated.repo import Repo
 
 if len(sys.argv) > 1:

@@ -19,7 +19,7 @@ from git_crdt_merge.errors import ResolveError
 from git_crdt_merge.numerics import RandomStream
 from git_crdt_merge.replicated.contributions import set_register
 from git_crdt_merge.replicated.repo import Repo
-from git_crdt_merge.resolve import resolve
+from git_crdt_merge.resolution.resolve import resolve
 from git_crdt_merge.strategies import get_strategy, resolve_params, run_strategy
 
 PAPER = (

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cache, faults
-from .errors import ResolveError, StoreError
-from .replicated import checks
-from .replicated.contributions import fetch_set
-from .replicated.manifest import Manifest
-from .replicated.repo import Repo
-from .replicated.store import ObjectStore
+from .. import faults
+from ..errors import ResolveError, StoreError
+from ..replicated import checks
+from ..replicated.contributions import fetch_set
+from ..replicated.manifest import Manifest
+from ..replicated.repo import Repo
+from ..replicated.store import ObjectStore
+from . import cache
 
 COMPUTE_DTYPE_NAMES = ("float32", "float64")
 

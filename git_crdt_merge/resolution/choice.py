@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CrdtError
-from .replicated import contributions
-from .replicated.repo import Repo
+from ..errors import CrdtError
+from ..replicated import contributions
+from ..replicated.repo import Repo
 
 
 def choose_strategy(
@@ -21,7 +21,7 @@ def choose_strategy(
     """Validate ``name`` and its ``KEY=VALUE`` parameters, then write the ``strategy``
     register.  Returns the value written and a warning when the current (non-empty) set does
     not meet the strategy's input contract: the choice stands, ``merged/`` stays stale."""
-    from .strategies import registry
+    from ..strategies import registry
 
     repo.require_initialized()
     params = dict(contributions.parse_param(p) for p in params_text)

@@ -42,9 +42,9 @@ from typing import Any
 
 import blake3
 
-from . import bounded, faults, gitops
-from .errors import CrdtError, ResolveError
-from .replicated.repo import Repo, atomic_write, pid_alive
+from .. import bounded, faults, gitops
+from ..errors import CrdtError, ResolveError
+from ..replicated.repo import Repo, atomic_write, pid_alive
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3

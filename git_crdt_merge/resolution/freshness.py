@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..replicated.manifest import Manifest
+from ..replicated.repo import Repo, atomic_write
 from . import cache
-from .replicated.manifest import Manifest
-from .replicated.repo import Repo, atomic_write
 
 FAILURE_FILE = "last-resolve.json"
 

@@ -27,17 +27,18 @@ from typing import Any, BinaryIO
 
 import torch
 
-from . import FORMAT_VERSION, __version__, cache
+from .. import FORMAT_VERSION, __version__
+from ..errors import ResolveError
+from ..numerics import RandomStream
+from ..replicated import checks
+from ..replicated.contributions import read_descriptor
+from ..replicated.formats import MAX_AUX_BYTES
+from ..replicated.manifest import Manifest
+from ..replicated.store import ObjectStore
+from ..replicated.tensorio import NAME_TO_TORCH, TORCH_TO_NAME
+from ..strategies import registry
+from . import cache
 from .cache import cache_key, seed_of
-from .errors import ResolveError
-from .numerics import RandomStream
-from .replicated import checks
-from .replicated.contributions import read_descriptor
-from .replicated.formats import MAX_AUX_BYTES
-from .replicated.manifest import Manifest
-from .replicated.store import ObjectStore
-from .replicated.tensorio import NAME_TO_TORCH, TORCH_TO_NAME
-from .strategies import registry
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
