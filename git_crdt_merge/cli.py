@@ -19,10 +19,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, gitops, history, render
+from . import __version__, gitops, render
 from . import install as installer
 from .bounded import display, display_data
 from .errors import CrdtError, UsageError
+from .query import history
+from .query.show import contribution_rows
 from .render import cell, human_bytes
 from .replicated import contributions, invariants
 from .replicated.manifest import MANIFEST_PATH
@@ -30,7 +32,6 @@ from .replicated.repo import Repo
 from .replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
 from .resolution import freshness
 from .resolution.cache import DEFAULT_MAX_SHARD
-from .show import contribution_rows
 
 err = Console(stderr=True, highlight=False)
 
@@ -614,11 +615,11 @@ def diff(
         repo = open_repo()
         repo.require_initialized()
         if not tensors:
-            from .diff import state_diff
+            from .query.diff import state_diff
 
             data = state_diff(repo, rev_a or "HEAD", rev_b)
         else:
-            from . import tensordiff as diffs
+            from .query import tensordiff as diffs
 
             a = diffs.open_model(repo, rev_a or "HEAD")
             b = diffs.open_model(repo, rev_b) if rev_b else diffs.work_tree_model(repo)
@@ -639,8 +640,8 @@ def show(
     json_: JsonOpt = False,
 ) -> None:
     """A contribution's descriptor, tensors, sizes, extra inputs and the commit that added it."""
+    from .query.show import show as do_show
     from .render import print_show
-    from .show import show as do_show
 
     with handle_errors():
         repo = open_repo()
@@ -772,7 +773,7 @@ def verify(
     a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
     it); --full re-hashes every object, the cache and the published output too.  In a
     partial clone, objects not fetched yet are named as absent (--fetch fetches them)."""
-    from .verify import verify as do_verify
+    from .query.verify import verify as do_verify
 
     if staged and rev is not None:
         raise fail(UsageError("--staged and --rev are exclusive"))

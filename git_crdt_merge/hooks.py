@@ -83,7 +83,7 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
 def warn_about_commit(repo: Repo) -> None:
     """After cherry-pick, revert, a rebase pick or a commit: if it changed ``.crdt/``, check it
     (lost records, records without objects) and say what to run.  Never blocks."""
-    from .verify import verify
+    from .query.verify import verify
 
     head = gitops.rev_parse(repo.root, "HEAD^{commit}")
     if head is None:
@@ -140,7 +140,7 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
 def _states_pass(repo: Repo, name: str, states: list[tuple[str, str | None]]) -> bool:
     """verify() every (state, what to re-hash new objects against); print and False if any
     has a problem."""
-    from .verify import verify
+    from .query.verify import verify
 
     for rev, against in states:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:

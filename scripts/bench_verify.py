@@ -39,10 +39,10 @@ def main() -> None:
     from safetensors.numpy import save_file
 
     from git_crdt_merge import gitops
+    from git_crdt_merge.query.verify import verify
     from git_crdt_merge.replicated import checks
     from git_crdt_merge.replicated.repo import Repo
     from git_crdt_merge.replicated.store import ObjectStore
-    from git_crdt_merge.verify import verify
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

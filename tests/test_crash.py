@@ -18,9 +18,9 @@ import pytest
 from conftest import crdt, git, make_model, new_repo
 
 from git_crdt_merge.faults import ENV
+from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated.manifest import Manifest
 from git_crdt_merge.replicated.repo import Repo
-from git_crdt_merge.verify import verify
 
 SHAPES = {"a.weight": (64, 64), "b.weight": (64, 64), "c.bias": (64,)}
 

@@ -19,13 +19,13 @@ from conftest import crdt, descriptor_address, git, make_model, new_repo
 from safetensors.torch import save_file
 
 from git_crdt_merge.errors import ResolveError
+from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated.contributions import load_descriptor, set_register
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.replicated.store import ObjectStore
 from git_crdt_merge.resolution import engine
 from git_crdt_merge.resolution.resolve import resolve
 from git_crdt_merge.strategies import registry
-from git_crdt_merge.verify import verify
 
 SHAPES = {"layer.0.weight": (8, 12), "layer.0.bias": (8,), "head.weight": (4, 8)}
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import BIN, crdt, git, make_model, new_repo
 
+from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated import contributions, invariants
 from git_crdt_merge.replicated.manifest import Manifest
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.resolution import freshness
-from git_crdt_merge.verify import verify
 
 SHAPES = {"w": (32, 16), "b": (32,)}
 

@@ -700,8 +700,8 @@ def _mutate(desc: dict[str, Any], chunk: str, how: str, value: Any, store: Objec
 def test_hostile_descriptors_give_one_line_errors_or_a_sound_model(
     honest_repo: Path, mutations: list[tuple[str, Any]]
 ) -> None:
+    from git_crdt_merge.query.verify import verify
     from git_crdt_merge.resolution.resolve import resolve
-    from git_crdt_merge.verify import verify
 
     repo = Repo.open(honest_repo)
     saved = (honest_repo / ".crdt" / "manifest").read_bytes()
@@ -817,7 +817,7 @@ def test_repair_drop_invalid_sets_inconsistent_records_aside() -> None:
 
 
 def test_verify_reports_a_plugin_that_is_not_installed(honest_repo: Path) -> None:
-    from git_crdt_merge.verify import verify
+    from git_crdt_merge.query.verify import verify
 
     repo = Repo.open(honest_repo)
     saved = (honest_repo / ".crdt" / "manifest").read_bytes()

@@ -14,11 +14,11 @@ import pytest
 from conftest import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge import errors
+from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated.descriptor import content_id
 from git_crdt_merge.replicated.manifest import Manifest, add_record, set_record
 from git_crdt_merge.replicated.repo import Repo, new_tag
 from git_crdt_merge.replicated.store import ObjectStore, object_path
-from git_crdt_merge.verify import verify
 
 
 def add(repo: Path, tmp: Path, seed: int, **kw: object) -> str:
@@ -309,8 +309,8 @@ def test_objects_and_descriptors_over_the_size_limits_are_reported(
     two: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The limits are 1 GiB per object and 64 MiB per descriptor; lowered here to test them."""
-    from git_crdt_merge import verify as verify_module
     from git_crdt_merge.errors import ManifestError
+    from git_crdt_merge.query import verify as verify_module
     from git_crdt_merge.replicated import checks, contributions
 
     repo, ids = two

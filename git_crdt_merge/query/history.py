@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import gitops
-from .replicated.manifest import MANIFEST_PATH
-from .replicated.repo import Repo
+from .. import gitops
+from ..replicated.manifest import MANIFEST_PATH
+from ..replicated.repo import Repo
 
 
 @dataclass

@@ -30,12 +30,12 @@ from typing import Any
 
 import blake3
 
-from . import bounded, gitops
-from .errors import CrdtError, GitError, ManifestError, NotFoundError
-from .replicated import checks, descriptor, invariants
-from .replicated.manifest import MANIFEST_PATH, Manifest, parse_record
-from .replicated.repo import Repo
-from .replicated.store import MAX_OBJECT_BYTES, ObjectStore
+from .. import bounded, gitops
+from ..errors import CrdtError, GitError, ManifestError, NotFoundError
+from ..replicated import checks, descriptor, invariants
+from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
+from ..replicated.repo import Repo
+from ..replicated.store import MAX_OBJECT_BYTES, ObjectStore
 
 FIXES = {
     "manifest": "run 'git crdt repair' (it keeps every valid record), or redo the merge after "
@@ -180,7 +180,7 @@ def verify(
     _check_history(repo, rev, data, report)
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
     if fetch:
-        from .replicated.contributions import fetch_set
+        from ..replicated.contributions import fetch_set
 
         try:
             fetch_set(store, manifest)
@@ -197,7 +197,7 @@ def verify(
         bad = _rehash(repo, store, report, progress, on_start)
         _check_content(store, manifest, report, bad)
         if store.rev is None:  # the clone's own results: the cache and the published folders
-            from .resolution import cache
+            from ..resolution import cache
 
             for msg in cache.verify_outputs(repo):
                 report.add("output", msg)
@@ -388,8 +388,8 @@ def _check_registers(
     descs: dict[str, dict[str, Any]],
     report: Report,
 ) -> None:
-    from . import plugins
-    from .strategies import registry  # imports torch: only the full CLI check comes here
+    from .. import plugins
+    from ..strategies import registry  # imports torch: only the full CLI check comes here
 
     value = manifest.strategy()
     try:

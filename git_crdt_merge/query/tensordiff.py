@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from . import gitops, numerics
+from .. import gitops, numerics
+from ..errors import CrdtError, NotFoundError
+from ..replicated import contributions, formats
+from ..replicated.repo import Repo
+from ..replicated.store import ObjectStore
+from ..replicated.tensorio import NAME_TO_TORCH
+from ..resolution import cache, resolve
 from .diff import WORK_TREE, state_label
-from .errors import CrdtError, NotFoundError
-from .replicated import contributions, formats
-from .replicated.repo import Repo
-from .replicated.store import ObjectStore
-from .replicated.tensorio import NAME_TO_TORCH
-from .resolution import cache, resolve
 
 # -- models as tensor tables -----------------------------------------------------------------------
 Loader = Callable[[], torch.Tensor]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import gitops, history
-from .errors import CrdtError, NotFoundError
-from .replicated import contributions
-from .replicated.repo import Repo
-from .replicated.store import ObjectStore
+from .. import gitops
+from ..errors import CrdtError, NotFoundError
+from ..replicated import contributions
+from ..replicated.repo import Repo
+from ..replicated.store import ObjectStore
+from . import history
 
 # Descriptor keys every contribution has.  Extra inputs of strategies (Fisher diagonals, Gram
 # matrices) live under "extras" as {kind: {"tensors": {name: tensor info}}}; any other key is

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .replicated.manifest import Manifest
-from .replicated.repo import Repo
+from ..replicated.manifest import Manifest
+from ..replicated.repo import Repo
 
 WORK_TREE = "work tree"
 
