@@ -19,10 +19,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, gitops, render
+from . import __version__, render
 from . import install as installer
 from .bounded import display, display_data
 from .errors import CrdtError, UsageError
+from .git import commands as gitops
 from .query import history
 from .query.show import contribution_rows
 from .render import cell, human_bytes

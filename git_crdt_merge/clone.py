@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import gitops
 from . import install as installer
 from .errors import CrdtError, UsageError
+from .git import commands as gitops
 from .replicated.repo import Repo
 
 

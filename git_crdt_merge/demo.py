@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from . import gitops
 from .errors import CrdtError, GitError, UsageError
+from .git import commands as gitops
 
 CLONES = ("alice", "bob", "carol")
 TASKS: dict[str, tuple[int, ...]] = {"0-3": (0, 1, 2, 3), "4-6": (4, 5, 6), "7-9": (7, 8, 9)}

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import blake3
 
-from . import bounded, faults, gitops
+from . import bounded, faults
 from .errors import CrdtError, ManifestError
+from .git import commands as gitops
 from .replicated.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,

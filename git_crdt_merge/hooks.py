@@ -33,9 +33,9 @@ from __future__ import annotations
 import os
 import sys
 
-from . import gitops
 from .bounded import display
 from .errors import CrdtError
+from .git import commands as gitops
 from .replicated.repo import Repo
 
 POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")

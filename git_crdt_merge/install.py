@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import bounded, gitops
+from . import bounded
 from .errors import CrdtError, InputError, NotARepositoryError
+from .git import commands as gitops
 from .replicated.repo import Repo, atomic_write
 
 HOOKS = (

@@ -31,7 +31,8 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from git_crdt_merge import gitobjects, gitops
+from git_crdt_merge.git import commands as gitops
+from git_crdt_merge.git import objects as gitobjects
 
 
 def git(repo: Path, *args: str, input: bytes | None = None) -> str:

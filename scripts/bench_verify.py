@@ -38,7 +38,7 @@ def main() -> None:
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
     from safetensors.numpy import save_file
 
-    from git_crdt_merge import gitops
+    from git_crdt_merge.git import commands as gitops
     from git_crdt_merge.query.verify import verify
     from git_crdt_merge.replicated import checks
     from git_crdt_merge.replicated.repo import Repo

@@ -13,8 +13,9 @@ from conftest import git
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from git_crdt_merge import gitobjects, gitops
 from git_crdt_merge.errors import GitError
+from git_crdt_merge.git import commands as gitops
+from git_crdt_merge.git import objects as gitobjects
 
 
 def random_bytes(seed: int, n: int) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import gitops
+from ..git import commands as gitops
 from ..replicated.manifest import MANIFEST_PATH
 from ..replicated.repo import Repo
 

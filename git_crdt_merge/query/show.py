@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .. import gitops
 from ..errors import CrdtError, NotFoundError
+from ..git import commands as gitops
 from ..replicated import contributions
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from .. import gitops, numerics
+from .. import numerics
 from ..errors import CrdtError, NotFoundError
+from ..git import commands as gitops
 from ..replicated import contributions, formats
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore

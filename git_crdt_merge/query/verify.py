@@ -30,8 +30,9 @@ from typing import Any
 
 import blake3
 
-from .. import bounded, gitops
+from .. import bounded
 from ..errors import CrdtError, GitError, ManifestError, NotFoundError
+from ..git import commands as gitops
 from ..replicated import checks, descriptor, invariants
 from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
 from ..replicated.repo import Repo

@@ -16,8 +16,9 @@ from typing import Any
 
 import blake3
 
-from .. import bounded, faults, gitops
+from .. import bounded, faults
 from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
+from ..git import commands as gitops
 from . import checks, descriptor, extras, formats
 from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
 from .repo import Repo, new_tag

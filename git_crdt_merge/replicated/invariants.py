@@ -28,8 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import gitobjects, gitops
 from ..errors import ManifestError, NotFoundError, UsageError
+from ..git import commands as gitops
+from ..git import objects as gitobjects
 from . import checks
 from .manifest import (
     DEFAULT_OUTPUT,

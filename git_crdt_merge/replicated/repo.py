@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import bounded, faults, gitops
+from .. import bounded, faults
 from ..errors import LockError, ManifestError, NotARepositoryError, NotFoundError
-from ..gitops import pid_alive
+from ..git import commands as gitops
+from ..git.commands import pid_alive
 from .manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest
 
 LOCK_TIMEOUT_S = 120.0

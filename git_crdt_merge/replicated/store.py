@@ -16,8 +16,9 @@ from pathlib import Path
 
 import blake3
 
-from .. import gitobjects, gitops
 from ..errors import GitError, StoreError, UsageError
+from ..git import commands as gitops
+from ..git import objects as gitobjects
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024

@@ -42,8 +42,9 @@ from typing import Any
 
 import blake3
 
-from .. import bounded, faults, gitops
+from .. import bounded, faults
 from ..errors import CrdtError, ResolveError
+from ..git import commands as gitops
 from ..replicated.repo import Repo, atomic_write, pid_alive
 
 RESOLUTION_FILE = "resolution.json"

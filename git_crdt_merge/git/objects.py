@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import GitError
+from ..errors import GitError
 
 _fastzlib: types.ModuleType
 try:  # ISA-L: adler32 at ~14 GB/s and inflate 2-3x faster than zlib's

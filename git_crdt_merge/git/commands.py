@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import faults
-from .errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
+from .. import faults
+from ..errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
 
 # The largest manifest blob read from git (the work-tree file has the same bound: manifest.py).
 MAX_BLOB_READ = 64 * 1024**2
@@ -587,7 +587,7 @@ def manifest_history(
     would credit its records to a later commit)."""
     import pygit2
 
-    from .gitobjects import ObjectDB
+    from .objects import ObjectDB
 
     repo = pygit2.Repository(str(root))
     if rev == "HEAD" and repo.head_is_unborn:
