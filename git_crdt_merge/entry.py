@@ -19,7 +19,7 @@ def main() -> None:
         from .hooks import main as hook_main
 
         sys.exit(hook_main(argv[1:]))
-    from .cli import run
+    from .cli.app import run
 
     run()
 

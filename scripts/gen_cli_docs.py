@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from git_crdt_merge.cli import app
-from git_crdt_merge.clidocs import generated_files
+from git_crdt_merge.cli.app import app
+from git_crdt_merge.cli.docs import generated_files
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from conftest import crdt, git, make_model, new_repo
 from typer.testing import CliRunner
 
 from git_crdt_merge import errors
-from git_crdt_merge.cli import app
+from git_crdt_merge.cli.app import app
 from git_crdt_merge.replicated.checks import count_nonfinite
 from git_crdt_merge.replicated.repo import Repo
 

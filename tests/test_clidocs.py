@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import crdt
 
-from git_crdt_merge import clidocs
-from git_crdt_merge.cli import app
+from git_crdt_merge.cli import docs as clidocs
+from git_crdt_merge.cli.app import app
 
 ROOT = Path(__file__).resolve().parent.parent
 GIT_COMPLETION = Path("/usr/share/bash-completion/completions/git")
@@ -30,7 +30,7 @@ def test_generated_files_are_current() -> None:
 def test_reference_covers_every_command_and_option() -> None:
     import typer.main
 
-    from git_crdt_merge.cli import app
+    from git_crdt_merge.cli.app import app
 
     group = typer.main.get_command(app)
     text = (ROOT / "docs" / "cli.md").read_text()

@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from git_crdt_merge.render import demo_tables, log_table, step_progress
+from git_crdt_merge.cli.render import demo_tables, log_table, step_progress
 
 ID_A, ID_B = "a" * 64, "b" * 64
 TAG_A, TAG_B = "1" * 32, "2" * 32

@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .bounded import display
+from ..bounded import display
 
 
 def cell(value: Any) -> str:

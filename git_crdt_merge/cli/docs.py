@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, errors
+from .. import __version__, errors
 
 if TYPE_CHECKING:
     import typer
 
-SHARE = Path(__file__).parent / "share"
+SHARE = Path(__file__).parent.parent / "share"
 MAN_PAGE = SHARE / "git-crdt.1"
 BASH_COMPLETION = SHARE / "git-crdt.bash"
 

@@ -19,20 +19,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, render
-from . import install as installer
-from .bounded import display, display_data
-from .errors import CrdtError, UsageError
-from .git import commands as gitops
-from .query import history
-from .query.show import contribution_rows
+from .. import __version__
+from .. import install as installer
+from ..bounded import display, display_data
+from ..errors import CrdtError, UsageError
+from ..git import commands as gitops
+from ..query import history
+from ..query.show import contribution_rows
+from ..replicated import contributions, invariants
+from ..replicated.manifest import MANIFEST_PATH
+from ..replicated.repo import Repo
+from ..replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
+from ..resolution import freshness
+from ..resolution.cache import DEFAULT_MAX_SHARD
+from . import render
 from .render import cell, human_bytes
-from .replicated import contributions, invariants
-from .replicated.manifest import MANIFEST_PATH
-from .replicated.repo import Repo
-from .replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
-from .resolution import freshness
-from .resolution.cache import DEFAULT_MAX_SHARD
 
 err = Console(stderr=True, highlight=False)
 
@@ -163,7 +164,7 @@ def clone(
     clone (driver, hooks, transport settings, sparse checkout excluding .crdt/objects/), then
     the checkout and the merged model. A plain 'git clone' writes every chunk into the work
     tree first."""
-    from .clone import clone as do_clone
+    from ..clone import clone as do_clone
 
     args: list[str] = []
     for flag, value in (
@@ -396,7 +397,7 @@ def strategy(
     A per-contribution parameter takes one value for all (density=0.5) or a JSON object by
     contribution name or id (density='{"math": 0.3, "code": 0.7}')."""
     with handle_errors():
-        from .resolution.choice import choose_strategy
+        from ..resolution.choice import choose_strategy
 
         value, warning = choose_strategy(open_repo(), name, param or [])
     err.print(
@@ -415,7 +416,7 @@ def strategy(
 @app.command()
 def strategies(json_: JsonOpt = False) -> None:
     """The registered merge strategies, their parameters and input contracts."""
-    from .strategies import registry
+    from ..strategies import registry
 
     rows: list[dict[str, Any]] = []
     for st in registry.all_strategies():
@@ -478,7 +479,7 @@ def resolve(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute the merged model of the visible set (a no-op on a cache hit)."""
-    from .resolution.resolve import resolve as do_resolve
+    from ..resolution.resolve import resolve as do_resolve
 
     if device not in ("cpu", "cuda"):
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
@@ -616,11 +617,11 @@ def diff(
         repo = open_repo()
         repo.require_initialized()
         if not tensors:
-            from .query.diff import state_diff
+            from ..query.diff import state_diff
 
             data = state_diff(repo, rev_a or "HEAD", rev_b)
         else:
-            from .query import tensordiff as diffs
+            from ..query import tensordiff as diffs
 
             a = diffs.open_model(repo, rev_a or "HEAD")
             b = diffs.open_model(repo, rev_b) if rev_b else diffs.work_tree_model(repo)
@@ -641,7 +642,7 @@ def show(
     json_: JsonOpt = False,
 ) -> None:
     """A contribution's descriptor, tensors, sizes, extra inputs and the commit that added it."""
-    from .query.show import show as do_show
+    from ..query.show import show as do_show
     from .render import print_show
 
     with handle_errors():
@@ -663,7 +664,7 @@ def repair(
 ) -> None:
     """Rebuild .crdt/manifest from a damaged file (e.g. conflict markers): the union of both
     sides, as the merge driver would have made it; then stage it."""
-    from .replicated.repair import repair_manifest
+    from ..replicated.repair import repair_manifest
 
     with handle_errors():
         result, saved = repair_manifest(open_repo(), drop_invalid=drop_invalid, dry_run=dry_run)
@@ -774,7 +775,7 @@ def verify(
     a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
     it); --full re-hashes every object, the cache and the published output too.  In a
     partial clone, objects not fetched yet are named as absent (--fetch fetches them)."""
-    from .query.verify import verify as do_verify
+    from ..query.verify import verify as do_verify
 
     if staged and rev is not None:
         raise fail(UsageError("--staged and --rev are exclusive"))
@@ -825,7 +826,7 @@ def gc(
 ) -> None:
     """Prune the result cache: entries that no ref reaches, then the least recently used
     beyond the size budget."""
-    from .resolution import cache
+    from ..resolution import cache
 
     with handle_errors():
         repo = open_repo()
@@ -845,7 +846,7 @@ def gc(
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})
 def merge_driver(args: Annotated[list[str] | None, typer.Argument()] = None) -> None:
     """The git merge driver (%O %A %B %L %P); git calls it, you need not."""
-    from .driver import main as driver_main
+    from ..driver import main as driver_main
 
     raise typer.Exit(driver_main(args or []))
 
@@ -865,7 +866,7 @@ def demo(
     import signal
     import tempfile
 
-    from .demo import STEPS, run_demo
+    from ..demo import STEPS, run_demo
     from .render import demo_tables, step_progress
 
     def interrupted(signum: int, frame: object) -> None:
@@ -914,7 +915,7 @@ def completion(
     """Print the bash completion script for 'git crdt <TAB>' and 'git-crdt <TAB>'.
 
     Add 'source "$(git-crdt completion --path)"' to ~/.bashrc, after git's own completion."""
-    from .clidocs import BASH_COMPLETION
+    from .docs import BASH_COMPLETION
 
     sys.stdout.write(f"{BASH_COMPLETION}\n" if path else BASH_COMPLETION.read_text())
 
@@ -928,7 +929,7 @@ def man_(
     import shutil
     import subprocess
 
-    from .clidocs import MAN_PAGE, markdown
+    from .docs import MAN_PAGE, markdown
 
     if path:
         sys.stdout.write(f"{MAN_PAGE}\n")
