@@ -12,11 +12,11 @@ import sys
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["merge-driver"]:
-        from .driver import main as driver_main
+        from .integration.driver import main as driver_main
 
         sys.exit(driver_main(argv[1:]))
     if argv[:1] == ["hook"]:
-        from .hooks import main as hook_main
+        from .integration.hooks import main as hook_main
 
         sys.exit(hook_main(argv[1:]))
     from .cli.app import run

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import crdt, git, new_repo, origin_copy
 
-from git_crdt_merge.clone import default_directory
+from git_crdt_merge.integration.clone import default_directory
 
 CHUNK = 65536
 

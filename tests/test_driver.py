@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from git_crdt_merge import driver
+from git_crdt_merge.integration import driver
 from git_crdt_merge.replicated.manifest import Manifest, add_record, remove_record, set_record
 
 IDS = [blake3.blake3(bytes([i])).hexdigest() for i in range(4)]

@@ -10,8 +10,8 @@ import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from git_crdt_merge import driver
 from git_crdt_merge.errors import ManifestError
+from git_crdt_merge.integration import driver
 from git_crdt_merge.replicated.manifest import (
     Manifest,
     Record,

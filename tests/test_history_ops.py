@@ -365,7 +365,7 @@ def test_dropping_merge_crdt_from_gitattributes_is_blocked(repo: Path) -> None:
 
 
 def _doctor_problems(repo: Path) -> list[str]:
-    from git_crdt_merge.install import doctor
+    from git_crdt_merge.integration.install import doctor
 
     return doctor(repo).problems
 
@@ -400,7 +400,7 @@ def test_merge_joins_with_the_venv_not_on_path(repo: Path, tmp_path: Path) -> No
 def test_the_driver_command_survives_spaces_in_its_path(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from git_crdt_merge import install
+    from git_crdt_merge.integration import install
 
     spaced = tmp_path / "a venv" / "bin"
     spaced.mkdir(parents=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import crdt, git, make_model, new_repo
 
-from git_crdt_merge.install import HOOKS, hook_owner
+from git_crdt_merge.integration.install import HOOKS, hook_owner
 
 PC_CONFIG = """\
 repos:

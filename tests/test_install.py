@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import crdt, git, new_repo
 
-from git_crdt_merge.install import HOOK_MARKER, HOOKS, driver_command
+from git_crdt_merge.integration.install import HOOK_MARKER, HOOKS, driver_command
 
 
 def snapshot(repo: Path, hooks: Path | None = None) -> dict[str, object]:

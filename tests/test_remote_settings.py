@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from conftest import crdt, git, new_repo
 
-from git_crdt_merge.install import REMOTE_ATTRIBUTES, TRANSPORT_CONFIG
+from git_crdt_merge.integration.install import REMOTE_ATTRIBUTES, TRANSPORT_CONFIG
 
 CHUNK = 1_310_720  # 1.25 MiB: above core.bigFileThreshold=1m, as real 64 MiB chunks are
 WORDS = 4 * CHUNK // 2  # one bf16 tensor of four chunks

@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import __version__
-from .. import install as installer
 from ..bounded import display, display_data
 from ..errors import CrdtError, UsageError
 from ..git import commands as gitops
+from ..integration import install as installer
 from ..query import history
 from ..query.show import contribution_rows
 from ..replicated import contributions, invariants
@@ -164,7 +164,7 @@ def clone(
     clone (driver, hooks, transport settings, sparse checkout excluding .crdt/objects/), then
     the checkout and the merged model. A plain 'git clone' writes every chunk into the work
     tree first."""
-    from ..clone import clone as do_clone
+    from ..integration.clone import clone as do_clone
 
     args: list[str] = []
     for flag, value in (
@@ -846,7 +846,7 @@ def gc(
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})
 def merge_driver(args: Annotated[list[str] | None, typer.Argument()] = None) -> None:
     """The git merge driver (%O %A %B %L %P); git calls it, you need not."""
-    from ..driver import main as driver_main
+    from ..integration.driver import main as driver_main
 
     raise typer.Exit(driver_main(args or []))
 

@@ -502,7 +502,7 @@ def repair_pick(repo: Repo) -> PickRepair | None:
     every HEAD record back, and the inverse of what was deleted (an observed remove of a
     deleted add, with the same derived tag every clone writes; a new add for a deleted remove).
     Returns None when nothing of HEAD is missing."""
-    from ..driver import three_way
+    from ..integration.driver import three_way
 
     head = gitops.rev_parse(repo.root, "HEAD^{commit}")
     if head is None:

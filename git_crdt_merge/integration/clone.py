@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CrdtError, UsageError
+from ..git import commands as gitops
+from ..replicated.repo import Repo
 from . import install as installer
-from .errors import CrdtError, UsageError
-from .git import commands as gitops
-from .replicated.repo import Repo
 
 
 @dataclass
@@ -80,7 +80,7 @@ def clone(
     repo = Repo.open(target)
     if not resolve or not repo.is_initialized():
         return CloneResult(target, notes, None)
-    from .resolution.resolve import resolve as do_resolve
+    from ..resolution.resolve import resolve as do_resolve
 
     try:
         outcome = do_resolve(repo, on_start=on_start, progress=progress)

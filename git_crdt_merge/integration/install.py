@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import bounded
-from .errors import CrdtError, InputError, NotARepositoryError
-from .git import commands as gitops
-from .replicated.repo import Repo, atomic_write
+from .. import bounded
+from ..errors import CrdtError, InputError, NotARepositoryError
+from ..git import commands as gitops
+from ..replicated.repo import Repo, atomic_write
 
 HOOKS = (
     "post-checkout",
@@ -681,7 +681,7 @@ def doctor(cwd: Path | str = ".", *, remote: str | None = None) -> Diagnosis:
     except Exception as exc:  # report, do not crash: doctor is for broken states
         d.problems.append(f"manifest: {exc}")
         return d
-    from .resolution.freshness import output_state
+    from ..resolution.freshness import output_state
 
     state = output_state(repo, manifest)
     (d.ok if state.ok else d.problems).append(state.message())

@@ -33,10 +33,10 @@ from __future__ import annotations
 import os
 import sys
 
-from .bounded import display
-from .errors import CrdtError
-from .git import commands as gitops
-from .replicated.repo import Repo
+from ..bounded import display
+from ..errors import CrdtError
+from ..git import commands as gitops
+from ..replicated.repo import Repo
 
 POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
 PRE_HOOKS = ("pre-commit", "pre-merge-commit", "pre-push", "pre-applypatch")
@@ -56,18 +56,18 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
     if name in ("post-commit", "post-applypatch"):
         warn_about_commit(repo)
     if gitops.config_get(repo.root, "crdt.autoResolve") == "false":
-        from .resolution.freshness import output_state
+        from ..resolution.freshness import output_state
 
         state = output_state(repo)
         if state.state == "stale":  # a model is there, and it is not the set's: say so
             _say(f"{name}: {state.message()} (crdt.autoResolve is false)")
         return 0
-    from .resolution.resolve import resolve
+    from ..resolution.resolve import resolve
 
     def announce(total_bytes: int) -> None:  # called only on a cache miss: quiet otherwise
         _say(f"resolving the merged model ({total_bytes / 1e6:.0f} MB) ...")
 
-    from .resolution.freshness import clear_failure, record_failure
+    from ..resolution.freshness import clear_failure, record_failure
 
     try:
         outcome = resolve(repo, on_start=announce)
@@ -83,7 +83,7 @@ def post_hook(repo: Repo, name: str, args: list[str]) -> int:
 def warn_about_commit(repo: Repo) -> None:
     """After cherry-pick, revert, a rebase pick or a commit: if it changed ``.crdt/``, check it
     (lost records, records without objects) and say what to run.  Never blocks."""
-    from .query.verify import verify
+    from ..query.verify import verify
 
     head = gitops.rev_parse(repo.root, "HEAD^{commit}")
     if head is None:
@@ -140,7 +140,7 @@ def pre_hook(repo: Repo, name: str, args: list[str]) -> int:
 def _states_pass(repo: Repo, name: str, states: list[tuple[str, str | None]]) -> bool:
     """verify() every (state, what to re-hash new objects against); print and False if any
     has a problem."""
-    from .query.verify import verify
+    from ..query.verify import verify
 
     for rev, against in states:
         if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
@@ -182,7 +182,7 @@ def continue_command(repo: Repo, op: str) -> str:
 def pick_hook(repo: Repo, name: str) -> int:
     """``prepare-commit-msg``: check the state a cherry-pick, revert or rebase pick is about to
     commit (see the module docstring)."""
-    from .replicated.invariants import loss_messages, pick_in_progress, repair_pick
+    from ..replicated.invariants import loss_messages, pick_in_progress, repair_pick
 
     op = pick_in_progress(repo)
     if op is None or gitops.rev_parse(repo.root, "HEAD^{commit}") is None:
@@ -221,7 +221,7 @@ def pick_hook(repo: Repo, name: str) -> int:
 def _pushed_history_keeps_records(repo: Repo, stdin_text: str, args: list[str]) -> bool:
     """The tip of every pushed ref must hold every record of every commit the push sends and
     of what the remote has: otherwise the push deletes records for everyone."""
-    from .replicated.invariants import LOST_FIX, loss_messages, range_losses
+    from ..replicated.invariants import LOST_FIX, loss_messages, range_losses
 
     remote = args[0] if args else ""
     for line in stdin_text.splitlines():

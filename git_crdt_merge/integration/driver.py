@@ -38,10 +38,10 @@ from pathlib import Path
 
 import blake3
 
-from . import bounded, faults
-from .errors import CrdtError, ManifestError
-from .git import commands as gitops
-from .replicated.manifest import (
+from .. import bounded, faults
+from ..errors import CrdtError, ManifestError
+from ..git import commands as gitops
+from ..replicated.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
     Record,

@@ -27,9 +27,9 @@ import os
 import sys
 from pathlib import Path
 
-from .bounded import display
-from .errors import GitError
-from .git import commands as gitops
+from ..bounded import display
+from ..errors import GitError
+from ..git import commands as gitops
 
 USAGE = "usage: git-merge-crdt BASE... -- HEAD REMOTE..."
 STRATEGY = "crdt"
