@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 from typer.testing import CliRunner
 
 from git_crdt_merge import errors

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 
 from git_crdt_merge import errors
 

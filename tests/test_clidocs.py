@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import crdt
+from helpers import crdt
 
 from git_crdt_merge.cli import docs as clidocs
 from git_crdt_merge.cli.app import app

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, new_repo, origin_copy
+from helpers import crdt, git, new_repo, origin_copy
 
 from git_crdt_merge.integration.clone import default_directory
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 
 from git_crdt_merge.faults import ENV
 from git_crdt_merge.query.verify import verify

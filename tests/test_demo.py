@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import crdt, git
+from helpers import crdt, git
 
 
 def _sha(path: Path) -> str:

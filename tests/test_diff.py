@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 from safetensors.numpy import save_file
 
 SHAPES = {"layer.weight": (6, 5), "layer.bias": (6,)}

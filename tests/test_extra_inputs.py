@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, descriptor_address, git, make_model, new_repo
+from helpers import crdt, descriptor_address, git, make_model, new_repo
 from safetensors.torch import save_file
 
 from git_crdt_merge.errors import ResolveError

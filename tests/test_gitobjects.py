@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import git
+from helpers import git
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import BIN, crdt, git, make_model, new_repo
+from helpers import BIN, crdt, git, make_model, new_repo
 
 from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated import contributions, invariants

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 
 from git_crdt_merge.integration.install import HOOKS, hook_owner
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import crdt, git, make_model, origin_copy
+from helpers import crdt, git, make_model, origin_copy
 
 from git_crdt_merge.replicated.contributions import set_register
 from git_crdt_merge.replicated.manifest import Manifest, add_record, set_record

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import crdt, git, origin_copy
+from helpers import crdt, git, origin_copy
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -533,7 +533,7 @@ def test_out_of_range_weights_and_parameters_are_refused_everywhere(
 
 
 def test_a_weight_in_range_that_overflows_gives_an_error_not_infinities(tmp_path: Path) -> None:
-    from conftest import new_repo
+    from helpers import new_repo
 
     repo = new_repo(tmp_path / "repo")
     git(repo, "config", "crdt.autoResolve", "false")
@@ -608,7 +608,7 @@ def test_log_of_an_unknown_revision_is_an_error(tmp_path: Path, origin: Path) ->
 # -- Hypothesis: hostile descriptors and records ----------------------------------------------
 @pytest.fixture(scope="module")
 def honest_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import isolate_git, new_repo
+    from helpers import isolate_git, new_repo
 
     tmp = tmp_path_factory.mktemp("hypo")
     with pytest.MonkeyPatch.context() as mp:

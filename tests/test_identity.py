@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import crdt, descriptor_address, git, new_repo
+from helpers import crdt, descriptor_address, git, new_repo
 
 from git_crdt_merge.replicated.descriptor import content_id
 from git_crdt_merge.replicated.manifest import add_record, canonical_json, set_record

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from conftest import crdt, git, new_repo
+from helpers import crdt, git, new_repo
 
 from git_crdt_merge.integration.install import HOOK_MARKER, HOOKS, driver_command
 

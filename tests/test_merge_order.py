@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, isolate_git, make_model
+from helpers import crdt, git, isolate_git, make_model
 from safetensors.numpy import save_file
 from test_resolve import choose, fresh_repo
 

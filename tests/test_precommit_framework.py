@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import crdt, descriptor_address, git, make_model, new_repo
+from helpers import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge.replicated.manifest import Manifest, add_record
 from git_crdt_merge.replicated.repo import new_tag

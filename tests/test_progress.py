@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, new_repo
+from helpers import crdt, git, new_repo
 from safetensors.numpy import save_file
 
 pytestmark = pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1)")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from conftest import crdt, git, new_repo
+from helpers import crdt, git, new_repo
 
 from git_crdt_merge.integration.install import REMOTE_ATTRIBUTES, TRANSPORT_CONFIG
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model, new_repo, origin_copy
+from helpers import crdt, git, make_model, new_repo, origin_copy
 from safetensors import safe_open
 
 from git_crdt_merge.replicated.contributions import set_register

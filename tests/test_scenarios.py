@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import crdt, descriptor_address, git, make_model, origin_copy
+from helpers import crdt, descriptor_address, git, make_model, origin_copy
 
 from git_crdt_merge.replicated.manifest import Manifest, join, set_record
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import crdt, descriptor_address, git, make_model, new_repo
+from helpers import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge.replicated.contributions import remove_contribution, set_register
 from git_crdt_merge.replicated.descriptor import content_id

@@ -11,7 +11,7 @@ import blake3
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, descriptor_address, git, make_model
+from helpers import crdt, descriptor_address, git, make_model
 from safetensors.torch import save_file
 
 from git_crdt_merge.replicated.descriptor import content_id

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model, new_repo
+from helpers import crdt, git, make_model, new_repo
 
 from git_crdt_merge.errors import ResolveError
 from git_crdt_merge.numerics import RandomStream

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import crdt, git, make_model
+from helpers import crdt, git, make_model
 from test_resolve import choose, digests, fresh_repo, set_base
 
 from git_crdt_merge.errors import ResolveError

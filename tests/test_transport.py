@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import crdt, git, isolate_git
+from helpers import crdt, git, isolate_git
 
 CHUNK = "16384"
 

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import crdt, descriptor_address, git, make_model, new_repo
+from helpers import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge import errors
 from git_crdt_merge.query.verify import verify
