@@ -6,6 +6,8 @@ are in ``conftest.py``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -117,3 +119,27 @@ def descriptor_address(repo: Path, cid: str) -> str:
     from git_crdt_merge.replicated.repo import Repo
 
     return Repo.open(repo).read_manifest().descriptor_address(cid)
+
+
+def fresh_repo(path: Path) -> Path:
+    """A repository with git-crdt set up and the resolving hooks off."""
+    repo = new_repo(path)
+    git(repo, "config", "crdt.autoResolve", "false")
+    return repo
+
+
+def set_base(repo: Path, path: Path) -> str:
+    return json.loads(crdt(repo, "set-base", str(path), "--json").stdout)["id"]
+
+
+def choose(repo: Path, strategy: str, **params: object) -> None:
+    """What ``git crdt strategy`` writes, without paying for its torch import."""
+    from git_crdt_merge.replicated.contributions import set_register
+    from git_crdt_merge.replicated.repo import Repo
+
+    set_register(Repo.open(repo), "strategy", {"name": strategy, "params": params})
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file in ``folder``."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}

@@ -2,7 +2,7 @@
 
 Checked against correctly rounded values (Python's decimal at 40 digits, then one rounding), so
 the bound does not lean on this machine's libm; the cross-CPU byte identity is checked by the
-determinism matrix (tests/_determinism_worker.py hashes both on fixed inputs)."""
+determinism matrix (tests/resolution/_determinism_worker.py hashes both on fixed inputs)."""
 
 from __future__ import annotations
 

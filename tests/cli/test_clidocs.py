@@ -14,7 +14,7 @@ from helpers import crdt
 from git_crdt_merge.cli import docs as clidocs
 from git_crdt_merge.cli.app import app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GIT_COMPLETION = Path("/usr/share/bash-completion/completions/git")
 
 

@@ -9,7 +9,6 @@ memory does not grow with the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,10 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import crdt, git, make_model, new_repo, origin_copy
+from helpers import (
+    choose,
+    crdt,
+    digests,
+    fresh_repo,
+    git,
+    make_model,
+    new_repo,
+    origin_copy,
+    set_base,
+)
 from safetensors import safe_open
 
-from git_crdt_merge.replicated.contributions import set_register
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.resolution.resolve import resolve
 
@@ -60,22 +68,11 @@ def clone(origin: Path, dest: Path) -> Path:
     return dest
 
 
-def fresh_repo(path: Path) -> Path:
-    """A repository with git-crdt set up and the resolving hooks off."""
-    repo = new_repo(path)
-    git(repo, "config", "crdt.autoResolve", "false")
-    return repo
-
-
 def add(repo: Path, path: Path, *extra: str, commit: bool = True) -> str:
     cid = json.loads(crdt(repo, "add-contribution", str(path), "--json", *extra).stdout)["id"]
     if commit:
         git(repo, "commit", "-q", "-m", f"add {path.stem}")
     return cid
-
-
-def set_base(repo: Path, path: Path) -> str:
-    return json.loads(crdt(repo, "set-base", str(path), "--json").stdout)["id"]
 
 
 def status(repo: Path) -> dict:
@@ -92,16 +89,6 @@ def resolve_here(repo: Path, **kw: object) -> Path:
     outcome = resolve(Repo.open(repo), **kw)  # type: ignore[arg-type]
     assert not outcome.empty
     return outcome.output
-
-
-def choose(repo: Path, strategy: str, **params: object) -> None:
-    """What ``git crdt strategy`` writes, without paying for its torch import."""
-    set_register(Repo.open(repo), "strategy", {"name": strategy, "params": params})
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file in ``folder``."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import crdt, git, isolate_git, make_model
+from helpers import choose, crdt, fresh_repo, git, isolate_git, make_model
 from safetensors.numpy import save_file
-from test_resolve import choose, fresh_repo
 
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.resolution.resolve import resolve

@@ -26,9 +26,9 @@ NAME = "layer.weight"
 IDS = ["a1", "b2", "c3"]
 WEIGHTS = [1.0, 0.5, 2.0]
 SHAPE = (6, 10)
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "strategies.md"
 # strategies whose merge function needs nothing but the tensors; those with extra inputs or a
-# whole-model statistics pass are tested in tests/test_strategies_data_aware.py
+# whole-model statistics pass are tested in tests/strategies/test_strategies_data_aware.py
 SELF_CONTAINED = [s for s in all_strategies() if not s.extra_inputs and s.model_pass is None]
 
 
@@ -206,7 +206,7 @@ def _run(
 
 
 # strategies whose reference is written here; the paper's other methods (issue 4) have theirs in
-# their own test modules (tests/test_strategies_paper.py, ...)
+# their own test modules (tests/strategies/test_strategies_paper.py, ...)
 CORE = (
     "linear",
     "slerp",

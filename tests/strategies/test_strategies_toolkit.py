@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import crdt, git, make_model
-from test_resolve import choose, digests, fresh_repo, set_base
+from helpers import choose, crdt, digests, fresh_repo, git, make_model, set_base
 
 from git_crdt_merge.errors import ResolveError
 from git_crdt_merge.numerics import RandomStream

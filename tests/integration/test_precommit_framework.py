@@ -17,7 +17,7 @@ from git_crdt_merge.replicated.manifest import Manifest, add_record
 from git_crdt_merge.replicated.repo import new_tag
 from git_crdt_merge.replicated.store import ObjectStore, object_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRE_COMMIT = Path(sys.executable).parent / "pre-commit"
 
 
