@@ -1108,7 +1108,7 @@ def row_ranks(values: torch.Tensor) -> torch.Tensor:
 # 754 specifies exactly (+ - * / on float64, round-half-even to an integer, integer bit
 # manipulation), each a separate kernel (never fused), with fixed constants and a fixed
 # evaluation order: every platform computes the same bits.  Accuracy (measured against
-# math.exp / math.log in tests/test_numerics_elementwise.py): within 2 ulp.
+# math.exp / math.log in tests/numerics/test_numerics_elementwise.py): within 2 ulp.
 
 # ln 2 split Cody-Waite style (the fdlibm constants): _LN2_HI has its low 32 bits zero, so
 # k * _LN2_HI is exact for |k| < 2**20, and _LN2_HI + _LN2_LO is ln 2 to about 2**-86.

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# The hook tests run the real git-lfs beside our hooks (tests/test_hook_coexistence.py).
+# The hook tests run the real git-lfs beside our hooks (tests/integration/test_hook_coexistence.py).
 if ! command -v git-lfs >/dev/null 2>&1; then
     apt-get update && apt-get install -y git-lfs
 fi

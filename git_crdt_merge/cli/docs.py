@@ -1,7 +1,7 @@
 """The CLI's reference, man page and bash completion, generated from the typer app.
 
 One source (the commands, their help and options in ``cli.py``) gives three files, written by
-``scripts/gen_cli_docs.py`` and checked to be current by ``tests/test_clidocs.py``:
+``scripts/gen_cli_docs.py`` and checked to be current by ``tests/cli/test_clidocs.py``:
 
 - ``docs/cli.md``: the CLI reference;
 - ``git_crdt_merge/share/git-crdt.1``: the man page (``git crdt --help`` runs ``man git-crdt``);
@@ -132,7 +132,7 @@ def markdown(app: typer.Typer) -> str:
         "# CLI reference",
         "",
         "<!-- Generated from the typer app by scripts/gen_cli_docs.py; do not edit by hand.",
-        "     tests/test_clidocs.py fails when this file is out of date. -->",
+        "     tests/cli/test_clidocs.py fails when this file is out of date. -->",
         "",
         DESCRIPTION,
         "",
