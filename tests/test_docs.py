@@ -40,7 +40,9 @@ EXIT = re.compile(r"\s+#\s*exits\s+(\d+)\s*$")
 
 # sh-block lines that are not run here, and why.
 NOT_RUN = {
-    "bash scripts/demo.sh": "installs into .venv, then runs 'git crdt demo' (tests/cli/test_demo.py)",
+    "bash scripts/demo.sh": (
+        "installs into .venv, then runs 'git crdt demo' (tests/cli/test_demo.py)"
+    ),
     "bash scripts/test.sh": "runs this very test suite",
     'export PATH="$PWD/.venv/bin:$PATH"': "shell set-up for the reader",
     "git crdt demo --keep demo": "tests/cli/test_demo.py runs it with --keep",

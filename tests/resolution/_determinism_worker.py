@@ -1,8 +1,9 @@
 """Run every registered strategy on fixed inputs and print the sha256 of each output.
 
-Usage: ``python tests/resolution/_determinism_worker.py THREADS``.  Run by test_determinism_matrix.py under
-several ``ATEN_CPU_CAPABILITY`` values and thread counts; every configuration must print the same
-lines.  Inputs come from a fixed RandomStream (never the torch RNG).
+Usage: ``python tests/resolution/_determinism_worker.py THREADS``.  Run by
+test_determinism_matrix.py under several ``ATEN_CPU_CAPABILITY`` values and thread counts;
+every configuration must print the same lines.  Inputs come from a fixed RandomStream (never
+the torch RNG).
 """
 
 from __future__ import annotations
