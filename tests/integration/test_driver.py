@@ -259,7 +259,7 @@ def test_driver_module_does_not_import_torch(tmp_path: Path) -> None:
     (tmp_path / "A").write_bytes(OURS)
     (tmp_path / "B").write_bytes(THEIRS)
     code = (
-        "import sys; from git_crdt_merge import driver; "
+        "import sys; from git_crdt_merge.integration import driver; "
         "rc = driver.main(['O', 'A', 'B', '7', '.crdt/manifest']); "
         "assert rc == 0, rc; "
         "bad = sorted(m for m in ('torch', 'numpy', 'typer', 'rich', 'safetensors') "
