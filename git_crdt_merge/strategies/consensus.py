@@ -334,24 +334,20 @@ def merge_led(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
 # declarations
 # ---------------------------------------------------------------------------------------------
 
-LAMBDA = Param("lambda", float, 1.0, False, "scale of the merged task vector")
+LAMBDA = Param("lambda", float, 1.0, help="scale of the merged task vector")
 
 register(
     Strategy(
         name="emr",
-        aliases=(),
         params=(
             Param(
                 "mode",
                 str,
                 "average",
-                False,
-                "'average': mean of the task-specific models; 'unified': mean rescaler",
+                help="'average': mean of the task-specific models; 'unified': mean rescaler",
             ),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_emr,
         summary="EMR-Merging: elected unified task vector with task masks and rescalers",
@@ -361,14 +357,17 @@ register(
 register(
     Strategy(
         name="negative_merge",
-        aliases=(),
         params=(
-            Param("negate", bool, True, True, "subtract this contribution's task vector"),
+            Param(
+                "negate",
+                bool,
+                True,
+                per_contribution=True,
+                help="subtract this contribution's task vector",
+            ),
             LAMBDA,
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_negative,
         summary="task arithmetic with negation: forget the negated contributions",
@@ -378,16 +377,19 @@ register(
 register(
     Strategy(
         name="split_unlearn_merge",
-        aliases=(),
         params=(
-            Param("method", str, "ties", False, "'ties' or 'task_arithmetic'"),
-            Param("density", float, 1.0, True, "TIES: fraction of each task vector kept"),
+            Param("method", str, "ties", help="'ties' or 'task_arithmetic'"),
+            Param(
+                "density",
+                float,
+                1.0,
+                per_contribution=True,
+                help="TIES: fraction of each task vector kept",
+            ),
             LAMBDA,
-            Param("negate", bool, False, False, "contributions are forget-set fine-tunes: negate"),
+            Param("negate", bool, False, help="contributions are forget-set fine-tunes: negate"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_split_unlearn,
         summary="SPUNGE merge step: merge per-split unlearned models",
@@ -397,11 +399,8 @@ register(
 register(
     Strategy(
         name="weight_scope_alignment",
-        aliases=(),
-        params=(Param("target", str, "mean", False, "'mean' of the scopes or the 'base' scope"),),
+        params=(Param("target", str, "mean", help="'mean' of the scopes or the 'base' scope"),),
         base="optional",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_weight_scope_alignment,
         summary="align each tensor's mean and spread to a target scope, then average",
@@ -411,11 +410,8 @@ register(
 register(
     Strategy(
         name="safe_merge",
-        aliases=(),
-        params=(Param("fraction", float, 0.1, False, "fraction of entries frozen to the base"),),
+        params=(Param("fraction", float, 0.1, help="fraction of entries frozen to the base"),),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_safe,
         summary="weighted mean, base kept where the contributions disagree most",
@@ -425,15 +421,18 @@ register(
 register(
     Strategy(
         name="led_merge",
-        aliases=(),
         params=(
-            Param("density", float, 0.2, True, "fraction of each task vector located"),
-            Param("base_density", float, 1.0, False, "fraction of base weights deemed important"),
+            Param(
+                "density",
+                float,
+                0.2,
+                per_contribution=True,
+                help="fraction of each task vector located",
+            ),
+            Param("base_density", float, 1.0, help="fraction of base weights deemed important"),
             LAMBDA,
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_led,
         summary="LED-Merging: locate, elect, keep updates no other contribution claims",

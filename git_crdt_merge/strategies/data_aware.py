@@ -109,21 +109,17 @@ def merge_fisher(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tenso
 register(
     Strategy(
         name="fisher_merge",
-        aliases=(),
         params=(
-            Param("epsilon", float, 1e-8, False, "added to every Fisher value (>= 0)"),
+            Param("epsilon", float, 1e-8, help="added to every Fisher value (>= 0)"),
             Param(
                 "fisher_source",
                 str,
                 "data",
-                False,
-                "data: the contributions' --fisher inputs (the paper); squared_weights: "
+                help="data: the contributions' --fisher inputs (the paper); squared_weights: "
                 "theta^2, a data-free proxy",
             ),
         ),
         base="ignored",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_fisher,
         summary="Fisher merging: average weighted elementwise by each model's Fisher diagonal",
@@ -186,11 +182,9 @@ register(
         name="regression_mean",
         aliases=("regmean",),
         params=(
-            Param("alpha", float, 0.9, False, "scale of the Gram matrices' off-diagonal entries"),
+            Param("alpha", float, 0.9, help="scale of the Gram matrices' off-diagonal entries"),
         ),
         base="ignored",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_regmean,
         summary="RegMean: least-squares merge of linear layers from their inputs' Gram matrices",

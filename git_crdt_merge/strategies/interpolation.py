@@ -65,10 +65,8 @@ register(
     Strategy(
         name="linear",
         aliases=("weight_average",),
-        params=(Param("normalize", bool, True, False, "divide by the sum of the weights"),),
+        params=(Param("normalize", bool, True, help="divide by the sum of the weights"),),
         base="ignored",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_linear,
         summary="weighted average of the contributions",
@@ -78,10 +76,8 @@ register(
 register(
     Strategy(
         name="slerp",
-        aliases=(),
-        params=(Param("t", float, REQUIRED, False, "interpolation factor: 0 = base, 1 = other"),),
+        params=(Param("t", float, REQUIRED, help="interpolation factor: 0 = base, 1 = other"),),
         base="required",
-        min_inputs=1,
         max_inputs=1,
         stochastic=False,
         merge=merge_slerp,

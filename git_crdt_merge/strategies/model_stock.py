@@ -59,11 +59,9 @@ def merge_model_stock(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.
 register(
     Strategy(
         name="model_stock",
-        aliases=(),
-        params=(Param("filter_wise", bool, False, False, "one ratio per row (last dim)"),),
+        params=(Param("filter_wise", bool, False, help="one ratio per row (last dim)"),),
         base="required",
         min_inputs=2,
-        max_inputs=None,
         stochastic=False,
         merge=merge_model_stock,
         summary="Model Stock: move from the base toward the mean by the task vectors' angle",

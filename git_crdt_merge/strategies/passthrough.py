@@ -30,10 +30,16 @@ def merge_passthrough(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.
 register(
     Strategy(
         name="passthrough",
-        aliases=(),
-        params=(Param("scale", float, 1.0, True, "factor applied to the contribution"),),
+        params=(
+            Param(
+                "scale",
+                float,
+                1.0,
+                per_contribution=True,
+                help="factor applied to the contribution",
+            ),
+        ),
         base="ignored",
-        min_inputs=1,
         max_inputs=1,
         stochastic=False,
         merge=merge_passthrough,

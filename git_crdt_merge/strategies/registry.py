@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -66,6 +66,7 @@ class Param:
     name: str
     type: type  # float | int | bool | str
     default: Any  # REQUIRED or a value of ``type``
+    _: KW_ONLY  # the rest by keyword: Param("density", float, 1.0, per_contribution=True)
     per_contribution: bool = False
     help: str = ""
     low: float | None = None
@@ -200,19 +201,20 @@ class ModelPass:
     finish: Callable[[ModelContext, Mapping[str, Any]], ModelValues]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """A registered merge strategy."""
+    """A registered merge strategy, declared with keywords; what most strategies share is the
+    default (no aliases, at least one contribution, no upper bound)."""
 
     name: str
-    aliases: tuple[str, ...]
     params: tuple[Param, ...]
     base: Literal["required", "optional", "ignored"]
-    min_inputs: int  # contributions, not counting the base
-    max_inputs: int | None
     stochastic: bool
     merge: MergeFn
     summary: str
+    aliases: tuple[str, ...] = ()
+    min_inputs: int = 1  # contributions, not counting the base
+    max_inputs: int | None = None
     # False for methods whose formula has no per-contribution weight: a contribution added with
     # a weight other than 1 is then refused (check_weights) instead of being silently ignored
     uses_weights: bool = True

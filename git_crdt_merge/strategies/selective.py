@@ -273,13 +273,10 @@ def merge_arcee_fusion(inputs: TensorInputs, params: Mapping[str, Any]) -> torch
 register(
     Strategy(
         name="sce",
-        aliases=(),
         params=(
-            Param("select_topk", float, 1.0, False, "fraction of highest-variance entries kept"),
+            Param("select_topk", float, 1.0, help="fraction of highest-variance entries kept"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_sce,
         summary="SCE: select by variance, energy coefficients, erase minority signs",
@@ -290,11 +287,8 @@ register(
 register(
     Strategy(
         name="ram",
-        aliases=(),
-        params=(Param("epsilon", float, 1e-5, False, "|delta| at or below this is unchanged"),),
+        params=(Param("epsilon", float, 1e-5, help="|delta| at or below this is unchanged"),),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_ram,
         summary="RAM: unique changes kept whole, shared changes averaged",
@@ -305,15 +299,12 @@ register(
 register(
     Strategy(
         name="ramplus_tl",
-        aliases=(),
         params=(
-            Param("r", float, 0.1, False, "strength of the unique-change rescale"),
-            Param("alpha", float, 0.2, False, "cap on the overlap ratio rho"),
-            Param("epsilon", float, 1e-5, False, "|delta| at or below this is unchanged"),
+            Param("r", float, 0.1, help="strength of the unique-change rescale"),
+            Param("alpha", float, 0.2, help="cap on the overlap ratio rho"),
+            Param("epsilon", float, 1e-5, help="|delta| at or below this is unchanged"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_ramplus_tl,
         summary="RAM+: as ram, unique changes rescaled by the tensor's overlap ratio",
@@ -324,10 +315,8 @@ register(
 register(
     Strategy(
         name="nearswap",
-        aliases=(),
-        params=(Param("t", float, REQUIRED, False, "distance within which X replaces B"),),
+        params=(Param("t", float, REQUIRED, help="distance within which X replaces B"),),
         base="required",
-        min_inputs=1,
         max_inputs=1,
         stochastic=False,
         merge=merge_nearswap,
@@ -339,10 +328,8 @@ register(
 register(
     Strategy(
         name="arcee_fusion",
-        aliases=(),
         params=(),
         base="required",
-        min_inputs=1,
         max_inputs=1,
         stochastic=False,
         merge=merge_arcee_fusion,

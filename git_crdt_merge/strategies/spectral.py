@@ -233,15 +233,12 @@ def merge_dual_projection(inputs: TensorInputs, params: Mapping[str, Any]) -> to
 register(
     Strategy(
         name="star",
-        aliases=(),
         params=(
-            Param("eta", float, 0.4, False, "fraction of each nuclear norm the kept values hold"),
+            Param("eta", float, 0.4, help="fraction of each nuclear norm the kept values hold"),
             LAMBDA,
-            Param("normalize", bool, True, False, "divide by the sum of the weights"),
+            Param("normalize", bool, True, help="divide by the sum of the weights"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_star,
         summary="STAR: spectral truncation of each task matrix, nuclear-norm rescale, average",
@@ -251,15 +248,12 @@ register(
 register(
     Strategy(
         name="adarank",
-        aliases=(),
         params=(
-            Param("energy", float, 0.9, False, "fraction of each spectrum's energy kept"),
+            Param("energy", float, 0.9, help="fraction of each spectrum's energy kept"),
             LAMBDA,
-            Param("normalize", bool, False, False, "divide by the sum of the weights"),
+            Param("normalize", bool, False, help="divide by the sum of the weights"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_adarank,
         summary="AdaRank (data-free): per-task, per-layer rank by spectral energy, then sum",
@@ -271,14 +265,18 @@ register(
         name="svd_knot_tying",
         aliases=("knots",),
         params=(
-            Param("method", str, "ties", False, "merge in the shared basis: 'ties' or 'linear'"),
-            Param("density", float, 1.0, True, "TIES: fraction of each aligned block kept"),
+            Param("method", str, "ties", help="merge in the shared basis: 'ties' or 'linear'"),
+            Param(
+                "density",
+                float,
+                1.0,
+                per_contribution=True,
+                help="TIES: fraction of each aligned block kept",
+            ),
             LAMBDA,
-            Param("normalize", bool, True, False, "divide by the (agreeing) weights"),
+            Param("normalize", bool, True, help="divide by the (agreeing) weights"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_svd_knot_tying,
         summary="KnOTS: one SVD of the concatenated updates, merge in the shared basis",
@@ -288,15 +286,12 @@ register(
 register(
     Strategy(
         name="dual_projection",
-        aliases=(),
         params=(
-            Param("rank_fraction", float, 0.5, False, "shared subspace rank as a fraction of K"),
-            Param("stability", float, 0.5, False, "damping of the task-specific parts"),
-            Param("normalize", bool, True, False, "divide by the sum of the weights"),
+            Param("rank_fraction", float, 0.5, help="shared subspace rank as a fraction of K"),
+            Param("stability", float, 0.5, help="damping of the task-specific parts"),
+            Param("normalize", bool, True, help="divide by the sum of the weights"),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_dual_projection,
         summary="shared-subspace part kept, task-specific parts damped by the stability",

@@ -248,12 +248,9 @@ def _unit(k: int, j: int) -> list[float]:
 register(
     Strategy(
         name="nuslerp",
-        aliases=(),
         params=(
-            Param("nuslerp_flatten", bool, True, False, "one vector per tensor (else per row)"),
-            Param(
-                "nuslerp_row_wise", bool, False, False, "with flatten=false: vectors along dim 0"
-            ),
+            Param("nuslerp_flatten", bool, True, help="one vector per tensor (else per row)"),
+            Param("nuslerp_row_wise", bool, False, help="with flatten=false: vectors along dim 0"),
         ),
         base="optional",
         min_inputs=2,
@@ -267,14 +264,11 @@ register(
 register(
     Strategy(
         name="multislerp",
-        aliases=(),
         params=(
-            Param("normalize_weights", bool, True, False, "divide the weights by their sum"),
-            Param("eps", float, 1e-8, False, "guard against division by zero"),
+            Param("normalize_weights", bool, True, help="divide the weights by their sum"),
+            Param("eps", float, 1e-8, help="guard against division by zero"),
         ),
         base="optional",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_multislerp,
         summary="weighted spherical mean direction of the (task) vectors, weighted mean norm",
@@ -284,14 +278,11 @@ register(
 register(
     Strategy(
         name="karcher",
-        aliases=(),
         params=(
-            Param("max_iter", int, 10, False, "most iterations of the Riemannian mean"),
-            Param("tol", float, 1e-5, False, "convergence and zero-norm tolerance"),
+            Param("max_iter", int, 10, help="most iterations of the Riemannian mean"),
+            Param("tol", float, 1e-5, help="convergence and zero-norm tolerance"),
         ),
         base="ignored",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_karcher,
         summary="Karcher mean on the sphere of the contributions, scaled by their mean norm",

@@ -156,30 +156,25 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
 register(
     Strategy(
         name="representation_surgery",
-        aliases=(),
         params=(
-            Param("lambda", float, 1.0, False, "scale of the merged task vector"),
-            Param("normalize", bool, False, False, "divide by the sum of the weights"),
+            Param("lambda", float, 1.0, help="scale of the merged task vector"),
+            Param("normalize", bool, False, help="divide by the sum of the weights"),
             Param(
                 "rank",
                 int,
                 0,
-                False,
-                "0: full out x out modules; r > 0: the best rank-r module, stored as two "
+                help="0: full out x out modules; r > 0: the best rank-r module, stored as two "
                 "factors .up (out, r) and .down (r, out)",
             ),
             Param(
                 "ridge",
                 float,
                 1e-3,
-                False,
-                "pull of each surgery map towards the identity, relative to the mean "
+                help="pull of each surgery map towards the identity, relative to the mean "
                 "eigenvalue of W_m G W_m^T (>= 0)",
             ),
         ),
         base="required",
-        min_inputs=1,
-        max_inputs=None,
         stochastic=False,
         merge=merge_representation_surgery,
         summary="task arithmetic plus per-task linear surgery modules (surgery.safetensors) "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ class Variant:
     """One task-arithmetic strategy: sparsifier x consensus x defaults."""
 
     name: str
+    _: KW_ONLY  # the rest by keyword, so that a row of VARIANTS reads as what it declares
     sparsifier: str | None  # key of SPARSIFIERS, None = no sparsification
     consensus: bool  # TIES sign election on the weighted sum
     normalize: bool
@@ -240,7 +241,13 @@ def _params(variant: Variant) -> tuple[Param, ...]:
     params: list[Param] = []
     if variant.sparsifier is not None:
         params.append(
-            Param("density", float, 1.0, True, "fraction of each task vector kept (>= 1: all)")
+            Param(
+                "density",
+                float,
+                1.0,
+                per_contribution=True,
+                help="fraction of each task vector kept (>= 1: all)",
+            )
         )
         extra = SPARSIFIERS[variant.sparsifier].extra_param
         if extra == "gamma":
@@ -249,8 +256,8 @@ def _params(variant: Variant) -> tuple[Param, ...]:
                     "gamma",
                     float,
                     variant.extra_default,
-                    True,
-                    "fraction of largest |delta| dropped",
+                    per_contribution=True,
+                    help="fraction of largest |delta| dropped",
                 )
             )
         elif extra == "epsilon":
@@ -259,13 +266,13 @@ def _params(variant: Variant) -> tuple[Param, ...]:
                     "epsilon",
                     float,
                     variant.extra_default,
-                    True,
-                    "half-width of the keep-probability range around density",
+                    per_contribution=True,
+                    help="half-width of the keep-probability range around density",
                 )
             )
-    params.append(Param("lambda", float, 1.0, False, "scale of the merged task vector"))
+    params.append(Param("lambda", float, 1.0, help="scale of the merged task vector"))
     params.append(
-        Param("normalize", bool, variant.normalize, False, "divide by the sum of the weights")
+        Param("normalize", bool, variant.normalize, help="divide by the sum of the weights")
     )
     if variant.sparsifier is not None:
         params.append(
@@ -273,8 +280,7 @@ def _params(variant: Variant) -> tuple[Param, ...]:
                 "rescale",
                 bool,
                 variant.rescale,
-                False,
-                "L1-norm rescale of each sparsified task vector",
+                help="L1-norm rescale of each sparsified task vector",
             )
         )
     return tuple(params)
@@ -283,81 +289,88 @@ def _params(variant: Variant) -> tuple[Param, ...]:
 VARIANTS: tuple[Variant, ...] = (
     Variant(
         "task_arithmetic",
-        None,
-        False,
-        False,
-        False,
-        "base plus the weighted task vectors",
-        "out = B + lambda * sum_i w_i (X_i - B)",
+        sparsifier=None,
+        consensus=False,
+        normalize=False,
+        rescale=False,
+        summary="base plus the weighted task vectors",
+        closed_form="out = B + lambda * sum_i w_i (X_i - B)",
     ),
     Variant(
         "ties",
-        "magnitude",
-        True,
-        True,
-        False,
-        "TIES: magnitude trim, sign election, disjoint mean",
-        "out = B + lambda * sum_i w_i m_i T_k(delta_i) / sum_i w_i m_i   (T_k: top-k |delta|)",
+        sparsifier="magnitude",
+        consensus=True,
+        normalize=True,
+        rescale=False,
+        summary="TIES: magnitude trim, sign election, disjoint mean",
+        closed_form=(
+            "out = B + lambda * sum_i w_i m_i T_k(delta_i) / sum_i w_i m_i   (T_k: top-k |delta|)"
+        ),
     ),
     Variant(
         "dare_linear",
-        "random",
-        False,
-        False,
-        True,
-        "DARE: random drop, L1 rescale, weighted sum",
-        "out = B + lambda * sum_i w_i R(M_density . delta_i)   (M: Bernoulli mask, R: L1 rescale)",
+        sparsifier="random",
+        consensus=False,
+        normalize=False,
+        rescale=True,
+        summary="DARE: random drop, L1 rescale, weighted sum",
+        closed_form=(
+            "out = B + lambda * sum_i w_i R(M_density . delta_i)"
+            "   (M: Bernoulli mask, R: L1 rescale)"
+        ),
         aliases=("dare",),
     ),
     Variant(
         "dare_ties",
-        "random",
-        True,
-        False,
-        True,
-        "DARE with TIES sign election (no division by default)",
-        "out = B + lambda * sum_i w_i m_i R(M_density . delta_i)",
+        sparsifier="random",
+        consensus=True,
+        normalize=False,
+        rescale=True,
+        summary="DARE with TIES sign election (no division by default)",
+        closed_form="out = B + lambda * sum_i w_i m_i R(M_density . delta_i)",
     ),
     Variant(
         "breadcrumbs",
-        "magnitude_outliers",
-        False,
-        False,
-        False,
-        "Model Breadcrumbs: drop the smallest and the largest |delta|",
-        "out = B + lambda * sum_i w_i O(delta_i)   (O: keep a middle band of |delta|)",
-        0.01,
+        sparsifier="magnitude_outliers",
+        consensus=False,
+        normalize=False,
+        rescale=False,
+        summary="Model Breadcrumbs: drop the smallest and the largest |delta|",
+        closed_form="out = B + lambda * sum_i w_i O(delta_i)   (O: keep a middle band of |delta|)",
+        extra_default=0.01,
         aliases=("model_breadcrumbs",),
     ),
     Variant(
         "breadcrumbs_ties",
-        "magnitude_outliers",
-        True,
-        False,
-        False,
-        "Model Breadcrumbs with TIES sign election",
-        "out = B + lambda * sum_i w_i m_i O(delta_i)",
-        0.01,
+        sparsifier="magnitude_outliers",
+        consensus=True,
+        normalize=False,
+        rescale=False,
+        summary="Model Breadcrumbs with TIES sign election",
+        closed_form="out = B + lambda * sum_i w_i m_i O(delta_i)",
+        extra_default=0.01,
     ),
     Variant(
         "della",
-        "della_magprune",
-        True,
-        True,
-        True,
-        "DELLA: rank-based random drop, sign election, disjoint mean",
-        "out = B + lambda * sum_i w_i m_i R(M_p . delta_i) / sum_i w_i m_i   (p from row ranks)",
-        0.15,
+        sparsifier="della_magprune",
+        consensus=True,
+        normalize=True,
+        rescale=True,
+        summary="DELLA: rank-based random drop, sign election, disjoint mean",
+        closed_form=(
+            "out = B + lambda * sum_i w_i m_i R(M_p . delta_i) / sum_i w_i m_i   (p from row ranks)"
+        ),
+        extra_default=0.15,
     ),
     Variant(
         "della_linear",
-        "della_magprune",
-        False,
-        False,
-        True,
-        "DELLA: rank-based random drop, weighted sum",
-        "out = B + lambda * sum_i w_i R(M_p . delta_i)",
-        0.15,
+        sparsifier="della_magprune",
+        consensus=False,
+        normalize=False,
+        rescale=True,
+        summary="DELLA: rank-based random drop, weighted sum",
+        closed_form="out = B + lambda * sum_i w_i R(M_p . delta_i)",
+        extra_default=0.15,
     ),
 )
 
@@ -379,8 +392,6 @@ for _variant in VARIANTS:
             aliases=_variant.aliases,
             params=_params(_variant),
             base="required",
-            min_inputs=1,
-            max_inputs=None,
             stochastic=_variant.sparsifier is not None
             and SPARSIFIERS[_variant.sparsifier].stochastic,
             merge=_make_merge(_variant),
