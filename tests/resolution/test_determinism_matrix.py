@@ -29,7 +29,7 @@ def _run(capability: str, threads: int) -> subprocess.Popen[str]:
     env.pop("MKL_CBWR", None)
     if capability in ("avx2", "avx512"):
         env["MKL_CBWR"] = capability.upper()
-    env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(WORKER.parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(threads)],
         env=env,

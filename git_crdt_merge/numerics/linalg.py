@@ -1,0 +1,123 @@
+"""Linear algebra in float64 on one thread with MKL's compatible branch; side-by-side runs.
+
+Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def linalg_threads() -> Iterator[None]:
+    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split)."""
+    if os.environ.get("MKL_CBWR") != "COMPATIBLE":  # pragma: no cover - set by the package
+        raise RuntimeError("MKL_CBWR must be COMPATIBLE before torch's first MKL call")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def on_device(device: torch.device | str) -> AbstractContextManager[Any]:
+    """Make tensor factories (``zeros``, ``empty``, ``tensor`` ...) allocate on ``device``:
+    ``with torch.device(device)``, except where that is the CPU already, because the device
+    context intercepts every torch call in Python (measured: about a fifth of the time of
+    SLERP's blocked reductions)."""
+    target = torch.device(device)
+    if target.type == "cpu" and torch.get_default_device().type == "cpu":
+        return nullcontext()
+    return torch.device(target)
+
+
+def run_side_by_side(task: Callable[[int], None], items: Iterable[int]) -> None:
+    """``task(i)`` for every item, on as many Python threads as torch has intra-op threads,
+    each running torch on one thread (element-wise torch ops release the GIL, and the many small
+    blocked ops of the exact reductions scale better across tasks than within one).
+
+    Only for tasks that are independent of one another: results must not depend on the
+    schedule, and they do not when every task writes only its own tensors."""
+    workers = torch.get_num_threads()
+    todo = list(items)
+    if workers <= 1 or len(todo) <= 1:
+        for item in todo:
+            task(item)
+        return
+    pool = _side_pool(workers)
+    device = torch.get_default_device()  # a `with torch.device(...)` is per thread: pass it on
+
+    def run(item: int) -> None:
+        with on_device(device):
+            task(item)
+
+    torch.set_num_threads(1)
+    try:
+        for future in [pool.submit(run, item) for item in todo]:
+            future.result()
+    finally:
+        torch.set_num_threads(workers)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _side_pool(workers: int) -> ThreadPoolExecutor:
+    """One long-lived pool per width: threads (and their allocator state) are reused tensor
+    after tensor instead of being created twice per tensor."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="crdt-side")
+    return pool
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64 (reproducible; float32 inputs give exact products)."""
+    with linalg_threads():
+        return torch.matmul(_f64(a), _f64(b))
+
+
+def svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``x = U diag(S) Vh`` of a 2-D tensor in float64, singular values descending.
+
+    Signs are fixed so that the largest-magnitude entry of each column of U is positive (lowest
+    index on ties), making the factors a function of ``x`` rather than of LAPACK's choice."""
+    if x.dim() != 2:
+        raise ValueError(f"svd needs a 2-D tensor, got shape {tuple(x.shape)}")
+    with linalg_threads():
+        u, s, vh = torch.linalg.svd(_f64(x), full_matrices=False)
+    if u.numel():
+        pivot = u.abs().argmax(dim=0)
+        flip = u.gather(0, pivot.unsqueeze(0)).squeeze(0) < 0
+        sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
+        u = u * sign
+        vh = vh * sign.unsqueeze(1)
+    return u, s, vh
+
+
+def eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix, in float64,
+    with each eigenvector's largest-magnitude entry made positive."""
+    with linalg_threads():
+        values, vectors = torch.linalg.eigh(_f64(x))
+    if vectors.numel():
+        pivot = vectors.abs().argmax(dim=0)
+        flip = vectors.gather(0, pivot.unsqueeze(0)).squeeze(0) < 0
+        vectors = vectors * torch.where(flip, -1.0, 1.0).to(torch.float64)
+    return values, vectors
+
+
+def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a square, non-singular ``a``, in float64."""
+    with linalg_threads():
+        return torch.linalg.solve(_f64(a), _f64(b))

@@ -1,0 +1,261 @@
+"""Exact selection: top-k, bottom-k, bands and ranks with a fixed tie rule.
+
+Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .dtypes import FLOAT_BITS
+
+_SAMPLE = 1 << 16
+
+
+def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """The value of rank ``rank`` (1-based, ascending) of a 1-D tensor without nan: exact.
+
+    Large tensors first bracket the answer between two order statistics of a fixed strided
+    sample, then run ``kthvalue`` only on the entries inside the bracket (usually a few
+    thousand).  If the bracket misses (adversarial data), the whole tensor is used.  Either way
+    the result is the unique k-th value, so it does not depend on the path taken."""
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return torch.kthvalue(flat, rank).values
+    sample = flat[:: n // _SAMPLE][:_SAMPLE].clone()
+    m = sample.numel()
+    q = rank / n
+    margin = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0  # 5 sigma of the sample's rank
+    lo_rank = max(1, math.floor(q * m - margin))
+    hi_rank = min(m, math.ceil(q * m + margin))
+    lo = torch.kthvalue(sample, lo_rank).values
+    hi = torch.kthvalue(sample, hi_rank).values
+    in_bracket = flat >= lo
+    below = n - int(torch.count_nonzero(in_bracket))
+    in_bracket &= flat <= hi
+    inside = flat[in_bracket]
+    r = rank - below
+    if 1 <= r <= inside.numel():
+        return torch.kthvalue(inside, r).values
+    return torch.kthvalue(flat, rank).values
+
+
+def _drop_last_ties(
+    flat: torch.Tensor,
+    threshold: torch.Tensor,
+    mask: torch.Tensor,
+    excess: int,
+) -> None:
+    """Clear ``mask`` at the ``excess`` highest flat indices where ``flat == threshold``.
+
+    Scans from the end in growing windows: usually a handful of entries tie, all near wherever
+    the scan starts, so this reads a small tail instead of the whole tensor."""
+    end = flat.numel()
+    window = _TIE_WINDOW
+    while excess > 0 and end > 0:
+        start = max(0, end - window)
+        tied = torch.nonzero(flat[start:end] == threshold).reshape(-1)
+        take = min(excess, tied.numel())
+        if take:
+            mask[start + tied[tied.numel() - take :]] = False
+            excess -= take
+        end, window = start, window * 4
+
+
+_TIE_WINDOW = 1 << 16
+
+
+def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
+    first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if count <= 0 or n == 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    if count >= n:
+        return torch.ones(values.shape, dtype=torch.bool)
+    threshold = kth_smallest(flat, count)
+    mask = flat <= threshold
+    excess = int(torch.count_nonzero(mask)) - count
+    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
+        _drop_last_ties(flat, threshold, mask, excess)
+    return mask.reshape(values.shape)
+
+
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly ``k`` largest entries of ``values`` (e.g. magnitudes); among entries equal
+    to the threshold the lowest flat indices are kept (a stable descending sort's first ``k``).
+    Threshold by ``kthvalue``; no full sort.  Values must not be nan."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or n == 0:
+        return torch.zeros(values.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(values.shape, dtype=torch.bool)
+    threshold = kth_smallest(flat, n - k + 1)
+    mask = flat >= threshold
+    excess = int(torch.count_nonzero(mask)) - k
+    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
+        _drop_last_ties(flat, threshold, mask, excess)
+    return mask.reshape(values.shape)
+
+
+def topk_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_mask` of ``|x|`` (a CPU bool tensor shaped like ``x``): the ``k`` entries of
+    largest magnitude, ties at the threshold kept by lowest flat index.
+
+    Magnitudes are compared as integers: the bits of a float with the sign bit cleared order
+    exactly as its magnitude does (nan above inf), so the selection is a function of the bits
+    alone and runs on numpy's integer kernels a block at a time, with no whole-tensor temporary
+    besides the mask."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if k <= 0 or n == 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool)
+    bits = flat.detach().cpu().contiguous().view(FLOAT_BITS[flat.dtype]).numpy()
+    top = np.iinfo(bits.dtype).max  # clears the sign bit: the magnitude's key
+    threshold, smaller = _kth_smallest_key(bits, top, n - k + 1)
+    mask = np.empty(n, dtype=bool)
+    for lo in range(0, n, _MAGNITUDE_BLOCK):
+        np.greater_equal(
+            bits[lo : lo + _MAGNITUDE_BLOCK] & top, threshold, out=mask[lo : lo + _MAGNITUDE_BLOCK]
+        )
+    mask[_last_ties(bits, top, threshold, n - smaller - k)] = False
+    return torch.from_numpy(mask).reshape(x.shape)
+
+
+def keep_topk_magnitude_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``keep_where_(x, topk_magnitude_mask(x, k))`` without the mask: every entry outside the
+    top ``k`` magnitudes becomes +0.0, in place, a block at a time (integer operations on the
+    float bits).  ``x`` must be a contiguous CPU tensor; TIES trims each task vector with it."""
+    n = x.numel()
+    if k >= n:
+        return x
+    bits = x.detach().view(-1).view(FLOAT_BITS[x.dtype]).numpy()
+    if k <= 0:
+        bits[:] = 0
+        return x
+    top = np.iinfo(bits.dtype).max
+    shift = 8 * bits.itemsize - 1
+    threshold, smaller = _kth_smallest_key(bits, top, n - k + 1)
+    scratch = np.empty(min(n, _MAGNITUDE_BLOCK), dtype=bits.dtype)  # one buffer for all blocks
+    for lo in range(0, n, _MAGNITUDE_BLOCK):
+        part = bits[lo : lo + _MAGNITUDE_BLOCK]
+        keep = np.bitwise_and(part, top, out=scratch[: part.size])
+        keep -= threshold  # < 0 exactly where the magnitude is below the threshold
+        keep >>= shift  # all ones there, else zero
+        np.invert(keep, out=keep)
+        part &= keep
+    bits[_last_ties(bits, top, threshold, n - smaller - k)] = 0
+    return x
+
+
+def _last_ties(bits: np.ndarray, top: int, threshold: np.integer, excess: int) -> np.ndarray:
+    """The ``excess`` highest flat indices whose key ``bits & top`` equals ``threshold``.
+
+    Scans from the end in growing windows: usually a handful of entries tie, all near wherever
+    the scan starts, so this reads a small tail instead of the whole tensor."""
+    found: list[np.ndarray] = []
+    end, window = bits.size, _TIE_WINDOW
+    while excess > 0 and end > 0:
+        start = max(0, end - window)
+        tied = np.flatnonzero((bits[start:end] & top) == threshold)
+        take = min(excess, tied.size)
+        if take:
+            found.append(start + tied[tied.size - take :])
+            excess -= take
+        end, window = start, window * 4
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _kth_smallest_key(bits: np.ndarray, top: int, rank: int) -> tuple[np.integer, int]:
+    """The ``rank``-th smallest (1-based) of the keys ``bits & top``, and how many keys are
+    strictly smaller.  Bracketed between two order statistics of a fixed strided sample, then
+    selected among the few keys inside the bracket (all keys if the bracket misses).  The
+    answer is unique, so the path cannot change it."""
+    n = bits.size
+    if n <= 4 * _SAMPLE:
+        keys = bits & top
+        value = np.partition(keys, rank - 1)[rank - 1]
+        return value, int(np.count_nonzero(keys < value))
+    sample = bits[:: n // _SAMPLE][:_SAMPLE] & top
+    m = sample.size
+    q = rank / n
+    margin = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0  # 5 sigma of the sample's rank
+    lo_rank = max(1, math.floor(q * m - margin))
+    hi_rank = min(m, math.ceil(q * m + margin))
+    ordered = np.partition(sample, [lo_rank - 1, hi_rank - 1])
+    lo_key, hi_key = ordered[lo_rank - 1], ordered[hi_rank - 1]
+    unsigned = np.dtype(f"u{bits.itemsize}")
+    width = unsigned.type(hi_key - lo_key)  # keys are >= 0: the difference fits
+    below = 0
+    parts: list[np.ndarray] = []
+    scratch = np.empty(_MAGNITUDE_BLOCK, dtype=bits.dtype)  # buffers reused block after block
+    flags = np.empty(_MAGNITUDE_BLOCK, dtype=bool)
+    for lo in range(0, n, _MAGNITUDE_BLOCK):
+        block = bits[lo : lo + _MAGNITUDE_BLOCK]
+        offset, flag = scratch[: block.size], flags[: block.size]
+        np.bitwise_and(block, top, out=offset)
+        offset -= lo_key  # < 0: below the bracket; as unsigned, those exceed any width
+        below += int(np.count_nonzero(np.less(offset, 0, out=flag)))
+        parts.append(offset[np.less_equal(offset.view(unsigned), width, out=flag)])
+    inside = np.concatenate(parts)
+    r = rank - below
+    if 1 <= r <= inside.size:
+        value = np.partition(inside, r - 1)[r - 1]
+        return lo_key + value, below + int(np.count_nonzero(inside < value))
+    keys = bits & top  # the bracket missed (adversarial data): exact anyway
+    value = np.partition(keys, rank - 1)[rank - 1]
+    return value, int(np.count_nonzero(keys < value))
+
+
+_MAGNITUDE_BLOCK = 1 << 18
+
+
+def band_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Mask of positions ``[start, start + count)`` of the stable ascending order of ``values``
+    (ties: lower flat index is "smaller").  Breadcrumbs keeps this band of magnitudes."""
+    n = values.numel()
+    start = max(0, min(start, n))
+    end = max(start, min(start + count, n))
+    return bottom_mask(values, end) & ~bottom_mask(values, start)
+
+
+def magnitude_row_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``row_ranks(torch.abs(x))``: the rank (1..m, int64) of each ``|x|`` within its row (last
+    dim), ties by index.
+
+    For float32 and smaller on the CPU the magnitude's bits (sign cleared; they order as the
+    magnitudes do, nan last) times m plus the column give keys that are unique within a row and
+    order as the stable sort does, so numpy's plain integer sort, whatever its algorithm,
+    returns that order (measured: 13 ms against 230 ms for torch's stable sort of 2048 rows of
+    2048).  Other dtypes and devices take :func:`row_ranks`."""
+    m = x.shape[-1] if x.dim() else 0
+    if x.device.type != "cpu" or x.dtype not in _RANK_KEY_DTYPES or m == 0:
+        return row_ranks(torch.abs(x))
+    bits = x.detach().contiguous().reshape(-1, m).view(FLOAT_BITS[x.dtype]).numpy()
+    keys = (bits & np.iinfo(bits.dtype).max).astype(np.int64)  # < 2**31: times m fits int64
+    keys *= m
+    keys += np.arange(m, dtype=np.int64)
+    keys.sort(axis=1)
+    ranks = np.empty_like(keys)
+    np.put_along_axis(ranks, keys % m, np.arange(1, m + 1, dtype=np.int64)[None, :], axis=1)
+    return torch.from_numpy(ranks).reshape(x.shape)
+
+
+_RANK_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def row_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Rank (1..m, int64) of each entry within its row (last dim) in ascending order, ties by
+    index (stable sort).  ``values`` must be at least 1-D."""
+    order = torch.sort(values, dim=-1, stable=True).indices
+    m = values.shape[-1]
+    ranks = torch.empty_like(order)
+    positions = torch.arange(1, m + 1, dtype=torch.int64).expand_as(order).contiguous()
+    ranks.scatter_(-1, order, positions)
+    return ranks
