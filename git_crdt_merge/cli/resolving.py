@@ -1,0 +1,71 @@
+"""``resolve`` and ``output``: the merged model and where it goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from ..replicated import contributions
+from ..resolution.cache import DEFAULT_MAX_SHARD
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    byte_progress,
+    emit_json,
+    err,
+    fail,
+    handle_errors,
+    open_repo,
+)
+
+
+@app.command()
+def resolve(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Folder (default: the register).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    compute_dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+    max_shard_size: Annotated[
+        int, typer.Option(min=1, help="Largest output shard in bytes.")
+    ] = DEFAULT_MAX_SHARD,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute the merged model of the visible set (a no-op on a cache hit)."""
+    from ..resolution.resolve import resolve as do_resolve
+
+    if device not in ("cpu", "cuda"):
+        raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
+    with handle_errors(), byte_progress("resolve", not (json_ or quiet)) as (start, advance):
+        outcome = do_resolve(
+            open_repo(tidy=True),
+            output=output,
+            device=device,
+            compute_dtype=compute_dtype,
+            max_shard=max_shard_size,
+            on_start=start,
+            progress=advance,
+        )
+    if json_:
+        emit_json(outcome.as_dict())
+    elif not quiet:
+        if outcome.empty:
+            err.print("no visible contributions: nothing to resolve")
+        else:
+            how = "cache hit" if outcome.cache_hit else "computed"
+            err.print(f"merged model ({how}, root {outcome.root[:12]}) in {outcome.output}")
+
+
+@app.command()
+def output(
+    path: Annotated[str, typer.Argument(help="Work-tree folder for the merged model.")],
+) -> None:
+    """Set where the merged model is written (a replicated register; default 'merged')."""
+    with handle_errors():
+        contributions.set_register(open_repo(), "output", path)
+    err.print(f"output set to {path}")

@@ -1,0 +1,244 @@
+"""Writing the set: contributions, weights, chunk size, base, strategy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..replicated import contributions
+from ..replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    byte_progress,
+    emit_json,
+    err,
+    handle_errors,
+    open_repo,
+)
+from .render import human_bytes
+
+
+@app.command("add-contribution")
+def add_contribution(
+    path: Annotated[Path, typer.Argument(help="A .safetensors file or a Hugging Face directory.")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Display name.")] = None,
+    weight: Annotated[float | None, typer.Option("--weight", "-w", help="Merge weight.")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=MAX_OBJECT_BYTES,
+            help="Largest object in bytes, instead of the repository's (see 'chunk-size'); "
+            "never changes the id.",
+        ),
+    ] = None,
+    fisher: Annotated[
+        Path | None, typer.Option("--fisher", help="Fisher diagonals (.safetensors).")
+    ] = None,
+    gram: Annotated[
+        Path | None, typer.Option("--gram", help="RegMean Gram matrices (.safetensors).")
+    ] = None,
+    extra: Annotated[
+        list[str] | None, typer.Option("--extra", help="Extra input KIND=FILE.safetensors")
+    ] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+) -> None:
+    """Store a fine-tuned model as a contribution (staged, like git add).
+
+    Extra inputs that some strategies need (Fisher diagonals, Gram matrices) are stored with
+    it and become part of its content."""
+    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
+        extra_inputs = contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra)
+        result = contributions.add_contribution(
+            open_repo(tidy=True),
+            path,
+            name=name,
+            weight=weight,
+            message=message,
+            allow_pickle=allow_pickle,
+            chunk_size=chunk_size,
+            on_start=start,
+            progress=advance,
+            extra_inputs=extra_inputs,
+            allow_nonfinite=allow_nonfinite,
+        )
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        what = "already present" if result.already_present else "added"
+        err.print(
+            f"{what}: {result.name} {result.id[:12]} ({result.tensors} tensors, "
+            f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
+            markup=False,
+        )
+
+
+@app.command("set-weight")
+def set_weight(
+    name_or_id: Annotated[str, typer.Argument(help="Contribution name or id prefix.")],
+    weight: Annotated[float, typer.Argument(help="The new merge weight.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Change a contribution's weight without storing its tensors again.
+
+    Records an observed remove of the old contribution and an add of a new descriptor that
+    reuses its chunks; the id changes, since the weight is part of the content."""
+    with handle_errors():
+        old, new = contributions.set_weight(open_repo(), name_or_id, weight)
+    if json_:
+        emit_json({"old": old, "new": new, "weight": weight})
+    elif old == new:
+        err.print(f"{old[:12]} already has weight {weight:g}", markup=False)
+    else:
+        err.print(f"weight {weight:g}: {old[:12]} -> {new[:12]}", markup=False)
+
+
+@app.command("chunk-size")
+def chunk_size(
+    size: Annotated[
+        int | None,
+        typer.Argument(min=1, max=MAX_OBJECT_BYTES, help="Bytes per chunk (omit to show it)."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or set the repository's chunk size (a replicated register; default 64 MiB).
+
+    A storage choice: contributions are named by their content, so a model added with any
+    chunk size has the same id."""
+    with handle_errors():
+        repo = open_repo()
+        if size is not None:
+            contributions.set_chunk_size(repo, size)
+        current = repo.read_manifest().chunk_size()
+    value = current or DEFAULT_CHUNK_SIZE
+    if json_:
+        emit_json({"chunk_size": value, "default": current is None})
+    else:
+        how = " (default)" if current is None else ""
+        err.print(f"chunk size {value} bytes{how}", markup=False)
+
+
+@app.command("remove-contribution")
+def remove_contribution(
+    name_or_id: Annotated[str, typer.Argument(help="Contribution name or id prefix.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Remove a contribution (observed-remove: concurrent re-adds survive)."""
+    with handle_errors():
+        cid = contributions.remove_contribution(open_repo(tidy=True), name_or_id)
+    if json_:
+        emit_json({"removed": cid})
+    else:
+        err.print(f"removed {cid[:12]}")
+
+
+@app.command("set-base")
+def set_base(
+    path: Annotated[Path, typer.Argument(help="The base model (file or directory).")],
+    allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+) -> None:
+    """Store the base model and record it in the 'base' register."""
+    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
+        result = contributions.set_base(
+            open_repo(tidy=True),
+            path,
+            allow_pickle=allow_pickle,
+            on_start=start,
+            progress=advance,
+            allow_nonfinite=allow_nonfinite,
+        )
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
+
+
+@app.command()
+def strategy(
+    name: Annotated[str, typer.Argument(help="Strategy name (see 'git crdt strategies').")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE")] = None,
+) -> None:
+    """Choose the merge strategy and its parameters (a replicated register).
+
+    A per-contribution parameter takes one value for all (density=0.5) or a JSON object by
+    contribution name or id (density='{"math": 0.3, "code": 0.7}')."""
+    with handle_errors():
+        from ..resolution.choice import choose_strategy
+
+        value, warning = choose_strategy(open_repo(), name, param or [])
+    err.print(
+        f"strategy set to {value['name']} {json.dumps(value['params'], sort_keys=True)}",
+        markup=False,
+    )
+    if warning:
+        err.print(
+            f"git-crdt: warning: {warning}: the current set cannot be resolved with it, and "
+            "merged/ stays stale until the set or the strategy changes",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def strategies(json_: JsonOpt = False) -> None:
+    """The registered merge strategies, their parameters and input contracts."""
+    from ..strategies import registry
+
+    rows: list[dict[str, Any]] = []
+    for st in registry.all_strategies():
+        rows.append(
+            {
+                "name": st.name,
+                "aliases": list(st.aliases),
+                "base": st.base,
+                "min_inputs": st.min_inputs,
+                "max_inputs": st.max_inputs,
+                "stochastic": st.stochastic,
+                "uses_weights": st.uses_weights,
+                "extra_inputs": list(st.extra_inputs),
+                "statistics_pass": st.model_pass is not None,
+                "side_output": st.side_output,
+                "summary": st.summary,
+                "params": [
+                    {
+                        "name": p.name,
+                        "type": p.type.__name__,
+                        "default": None if p.default is registry.REQUIRED else p.default,
+                        "required": p.default is registry.REQUIRED,
+                        "per_contribution": p.per_contribution,
+                        "help": p.help,
+                        **({"range": p.range_text()} if p.type in (int, float) else {}),
+                    }
+                    for p in st.params
+                ],
+            }
+        )
+    if json_:
+        emit_json(rows)
+        return
+    table = Table("name", "base", "inputs", "weights", "parameters (default)", "summary")
+    for r in rows:
+        inputs = f"{r['min_inputs']}..{r['max_inputs'] or 'n'}"
+        params = ", ".join(
+            f"{p['name']}{'*' if p['per_contribution'] else ''}"
+            f"={'REQUIRED' if p['required'] else p['default']}"
+            for p in r["params"]
+        )
+        names = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
+        weights = "yes" if r["uses_weights"] else "no (refused)"
+        table.add_row(names, r["base"], inputs, weights, params, r["summary"])
+    err.print(table)
+    err.print("* per-contribution parameter", markup=False)
