@@ -19,7 +19,7 @@ import torch
 
 from .. import numerics
 from ..errors import ResolveError
-from .consensus import LAMBDA, check_fraction, require_base, task_vectors, weight_total
+from .common import LAMBDA, check_fraction, require_base, task_vectors, weight_total
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
