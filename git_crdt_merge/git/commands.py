@@ -485,6 +485,12 @@ def commit_subject(root: Path, rev: str) -> str:
     return out(["log", "-1", "--format=%s", rev], root)
 
 
+def commit_author(root: Path, rev: str) -> tuple[str, str]:
+    """(``name <email>``, ISO 8601 author date) of ``rev``'s commit."""
+    who, when = out(["log", "-1", "--format=%an <%ae>%x00%aI", rev], root).split("\0")
+    return who, when
+
+
 def commit_paths(root: Path, message: str, paths: Sequence[str]) -> None:
     """Commit only ``paths`` with ``message`` (read from stdin, so any text is safe)."""
     run(["commit", "-q", "-F", "-", "--", *paths], root, input=message.encode())

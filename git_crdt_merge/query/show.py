@@ -51,9 +51,7 @@ def _added_by(repo: Repo, cid: str) -> list[dict[str, Any]]:
             "subject": entry.subject,
         }
         if entry.commit is not None:
-            who, when = gitops.out(
-                ["log", "-1", "--format=%an <%ae>%x00%aI", entry.commit], repo.root
-            ).split("\0")
+            who, when = gitops.commit_author(repo.root, entry.commit)
             info.update(author=who, date=when)
         out.append(info)
     return out
