@@ -29,13 +29,18 @@ def _prepare(
     weights: Sequence[float],
     rng: RandomStream,
     compute_dtype: torch.dtype,
-    owned: bool,
-    extras: Mapping[str, Sequence[torch.Tensor | None]] | None,
-    model: Any,
+    *,
+    owned: bool = False,
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    model: Any = None,
     side: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TensorInputs | None, torch.Tensor, torch.dtype]:
-    """Check and convert the inputs of one tensor name: (inputs or None when the tensor passes
-    through unchanged, the source tensor (base, else first contribution), storage dtype)."""
+    """Check and convert the inputs of one tensor name (the base dropped when the strategy
+    ignores it): (inputs or None when the tensor passes through unchanged, the source tensor
+    (base, else first contribution), storage dtype).  The one input path of
+    :func:`run_strategy`, :func:`collect_statistics` and :func:`prepare_inputs`."""
+    if strategy.base == "ignored":
+        base = None
     if compute_dtype not in FLOAT_COMPUTE_DTYPES:
         raise ResolveError(
             f"strategy {strategy.name}: compute dtype must be float32 or float64, "
@@ -113,8 +118,6 @@ def run_strategy(
     Strategies may overwrite the contributions' compute tensors (never the base): pass
     ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
     K + 3 tensors); otherwise they are copied first when the conversion did not copy them."""
-    if strategy.base == "ignored":
-        base = None
     if strategy.model_pass is not None and model is None:
         raise ResolveError(
             f"strategy {strategy.name} needs its whole-model statistics pass before merging"
@@ -128,10 +131,10 @@ def run_strategy(
         weights,
         rng,
         compute_dtype,
-        owned,
-        extras,
-        None if model is None else model.per_tensor.get(name),
-        {} if side is not None and strategy.side_output is not None else None,
+        owned=owned,
+        extras=extras,
+        model=None if model is None else model.per_tensor.get(name),
+        side={} if side is not None and strategy.side_output is not None else None,
     )
     if inputs is None:
         return source.clone()
@@ -165,8 +168,6 @@ def collect_statistics(
     unchanged: integers and empty tensors).  Same inputs and checks as :func:`run_strategy`."""
     if strategy.model_pass is None:
         raise ResolveError(f"strategy {strategy.name} has no statistics pass")
-    if strategy.base == "ignored":
-        base = None
     inputs, _, _ = _prepare(
         strategy,
         name,
@@ -176,9 +177,8 @@ def collect_statistics(
         weights,
         rng,
         compute_dtype,
-        owned,
-        extras,
-        None,
+        owned=owned,
+        extras=extras,
     )
     if inputs is None:
         return None
@@ -229,8 +229,6 @@ def prepare_inputs(
 ) -> TensorInputs | None:
     """The checked :class:`TensorInputs` of one tensor name, copies in compute dtype that the
     caller may keep (None for a tensor that passes through: integers, empty)."""
-    if strategy.base == "ignored":
-        base = None
     inputs, _, _ = _prepare(
         strategy,
         name,
@@ -240,9 +238,7 @@ def prepare_inputs(
         weights,
         rng,
         compute_dtype,
-        False,
-        extras,
-        None,
+        extras=extras,
     )
     if inputs is not None and inputs.base is not None and inputs.base is base:
         inputs = replace(inputs, base=inputs.base.clone())
