@@ -27,7 +27,8 @@ import bench_resolve  # noqa: E402  (the same model and IO floor)
 
 WORKER = r"""
 import json, shutil, sys, time
-from git_crdt_merge import contributions, resolve
+from git_crdt_merge.replicated import contributions
+from git_crdt_merge.resolution import resolve
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.strategies import REQUIRED, get_strategy
 

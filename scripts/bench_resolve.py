@@ -38,7 +38,8 @@ WORKER = r"""
 import json, os, shutil, sys, time
 from pathlib import Path
 import torch
-from git_crdt_merge import contributions, engine, resolve
+from git_crdt_merge.replicated import contributions
+from git_crdt_merge.resolution import engine, resolve
 from git_crdt_merge.strategies import get_strategy
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.replicated.store import ObjectStore
