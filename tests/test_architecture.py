@@ -241,3 +241,52 @@ def test_contributing_names_the_files_of_each_kind_of_change() -> None:
     ):
         full = ROOT / path if path.startswith("git_crdt_merge/") else PACKAGE / path
         assert full.exists(), path
+
+
+# -- every git call goes through git/ ---------------------------------------------------------
+def raw_git_calls(root: Path, pkg: str) -> list[str]:
+    """``gitops.run([...])`` / ``gitops.out([...])`` with a literal argv, and ``["git", ...]``
+    lists, outside ``git/``: each a place where git's command line is spelled out of the layer
+    that owns it.  (The demo's wrapper passes a variable argv and is not one of them.)"""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "git":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("run", "out")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "gitops"
+                and node.args
+                and isinstance(node.args[0], ast.List)
+            ):
+                found.append(f"{pkg}/{rel}:{node.lineno}")
+            if (
+                isinstance(node, ast.List)
+                and node.elts
+                and isinstance(node.elts[0], ast.Constant)
+                and node.elts[0].value == "git"
+            ):
+                found.append(f"{pkg}/{rel}:{node.lineno}")
+    return found
+
+
+def test_no_git_command_line_outside_the_git_layer() -> None:
+    assert raw_git_calls(PACKAGE, "git_crdt_merge") == []
+
+
+def test_the_git_layer_check_finds_a_planted_call(tmp_path: Path) -> None:
+    pkg = tmp_path / "planted"
+    (pkg / "git").mkdir(parents=True)
+    (pkg / "git" / "commands.py").write_text('def run(a, c):\n    return ["git", *a]\n')
+    (pkg / "query").mkdir()
+    (pkg / "query" / "x.py").write_text(
+        "from ..git import commands as gitops\n\n"
+        'def f(root):\n    return gitops.out(["rev-parse", "HEAD"], root)\n'
+    )
+    (pkg / "y.py").write_text('import subprocess\nsubprocess.run(["git", "status"])\n')
+    assert raw_git_calls(pkg, "planted") == ["planted/query/x.py:4", "planted/y.py:2"]

@@ -637,3 +637,90 @@ def manifest_history(
 def unmerged_paths(root: Path, path: str) -> bool:
     """True if ``path`` has unmerged (conflict) entries in the index."""
     return bool(run(["ls-files", "-u", "--", path], root).stdout.strip())
+
+
+# -- named operations of the integration layer and the history invariants ---------------------
+def index_matches(root: Path | str, rev: str = "HEAD", paths: Sequence[str] = ()) -> bool:
+    """Whether the index equals ``rev``'s tree (under ``paths``): ``diff-index --cached``."""
+    args = ["diff-index", "--quiet", "--cached", rev, "--", *paths]
+    return run(args, root, check=False).returncode == 0
+
+
+def merge_tree(root: Path | str, ours: str, theirs: str) -> tuple[str | None, list[str], str]:
+    """``merge-tree --write-tree`` (ort, merge drivers included) of two commits: (tree, or
+    None on a conflict or an error; the conflicted paths; git's first error line)."""
+    proc = run(
+        ["merge-tree", "--write-tree", "--name-only", "--no-messages", ours, theirs],
+        root,
+        check=False,
+    )
+    lines = proc.stdout.decode(errors="replace").splitlines()
+    if proc.returncode == 0 and lines:
+        return lines[0], [], ""
+    errors = proc.stderr.decode(errors="replace").strip().splitlines()
+    conflicted = [p for p in lines[1:] if p] if proc.returncode == 1 else []
+    return None, conflicted, errors[0] if errors else f"git merge-tree exited {proc.returncode}"
+
+
+def commit_tree(root: Path | str, tree: str, parents: Sequence[str], message: bytes) -> str:
+    """A commit object for ``tree`` (no ref moves)."""
+    args = ["commit-tree", tree]
+    for p in parents:
+        args += ["-p", p]
+    return out(args, root, input=message)
+
+
+def read_tree_update(root: Path | str, old: str, new: str) -> None:
+    """Move index and work tree from ``old``'s tree to ``new``'s (``read-tree -u -m``), keeping
+    the sparse checkout; fails rather than overwrite local changes."""
+    run(["read-tree", "-u", "-m", old, new], root)
+
+
+def remote_tracking_tips(root: Path | str, remote: str) -> list[str]:
+    """The commits of every ``refs/remotes/REMOTE/*`` ref."""
+    return out(["for-each-ref", "--format=%(objectname)", f"refs/remotes/{remote}/"], root).split()
+
+
+def rev_list(root: Path | str, tip: str, exclude: Sequence[str], limit: int) -> list[str]:
+    """Commits reachable from ``tip`` and from none of ``exclude``, newest first, at most
+    ``limit``."""
+    args = ["rev-list", f"--max-count={limit}", tip, *[f"^{e}" for e in exclude], "--"]
+    return out(args, root).split()
+
+
+def attr_in_state(root: Path | str, attr: str, path: str, rev: str | None) -> str | None:
+    """``attr`` of ``path`` as the state ``rev`` sets it: None the work tree, ":" the index, a
+    revision its tree (``--source`` needs git 2.40: None then, unless ``rev`` is the work tree
+    or the index)."""
+    args = ["check-attr", attr]
+    if rev == ":":
+        args.append("--cached")
+    elif rev is not None:
+        args.append(f"--source={rev}")
+    proc = run([*args, "--", path], root, check=False)
+    if proc.returncode != 0:
+        return None
+    text = proc.stdout.decode().strip()
+    return text.rsplit(": ", 1)[-1] if text else "unspecified"
+
+
+def tree_blob_shas(root: Path | str, rev: str, prefix: str) -> list[str] | None:
+    """The blob ids under ``prefix`` in ``rev``'s tree (None if ``rev`` is not there)."""
+    proc = run(["ls-tree", "-r", "-z", rev, "--", prefix], root, check=False)
+    if proc.returncode != 0:
+        return None
+    return [item.split()[2] for item in proc.stdout.decode().split("\0") if item.strip()]
+
+
+def add_paths(root: Path | str, paths: Sequence[str]) -> None:
+    run(["add", "--", *paths], root)
+
+
+def sparse_checkout(root: Path | str, *args: str) -> None:
+    """``git sparse-checkout ARGS`` (set, add, reapply)."""
+    run(["sparse-checkout", *args], root)
+
+
+def lfs_update(root: Path | str) -> None:
+    """Let git-lfs re-install its hooks (where it is set up); never fails."""
+    run(["lfs", "update"], root, check=False)

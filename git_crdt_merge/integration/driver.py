@@ -42,6 +42,7 @@ from .. import bounded, faults
 from ..errors import CrdtError, ManifestError
 from ..git import commands as gitops
 from ..replicated.manifest import (
+    MANIFEST_PATH,
     MAX_MANIFEST_BYTES,
     Manifest,
     Record,
@@ -182,7 +183,7 @@ def main(argv: list[str]) -> int:
         return 2 if len(argv) < 3 else 0
     base, ours, theirs = Path(argv[0]), Path(argv[1]), Path(argv[2])
     marker_size = int(argv[3]) if len(argv) > 3 and argv[3].isdigit() else 7
-    label = argv[4] if len(argv) > 4 else ".crdt/manifest"
+    label = argv[4] if len(argv) > 4 else MANIFEST_PATH
     try:
         merged = merge_files(ours, theirs, label, base)
     except CrdtError as exc:

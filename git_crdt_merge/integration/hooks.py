@@ -36,6 +36,7 @@ import sys
 from ..bounded import display
 from ..errors import CrdtError
 from ..git import commands as gitops
+from ..replicated.manifest import CRDT_DIR, MANIFEST_PATH
 from ..replicated.repo import Repo
 
 POST_HOOKS = ("post-checkout", "post-merge", "post-rewrite", "post-commit", "post-applypatch")
@@ -143,7 +144,7 @@ def _states_pass(repo: Repo, name: str, states: list[tuple[str, str | None]]) ->
     from ..query.verify import verify
 
     for rev, against in states:
-        if rev != ":" and gitops.show_blob(repo.root, f"{rev}:.crdt/manifest") is None:
+        if rev != ":" and gitops.show_blob(repo.root, f"{rev}:{MANIFEST_PATH}") is None:
             continue
         # What this hook passes on (a merge's new objects, a push's) is re-hashed: a chunk
         # rewritten in place at the same size is caught before it spreads.
@@ -187,10 +188,7 @@ def pick_hook(repo: Repo, name: str) -> int:
     op = pick_in_progress(repo)
     if op is None or gitops.rev_parse(repo.root, "HEAD^{commit}") is None:
         return 0
-    same = gitops.run(
-        ["diff-index", "--cached", "--quiet", "HEAD", "--", ".crdt"], repo.root, check=False
-    )
-    if same.returncode == 0:
+    if gitops.index_matches(repo.root, "HEAD", [CRDT_DIR]):
         return 0  # the pick does not touch .crdt/
     repaired = repair_pick(repo)
     if repaired is not None:
@@ -228,13 +226,11 @@ def _pushed_history_keeps_records(repo: Repo, stdin_text: str, args: list[str]) 
         parts = line.split()
         if len(parts) != 4 or parts[1] == ZERO:
             continue
-        if gitops.show_blob(repo.root, f"{parts[1]}:.crdt/manifest") is None:
+        if gitops.show_blob(repo.root, f"{parts[1]}:{MANIFEST_PATH}") is None:
             continue
-        refs = gitops.out(
-            ["for-each-ref", "--format=%(objectname)", f"refs/remotes/{remote}/"], repo.root
-        )
+        refs = gitops.remote_tracking_tips(repo.root, remote)
         remote_tip = parts[3] if parts[3] != ZERO else None
-        exclude = refs.split() + ([remote_tip] if remote_tip else [])
+        exclude = refs + ([remote_tip] if remote_tip else [])
         found = range_losses(repo, parts[1], exclude, remote_tip)
         if found:
             for msg in loss_messages(f"pushed tip {parts[1][:10]}", found):

@@ -28,7 +28,9 @@ from pathlib import Path
 from .. import bounded
 from ..errors import CrdtError, InputError, NotARepositoryError
 from ..git import commands as gitops
+from ..replicated.manifest import MANIFEST_PATH
 from ..replicated.repo import Repo, atomic_write
+from ..replicated.store import OBJECTS_DIR
 
 HOOKS = (
     "post-checkout",
@@ -260,7 +262,7 @@ def uninstall_hooks(root: Path) -> None:
                 os.replace(chained, legacy)  # pre-commit runs it, as it would have
     if lfs_enabled(root) and shutil.which("git-lfs"):
         # git-lfs writes its hooks into the slots that are free now (it never clobbers one)
-        gitops.run(["lfs", "update"], root, check=False)
+        gitops.lfs_update(root)
 
 
 def lfs_enabled(root: Path) -> bool:
@@ -286,13 +288,13 @@ def configure_sparse(root: Path) -> None:
     enabled = gitops.config_get(root, "core.sparseCheckout") == "true"
     patterns_file = gitops.git_dir(root) / "info" / "sparse-checkout"
     if not enabled:
-        gitops.run(["sparse-checkout", "set", "--no-cone", "/*", SPARSE_EXCLUDE], root)
+        gitops.sparse_checkout(root, "set", "--no-cone", "/*", SPARSE_EXCLUDE)
         return
     lines = patterns_file.read_text().splitlines() if patterns_file.exists() else []
     if SPARSE_EXCLUDE not in lines:
-        gitops.run(["sparse-checkout", "add", SPARSE_EXCLUDE], root)
+        gitops.sparse_checkout(root, "add", SPARSE_EXCLUDE)
     else:
-        gitops.run(["sparse-checkout", "reapply"], root)
+        gitops.sparse_checkout(root, "reapply")
 
 
 def chunk_files_in_work_tree(root: Path) -> list[Path]:
@@ -402,7 +404,8 @@ def install(
     notes += install_hooks(repo.root)
     if sparse is None:
         sparse = (
-            repo.is_initialized() or gitops.show_blob(repo.root, "HEAD:.crdt/manifest") is not None
+            repo.is_initialized()
+            or gitops.show_blob(repo.root, f"HEAD:{MANIFEST_PATH}") is not None
         )
     if sparse:
         configure_sparse(repo.root)
@@ -429,7 +432,7 @@ def init(cwd: Path | str = ".") -> list[str]:
     repo.check_crdt_dir()  # never through a committed symbolic link
     if not repo.manifest_path.exists():
         atomic_write(repo.manifest_path, b"")
-        notes.append("created .crdt/manifest")
+        notes.append(f"created {MANIFEST_PATH}")
     if ensure_attributes(repo.root):
         notes.append("bound .crdt/manifest to the crdt merge driver in .gitattributes")
     ignore = repo.root / ".gitignore"
@@ -437,7 +440,7 @@ def init(cwd: Path | str = ".") -> list[str]:
     if "/merged/" not in text.splitlines():
         sep = "" if not text or text.endswith("\n") else "\n"
         atomic_write(ignore, (text + sep + "/merged/\n").encode())
-    gitops.run(["add", "--", ".crdt/manifest", ".gitattributes", ".gitignore"], repo.root)
+    gitops.add_paths(repo.root, [MANIFEST_PATH, ".gitattributes", ".gitignore"])
     notes += install(repo.root)
     return notes
 
@@ -469,10 +472,9 @@ def _unpack_limit(cwd: Path | str, direction: str) -> int:
 def stored_chunk_problems(cwd: Path | str, rev: str = "HEAD") -> tuple[list[str], str | None]:
     """Chunks of ``rev`` that the object database holds as deltas or deflated (problems), and
     an ok line.  Cheap: one ``ls-tree`` and one ``cat-file --batch-check``."""
-    proc = gitops.run(["ls-tree", "-r", "-z", rev, "--", ".crdt/objects/"], cwd, check=False)
-    if proc.returncode != 0:
+    shas = gitops.tree_blob_shas(cwd, rev, f"{OBJECTS_DIR}/")
+    if shas is None:
         return [], None
-    shas = [item.split()[2] for item in proc.stdout.decode().split("\0") if item.strip()]
     forms = gitops.stored_forms(cwd, shas)
     # Stored blocks cost 5 bytes per 64 KiB; zlib's deflate of weights saves 7-20 %.
     big = {s: f for s, f in forms.items() if f[0] >= BIG_FILE_THRESHOLD_BYTES}
@@ -623,8 +625,7 @@ def doctor(cwd: Path | str = ".", *, remote: str | None = None) -> Diagnosis:
     if not repo.is_initialized():
         d.problems.append("no .crdt/ directory: run 'git crdt init'")
         return d
-    attrs = gitops.out(["check-attr", "merge", "--", ".crdt/manifest"], repo.root)
-    if not attrs.endswith(": crdt"):
+    if gitops.check_attr(repo.root, "merge", MANIFEST_PATH) != "crdt":
         d.problems.append(".gitattributes does not bind .crdt/manifest to merge=crdt")
     else:
         d.ok.append(".crdt/manifest bound to the driver")

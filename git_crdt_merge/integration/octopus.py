@@ -50,35 +50,21 @@ def _refuse(why: str, remotes: list[str]) -> int:
 
 def merge(root: Path, head: str, remotes: list[str], names: list[str]) -> int:
     """Merge ``remotes`` into ``head`` (see the module docstring); the exit code for git."""
-    if gitops.run(
-        ["diff-index", "--quiet", "--cached", "HEAD", "--"], root, check=False
-    ).returncode:
+    if not gitops.index_matches(root, "HEAD"):
         return _refuse("your index has changes; an octopus merge needs a clean one", names)
     current = head
     tree = None
     for remote, name in zip(remotes, names, strict=True):
-        proc = gitops.run(
-            ["merge-tree", "--write-tree", "--name-only", "--no-messages", current, remote],
-            root,
-            check=False,
-        )
-        lines = proc.stdout.decode(errors="replace").splitlines()
-        if proc.returncode == 1:
-            paths = [p for p in lines[1:] if p][:5]
-            return _refuse(f"merging {name} conflicts in {', '.join(paths) or 'some paths'}", names)
-        if proc.returncode != 0 or not lines:
-            first = proc.stderr.decode(errors="replace").strip().splitlines()[:1]
-            return _refuse(
-                f"cannot merge {name}: {first[0] if first else 'git merge-tree failed'}", names
-            )
-        tree = lines[0]
-        current = gitops.out(
-            ["commit-tree", tree, "-p", current, "-p", remote], root, input=TMP_MESSAGE
-        )
+        tree, conflicted, error = gitops.merge_tree(root, current, remote)
+        if conflicted:
+            return _refuse(f"merging {name} conflicts in {', '.join(conflicted[:5])}", names)
+        if tree is None:
+            return _refuse(f"cannot merge {name}: {error}", names)
+        current = gitops.commit_tree(root, tree, [current, remote], TMP_MESSAGE)
     if tree is None:
         return 0
     try:
-        gitops.run(["read-tree", "-u", "-m", "HEAD", tree], root)
+        gitops.read_tree_update(root, "HEAD", tree)
     except GitError as exc:
         return _refuse(f"cannot update the work tree: {exc}", names)
     return 0

@@ -252,8 +252,7 @@ def range_losses(
     ``remote_tip`` (the ref's value on the remote, if we have it): a record dropped on the way
     and never restored would be deleted on the remote."""
     have = [e for e in exclude if gitops.rev_parse(repo.root, f"{e}^{{commit}}")]
-    args = ["rev-list", f"--max-count={limit}", tip, *[f"^{e}" for e in have], "--"]
-    commits = gitops.out(args, repo.root).split()
+    commits = gitops.rev_list(repo.root, tip, have, limit)
     if remote_tip is not None and gitops.rev_parse(repo.root, f"{remote_tip}^{{commit}}"):
         commits.append(remote_tip)
     manifests = _manifests(repo, [tip, *commits])
@@ -267,17 +266,10 @@ def range_losses(
 
 def attribute_problem(repo: Repo, rev: str | None) -> str | None:
     """The manifest must stay bound to the driver in the checked state's .gitattributes."""
-    args = ["check-attr", "merge"]
-    if rev == ":":
-        args.append("--cached")
-    elif rev is not None:
-        args.append(f"--source={rev}")
-    proc = gitops.run([*args, "--", MANIFEST_PATH], repo.root, check=False)
-    if proc.returncode != 0:  # --source needs git 2.40; then check the work tree only
-        if rev not in (None, ":"):
-            return None
-        proc = gitops.run(["check-attr", "merge", "--", MANIFEST_PATH], repo.root, check=False)
-    if proc.stdout.decode().strip().endswith(": crdt"):
+    value = gitops.attr_in_state(repo.root, "merge", MANIFEST_PATH, rev)
+    if value is None:  # --source needs git 2.40: a revision cannot be checked here
+        return None
+    if value == "crdt":
         return None
     return (
         ".gitattributes no longer binds .crdt/manifest to merge=crdt: git would merge it as text "

@@ -38,7 +38,8 @@ from .. import FORMAT_VERSION
 from ..bounded import json_depth
 from ..errors import ManifestError
 
-MANIFEST_PATH = ".crdt/manifest"
+CRDT_DIR = ".crdt"
+MANIFEST_PATH = f"{CRDT_DIR}/manifest"
 MAX_LINE_BYTES = 64 * 1024
 # A state larger than this is refused as a whole (every command parses the manifest, and a
 # pulled one is hostile data): 100,000 records parse in about 2 s here.
