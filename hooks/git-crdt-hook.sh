@@ -53,6 +53,23 @@ case "$hook" in
         fi
         ;;
 esac
+# prepare-commit-msg matters only for picks (cherry-pick, revert, a rebase pick), which run no
+# pre-commit: `git commit` ran pre-commit, a merge pre-merge-commit.  Where /proc names git's
+# command and no rebase, cherry-pick or revert is under way, skip starting the interpreter
+# (half a second on every commit); anything else goes on to git-crdt, which decides.
+if [ "$hook" = prepare-commit-msg ] && [ -r "/proc/$PPID/cmdline" ]; then
+    sub=$(tr '\0' '\n' < "/proc/$PPID/cmdline" | sed -n '2,$p' | grep -v '^-' | head -n 1)
+    case "$sub" in
+        commit|merge)
+            gd=$(git rev-parse --git-dir 2>/dev/null)
+            if [ -n "$gd" ] && [ ! -e "$gd/rebase-merge" ] && [ ! -e "$gd/rebase-apply" ] \
+                && [ ! -e "$gd/sequencer" ] && [ ! -e "$gd/CHERRY_PICK_HEAD" ] \
+                && [ ! -e "$gd/REVERT_HEAD" ]; then
+                finish "$status"
+            fi
+            ;;
+    esac
+fi
 # The program `git crdt install` ran from (an absolute path, so the hooks work whatever PATH
 # is, e.g. with the virtual environment not activated); else the one on PATH.
 GIT_CRDT=@GIT_CRDT@
