@@ -42,6 +42,7 @@ from git_crdt_merge.replicated import contributions
 from git_crdt_merge.resolution import engine, resolve
 from git_crdt_merge.strategies import get_strategy
 from git_crdt_merge.replicated.repo import Repo
+from git_crdt_merge.replicated.reader import read_descriptor
 from git_crdt_merge.replicated.store import ObjectStore
 
 repo = Repo.open(".")
@@ -50,16 +51,16 @@ density = float(sys.argv[2])
 def floor(out):
     m = repo.read_manifest()
     store = ObjectStore(repo.root)
-    descs = [contributions.read_descriptor(store, m, cid)
+    descs = [read_descriptor(store, m, cid)
              for cid in [c for c, _ in m.visible_contributions()] + [m.base()]]
-    specs = sorted(descs[0]["tensors"])
-    slots = engine.InputSlots(len(descs), max(d["tensors"][n]["bytes"]
+    specs = sorted(descs[0].tensors)
+    slots = engine.InputSlots(len(descs), max(d.tensors[n].nbytes
                                               for d in descs for n in specs))
     t0 = time.perf_counter()
     with open(out, "wb") as fh:
         for name in specs:
             for i, d in enumerate(descs):
-                t = slots.load(i, store, d["tensors"][name])
+                t = slots.load(i, store, d.tensors[name])
             fh.write(t.view(torch.uint8).numpy().data)
         fh.flush()
         os.fsync(fh.fileno())

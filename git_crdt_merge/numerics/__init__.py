@@ -51,6 +51,7 @@ Measured here (torch 2.13, CPU, one thread): 4M float32 normal values: ``exact_s
 from __future__ import annotations
 
 from .dtypes import (
+    COMPUTE_DTYPES,
     FLOAT_BITS,
     FLOAT_COMPUTE_DTYPES,
     from_compute,
@@ -78,6 +79,7 @@ from .selection import (
 from .stream import RandomStream, stream_message, threshold_u32, thresholds_u32
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "FLOAT_COMPUTE_DTYPES",
     "eigh",
     "linalg_threads",

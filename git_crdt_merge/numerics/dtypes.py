@@ -8,7 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-FLOAT_COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+from ..vocabulary import COMPUTE_DTYPE_NAMES
+
+COMPUTE_DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in COMPUTE_DTYPE_NAMES}
+FLOAT_COMPUTE_DTYPES: tuple[torch.dtype, ...] = tuple(COMPUTE_DTYPES.values())
 
 
 def to_compute(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,8 @@ from typing import Any
 from ..errors import CrdtError, NotFoundError
 from ..git import commands as gitops
 from ..replicated import contributions
+from ..replicated.descriptor import Descriptor
+from ..replicated.reader import read_descriptor
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
 from . import history
@@ -19,21 +21,15 @@ from . import history
 CORE_KEYS = {"format", "kind", "tensors", "files", "metadata", "weight"}
 
 
-def extra_inputs(desc: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in sorted(desc.items()):
-        if key in CORE_KEYS:
-            continue
-        if key == "extras" and isinstance(value, dict):
-            for kind, table in sorted(value.items()):
-                ts = table.get("tensors", {}) if isinstance(table, dict) else {}
-                out[kind] = {
-                    "tensors": len(ts),
-                    "bytes": sum(int(t.get("bytes", 0)) for t in ts.values()),
-                }
-        else:
-            out[key] = value
-    return out
+def extra_inputs(desc: Descriptor) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        key: value
+        for key, value in sorted(desc.raw.items())
+        if key not in CORE_KEYS and key != "extras"
+    }
+    for kind, table in sorted(desc.extras.items()):
+        out[kind] = {"tensors": len(table), "bytes": sum(t.nbytes for t in table.values())}
+    return dict(sorted(out.items()))
 
 
 def _added_by(repo: Repo, cid: str) -> list[dict[str, Any]]:
@@ -71,31 +67,31 @@ def show(repo: Repo, name_or_id: str) -> dict[str, Any]:
         if name_or_id != "base" or base is None:
             raise
         cid, name, role = base, None, "base"
-    desc = contributions.read_descriptor(store, manifest, cid)
+    desc = read_descriptor(store, manifest, cid)
     tensors = [
         {
             "name": tname,
-            "dtype": t["dtype"],
-            "shape": list(t["shape"]),
-            "bytes": t["bytes"],
-            "chunks": len(t["chunks"]),
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "bytes": t.nbytes,
+            "chunks": len(t.chunks),
         }
-        for tname, t in sorted(desc["tensors"].items())
+        for tname, t in sorted(desc.tensors.items())
     ]
     return {
         "id": cid,
         "name": name,
         "role": role,
-        "kind": desc.get("kind", "full"),
-        "format": desc.get("format"),
+        "kind": desc.kind,
+        "format": desc.format,
         "descriptor": manifest.descriptor_address(cid),
-        "chunk_size": desc.get("storage", {}).get("chunk_size"),
-        "weight": desc.get("weight", 1.0),
+        "chunk_size": desc.chunk_size,
+        "weight": desc.weight,
         "tensors": tensors,
-        "total_bytes": sum(t["bytes"] for t in tensors),
-        "parameters": sum(_numel(t["shape"]) for t in tensors),
-        "files": dict(sorted(desc.get("files", {}).items())),
-        "metadata": desc.get("metadata", {}),
+        "total_bytes": desc.total_bytes(),
+        "parameters": sum(_numel(list(t.shape)) for t in desc.tensors.values()),
+        "files": dict(sorted(desc.files.items())),
+        "metadata": desc.metadata,
         "extra_inputs": extra_inputs(desc),
         "added_by": _added_by(repo, cid) if role == "contribution" else [],
     }
@@ -116,10 +112,10 @@ def contribution_rows(repo: Repo) -> list[dict[str, Any]]:
     rows = []
     for cid, name in manifest.visible_contributions():
         try:
-            desc = contributions.read_descriptor(store, manifest, cid)
-            tensors = len(desc["tensors"])
-            size: int | None = sum(t["bytes"] for t in desc["tensors"].values())
-            weight = desc.get("weight", 1.0)
+            desc = read_descriptor(store, manifest, cid)
+            tensors = len(desc.tensors)
+            size: int | None = desc.total_bytes()
+            weight: float | None = desc.weight
         except CrdtError:
             tensors, size, weight = 0, None, None
         rows.append({"name": name, "id": cid, "weight": weight, "tensors": tensors, "bytes": size})

@@ -27,6 +27,8 @@ from .. import numerics
 from ..errors import CrdtError, NotFoundError
 from ..git import commands as gitops
 from ..replicated import contributions, formats
+from ..replicated.descriptor import Descriptor, TensorEntry
+from ..replicated.reader import read_descriptor
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
@@ -43,22 +45,21 @@ class Model:
     tensors: dict[str, tuple[str, list[int], Loader]]  # name -> (dtype, shape, load)
 
 
-def _descriptor_model(label: str, store: ObjectStore, desc: dict[str, Any]) -> Model:
-    def loader(info: dict[str, Any]) -> Loader:
+def _descriptor_model(label: str, store: ObjectStore, desc: Descriptor) -> Model:
+    def loader(info: TensorEntry) -> Loader:
         def load() -> torch.Tensor:
-            buf = bytearray(int(info["bytes"]))
+            buf = bytearray(info.nbytes)
             if buf:
-                store.read_into(info["chunks"], memoryview(buf))
-            dtype = NAME_TO_TORCH[info["dtype"]]
+                store.read_into(info.chunks, memoryview(buf))
+            dtype = NAME_TO_TORCH[info.dtype]
             if not buf:
-                return torch.empty(list(info["shape"]), dtype=dtype)
-            return torch.frombuffer(buf, dtype=dtype).reshape(list(info["shape"]))
+                return torch.empty(list(info.shape), dtype=dtype)
+            return torch.frombuffer(buf, dtype=dtype).reshape(list(info.shape))
 
         return load
 
     tensors = {
-        name: (info["dtype"], list(info["shape"]), loader(info))
-        for name, info in desc["tensors"].items()
+        name: (info.dtype, list(info.shape), loader(info)) for name, info in desc.tensors.items()
     }
     return Model(label, tensors)
 
@@ -104,14 +105,15 @@ def open_model(repo: Repo, spec: str) -> Model:
         cid = None
     if cid is not None:
         name = dict(manifest.visible_contributions())[cid]
-        desc = contributions.read_descriptor(store, manifest, cid)
+        desc = read_descriptor(store, manifest, cid)
+        resolve.check_inputs(store, [desc])  # sizes from the chunks, before any buffer
         return _descriptor_model(f"{name} ({cid[:12]})", store, desc)
     if spec == "base" and manifest.base() is not None:
         base_id = manifest.base()
         assert base_id is not None
-        return _descriptor_model(
-            f"base ({base_id[:12]})", store, contributions.read_descriptor(store, manifest, base_id)
-        )
+        desc = read_descriptor(store, manifest, base_id)
+        resolve.check_inputs(store, [desc])
+        return _descriptor_model(f"base ({base_id[:12]})", store, desc)
     path = Path(spec)
     if path.exists():
         return _file_model(str(path), path)

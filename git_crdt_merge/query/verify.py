@@ -34,6 +34,7 @@ from .. import bounded
 from ..errors import CrdtError, GitError, ManifestError, NotFoundError
 from ..git import commands as gitops
 from ..replicated import checks, descriptor, invariants
+from ..replicated.descriptor import Descriptor
 from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
 from ..replicated.repo import Repo
 from ..replicated.store import MAX_OBJECT_BYTES, ObjectStore
@@ -243,7 +244,7 @@ def _check_objects(
         pairs += [(cid, a, False) for a in manifest.descriptors_of(cid)]
     known = store.known()
     sizes = _object_sizes(store, known.values())
-    descs: dict[str, dict[str, Any]] = {}
+    descs: dict[str, Descriptor] = {}
     referenced: set[str] = set()
     for cid, address, must in pairs:
         what = required[cid] if must else f"removed contribution or earlier base {cid[:12]}"
@@ -278,7 +279,7 @@ def _check_objects(
         if found:
             continue
         if must:
-            descs[cid] = desc
+            descs[cid] = Descriptor.from_json(desc)
         for oid, path in checks.object_references(desc):
             referenced.add(oid)
             osha = known.get(oid)
@@ -289,7 +290,7 @@ def _check_objects(
             elif (sizes[osha] or 0) > MAX_OBJECT_BYTES:
                 report.add("descriptor", f"{what}: object {oid[:16]} ({path}) is too large")
         if must:
-            _check_chunk_sizes(desc, what, known, sizes, report)
+            _check_chunk_sizes(descs[cid], what, known, sizes, report)
     report.objects = len(referenced & set(known))
     if resolvable:
         compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
@@ -340,53 +341,52 @@ def _base_ids(manifest: Manifest) -> list[str]:
 
 
 def _check_chunk_sizes(
-    desc: dict[str, Any],
+    desc: Descriptor,
     what: str,
     known: dict[str, str],
     sizes: dict[str, int | None],
     report: Report,
 ) -> None:
-    entries = [(f"/tensors/{n}", n, e) for n, e in desc["tensors"].items()]
-    entries += list(checks.nested_tensor_entries(desc))
-    for path, name, entry in entries:
-        got = [sizes.get(known.get(c, ""), None) for c in entry["chunks"]]
+    for path, entry in desc.entries():
+        got = [sizes.get(known.get(c, ""), None) for c in entry.chunks]
         if any(g is None for g in got):
             continue  # reported as missing
         total = sum(g or 0 for g in got)
-        if total != entry["bytes"]:
+        if total != entry.nbytes:
             report.add(
                 "corrupt-object",
-                f"{what}: tensor {name!r} ({path}) has chunks of {total} bytes, "
-                f"expected {entry['bytes']} (truncated or substituted object)",
+                f"{what}: tensor {entry.name!r} ({path}) has chunks of {total} bytes, "
+                f"expected {entry.nbytes} (truncated or substituted object)",
             )
 
 
 def _check_compatibility(
     visible: list[tuple[str, str]],
     base: str | None,
-    descs: dict[str, dict[str, Any]],
+    descs: dict[str, Descriptor],
     report: Report,
 ) -> None:
-    kinds = {descs[cid].get("kind", "full") for cid, _ in visible}
+    kinds = {descs[cid].kind for cid, _ in visible}
     if len(kinds) > 1:
         report.add("incompatible", f"contributions mix kinds {sorted(kinds)}")
         return
-    if base in descs and kinds <= {"full"}:
-        ref, ref_what = checks.tensor_table(descs[base]), "the base"
+    if base in descs and kinds <= {descriptor.DEFAULT_KIND}:
+        ref, ref_what = checks.tensor_table(descs[base].raw), "the base"
     elif visible:
-        ref, ref_what = checks.tensor_table(descs[visible[0][0]]), visible[0][1]
+        ref, ref_what = checks.tensor_table(descs[visible[0][0]].raw), visible[0][1]
         visible = visible[1:]
     else:
         return
     for cid, what in visible:
-        for diff in checks.table_differences(checks.tensor_table(descs[cid]), ref, what, ref_what):
+        table = checks.tensor_table(descs[cid].raw)
+        for diff in checks.table_differences(table, ref, what, ref_what):
             report.add("incompatible", diff)
 
 
 def _check_registers(
     manifest: Manifest,
     visible: list[tuple[str, str]],
-    descs: dict[str, dict[str, Any]],
+    descs: dict[str, Descriptor],
     report: Report,
 ) -> None:
     from .. import plugins
@@ -407,7 +407,7 @@ def _check_registers(
                     f"strategy {strategy.name}: plugin {plugin!r} not found in entry point "
                     f"group {group!r}: this clone cannot resolve the set",
                 )
-        weights = [float(descs[c].get("weight", 1.0)) for c, _ in visible if c in descs]
+        weights = [descs[c].weight for c, _ in visible if c in descs]
         if len(weights) == len(visible):
             registry.check_weights(strategy, weights, visible)
     except CrdtError as exc:
@@ -415,8 +415,7 @@ def _check_registers(
         return
     for kind in getattr(strategy, "extra_inputs", ()) or ():
         for cid, name in visible:
-            extras = descs.get(cid, {}).get("extras", {})
-            if not isinstance(extras, dict) or kind not in extras:
+            if cid not in descs or kind not in descs[cid].extras:
                 report.add(
                     "register",
                     f"strategy {strategy.name} needs extra input {kind!r}, which contribution "
@@ -438,18 +437,17 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report, bad: 
             continue  # reported by the fast checks
         if checks.descriptor_problems(desc, "") or desc.get("format") != descriptor.FORMAT_V2:
             continue
-        entries = [(n, e) for n, e in desc["tensors"].items()]
-        entries += [(n, e) for _, n, e in checks.nested_tensor_entries(desc)]
-        for name, entry in entries:
-            if bad.intersection(entry["chunks"]):
+        for _, entry in Descriptor.from_json(desc).entries():
+            name = entry.name
+            if bad.intersection(entry.chunks):
                 continue
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             try:
-                for chunk in entry["chunks"]:
+                for chunk in entry.chunks:
                     hasher.update(store.get(chunk, verify=False))  # checked by _rehash
             except CrdtError:
                 continue  # a missing chunk is reported already
-            if hasher.hexdigest() != entry["blake3"]:
+            if hasher.hexdigest() != entry.blake3:
                 report.add(
                     "corrupt-object",
                     f"contribution {cid[:12]}: tensor {name!r} does not match the content "

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .descriptor import DEFAULT_KIND, DEFAULT_WEIGHT
+from .extras import KINDS as EXTRA_KINDS
 from .formats import DTYPE_SIZES, ModelSource, check_tensor_name, iter_tensors
 from .manifest import ID_RE
 
@@ -135,6 +137,29 @@ def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> 
     return []
 
 
+def _extras_problems(extras: Any, tensors: dict[str, Any], where: str, keys: set[str]) -> list[str]:
+    """The extra inputs: ``{kind: {"tensors": {name: entry}}}`` with known kinds, entries as
+    strict as the main table's, and every name one of the model's tensors."""
+    if not isinstance(extras, dict):
+        return [f"{where}: 'extras' must map extra-input kinds to tensor tables"]
+    for kind, node in extras.items():
+        if kind not in EXTRA_KINDS:
+            return [f"{where}: unknown extra-input kind {kind!r} (kinds: {', '.join(EXTRA_KINDS)})"]
+        if (
+            not isinstance(node, dict)
+            or set(node) != {"tensors"}
+            or not isinstance(node["tensors"], dict)
+        ):
+            return [f"{where}: extra input {kind!r} must be {{'tensors': {{name: entry}}}}"]
+        for name, info in node["tensors"].items():
+            if name not in tensors:
+                return [f"{where}: extra input {kind!r} names tensor {name!r}, not in the model"]
+            found = _tensor_entry_problems(name, info, f"{where} ({kind})", keys)
+            if found:
+                return found
+    return []
+
+
 def descriptor_problems(desc: Any, where: str) -> list[str]:
     """Everything structurally wrong with a decoded descriptor (empty list: valid)."""
     if not isinstance(desc, dict):
@@ -145,13 +170,14 @@ def descriptor_problems(desc: Any, where: str) -> list[str]:
         out.append(f"{where}: descriptor format {fmt!r} is not 1 or 2 (a newer git-crdt?)")
         return out
     keys = TENSOR_KEYS if fmt == 1 else TENSOR_KEYS_V2
-    if desc.get("kind", "full") not in DESCRIPTOR_KINDS:
+    if desc.get("kind", DEFAULT_KIND) not in DESCRIPTOR_KINDS:
         out.append(f"{where}: unknown descriptor kind {desc.get('kind')!r}")
     tensors = desc.get("tensors")
     if not isinstance(tensors, dict) or not tensors:
         return out + [f"{where}: descriptor has no tensor table (an empty model?)"]
     for name, info in tensors.items():
         out += _tensor_entry_problems(name, info, where, keys)
+    out += _extras_problems(desc.get("extras", {}), tensors, where, keys)
     storage = desc.get("storage", {})
     if fmt == 1 and "storage" in desc:
         out.append(f"{where}: a format-1 descriptor has no 'storage'")
@@ -170,7 +196,7 @@ def descriptor_problems(desc: Any, where: str) -> list[str]:
             if why:
                 out.append(f"{where}: file name {fname!r} {why}")
                 break
-    weight = desc.get("weight", 1.0)
+    weight = desc.get("weight", DEFAULT_WEIGHT)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
         out.append(f"{where}: weight {weight!r} is not a finite number")
     elif not MIN_WEIGHT <= weight <= MAX_WEIGHT:
@@ -197,25 +223,6 @@ def object_references(desc: Any) -> Iterator[tuple[str, str]]:
                 if path == "" and key == "metadata":
                     continue
                 if key == "blake3" and TENSOR_KEYS <= set(node):
-                    continue
-                yield from walk(node[key], f"{path}/{key}")
-        elif isinstance(node, list):
-            for i, item in enumerate(node):
-                yield from walk(item, f"{path}/{i}")
-
-    yield from walk(desc, "")
-
-
-def nested_tensor_entries(desc: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(path, tensor name, entry) of tensor entries outside the main table (extra inputs)."""
-
-    def walk(node: Any, path: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
-        if isinstance(node, dict):
-            if set(node) in (TENSOR_KEYS, TENSOR_KEYS_V2):
-                yield path, path.rsplit("/", 1)[-1], node
-                return
-            for key in sorted(node):
-                if path == "" and key in ("metadata", "tensors"):
                     continue
                 yield from walk(node[key], f"{path}/{key}")
         elif isinstance(node, list):

@@ -16,11 +16,12 @@ from typing import Any
 
 import blake3
 
-from .. import bounded, faults
+from .. import faults
 from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
 from ..git import commands as gitops
 from . import checks, descriptor, extras, formats
 from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
+from .reader import read_descriptor
 from .repo import Repo, new_tag
 from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
 
@@ -98,7 +99,7 @@ def plan_descriptor(
         "files": {name: blake3.blake3(data).hexdigest() for name, data in files.items()},
         "metadata": metadata,
         # Always written: "no weight" and weight 1.0 are one contribution, not two.
-        "weight": float(weight) if weight is not None else 1.0,
+        "weight": float(weight) if weight is not None else descriptor.DEFAULT_WEIGHT,
     }
     if extra_tables:  # absent when there are none
         desc["extras"] = {
@@ -149,41 +150,6 @@ def store_descriptor(
     return store.put(data), data, new[0]
 
 
-def load_descriptor(store: ObjectStore, address: str) -> dict[str, Any]:
-    """The descriptor object stored at ``address``, unchecked (see :func:`read_descriptor`)."""
-    return _load(store, address)[0]
-
-
-def _load(store: ObjectStore, address: str) -> tuple[dict[str, Any], bytes]:
-    size = store.size(address)
-    if size is not None and size > checks.MAX_DESCRIPTOR_BYTES:
-        raise ManifestError(f"descriptor {address[:16]} is larger than the limit")
-    # verified: a descriptor rewritten in place (same size, other bytes) is refused
-    data = store.get(address, verify=True, max_size=checks.MAX_DESCRIPTOR_BYTES)
-    desc = bounded.loads_json(data, f"descriptor {address[:16]}")
-    if not isinstance(desc, dict) or not isinstance(desc.get("tensors"), dict):
-        raise ManifestError(f"descriptor {address[:16]} has no tensor table")
-    return desc, data
-
-
-def read_descriptor(store: ObjectStore, manifest: Manifest, contribution_id: str) -> dict[str, Any]:
-    """The validated descriptor of contribution (or base) ``contribution_id``: found through
-    the manifest (format 2 records name the descriptor's address), and refused unless its
-    content gives that id, so a descriptor swapped under a record is never used."""
-    address = manifest.descriptor_address(contribution_id)
-    desc, data = _load(store, address)
-    problems = checks.descriptor_problems(desc, f"descriptor {address[:16]}")
-    if problems:  # every reader then sees well-typed fields (weights, shapes, names)
-        raise StoreError(problems[0])
-    got = descriptor.contribution_id(desc, data)
-    if got != contribution_id:
-        raise ManifestError(
-            f"descriptor {address[:16]} describes contribution {got[:16]}, not "
-            f"{contribution_id[:16]} (a substituted or corrupt object: run 'git crdt verify')"
-        )
-    return desc
-
-
 def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
     the descriptors in one batch, then every object they reference in one batch.  Returns the
@@ -200,7 +166,7 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     for cid in ids:
         if store.has(manifest.descriptor_address(cid)):
             desc = read_descriptor(store, manifest, cid)
-            refs |= {oid for oid, _ in checks.object_references(desc)}
+            refs |= {oid for oid, _ in checks.object_references(desc.raw)}
     return fetched + store.fetch_absent(refs)
 
 
@@ -263,7 +229,7 @@ def add_contribution(
             # objects get skip-worktree back if an interrupted writer left them without it.
             address = manifest.descriptor_address(cid)
             desc = read_descriptor(store, manifest, cid)
-            store.touch([address, *(oid for oid, _ in checks.object_references(desc))])
+            store.touch([address, *(oid for oid, _ in checks.object_references(desc.raw))])
             with repo.transaction() as env:
                 store.flush(env)
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
@@ -348,14 +314,14 @@ def check_fits(
             desc = read_descriptor(store, manifest, ref)
         except CrdtError:
             continue  # a missing descriptor is verify's to report
-        other_kind = desc.get("kind", "full")
+        other_kind = desc.kind
         if ref != base and other_kind != kind:
             if as_base:
                 continue
             raise InputError(
                 f"{what} is a {kind} model but {label} is {other_kind}: merge like with like"
             )
-        diffs = checks.table_differences(table, checks.tensor_table(desc), what, label)
+        diffs = checks.table_differences(table, checks.tensor_table(desc.raw), what, label)
         if diffs:
             raise InputError(f"{diffs[0]}: all contributions must match the base and each other")
         return
@@ -464,10 +430,8 @@ def upgrade_v1(store: ObjectStore, desc: Mapping[str, Any]) -> dict[str, Any]:
     blake3 (read back from the store, nothing written).  Its id changes to the content id."""
     new = json.loads(json.dumps(dict(desc)))
     new["format"] = descriptor.FORMAT_V2
-    new.setdefault("weight", 1.0)
-    entries = list(new["tensors"].items())
-    entries += [(name, entry) for _, name, entry in checks.nested_tensor_entries(new)]
-    for name, entry in entries:
+    new.setdefault("weight", descriptor.DEFAULT_WEIGHT)
+    for name, entry in descriptor.raw_entries(new):
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         size = 0
         for chunk in entry["chunks"]:
@@ -495,9 +459,10 @@ def set_weight(repo: Repo, name_or_id: str, weight: float) -> tuple[str, str]:
         name = dict(visible)[cid]
         store = ObjectStore(repo.root)
         desc = read_descriptor(store, manifest, cid)
-        if desc["format"] == descriptor.FORMAT_V1:
-            desc = upgrade_v1(store, desc)
-        new = dict(desc, weight=float(weight))
+        raw = desc.raw
+        if desc.format == descriptor.FORMAT_V1:
+            raw = upgrade_v1(store, raw)
+        new = dict(raw, weight=float(weight))
         new_id = descriptor.content_id(new)
         if new_id == cid:
             return cid, cid

@@ -23,7 +23,8 @@ the blake3 of the descriptor bytes, chunk list included.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
@@ -38,6 +39,18 @@ STORAGE_TENSOR_FIELDS = frozenset({"chunks", "encoding"})
 # Top-level fields outside the identity: the layout version and repository storage choices.
 STORAGE_TOP_FIELDS = frozenset({"format", "storage"})
 TENSOR_ENTRY_FIELDS = frozenset({"bytes", "dtype", "shape"})
+
+# The defaults of the optional fields, spelled here only (docs/format.md).
+DEFAULT_KIND = "full"
+DEFAULT_WEIGHT = 1.0
+
+
+def raw_entries(desc: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(tensor name, entry as JSON) of every tensor entry of a validated descriptor's JSON,
+    for writers that rebuild it: the main table, then each extra input."""
+    yield from desc["tensors"].items()
+    for _, node in sorted(desc.get("extras", {}).items()):
+        yield from node["tensors"].items()
 
 
 def _strip(node: Any) -> Any:
@@ -84,3 +97,82 @@ def contribution_id(desc: Mapping[str, Any], data: bytes) -> str:
 def encode(desc: Mapping[str, Any]) -> bytes:
     """The one serialisation of a descriptor (canonical JSON, UTF-8)."""
     return canonical_json(dict(desc)).encode()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a descriptor (main table or extra input): what it is and where its bytes
+    are.  ``encoding`` is the entry's storage encoding as recorded (None: raw)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: tuple[str, ...]
+    blake3: str | None = None
+    encoding: Any = None
+
+    @classmethod
+    def from_json(cls, name: str, entry: Mapping[str, Any]) -> TensorEntry:
+        return cls(
+            name,
+            entry["dtype"],
+            tuple(int(d) for d in entry["shape"]),
+            int(entry["bytes"]),
+            tuple(entry["chunks"]),
+            entry.get("blake3"),
+            entry.get("encoding"),
+        )
+
+
+def _table(node: Mapping[str, Any]) -> dict[str, TensorEntry]:
+    return {name: TensorEntry.from_json(name, e) for name, e in node.items()}
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A validated descriptor, typed: every optional field resolved to its default here.
+
+    Build it with :meth:`from_json` from a descriptor that ``checks.descriptor_problems``
+    accepted (``replicated.repo`` reads them so); ``raw`` keeps the JSON object itself for what
+    hashes or re-writes it."""
+
+    raw: Mapping[str, Any] = field(repr=False)
+    format: int
+    kind: str
+    weight: float
+    tensors: dict[str, TensorEntry]
+    extras: dict[str, dict[str, TensorEntry]]
+    files: dict[str, str]
+    metadata: dict[str, str]
+    chunk_size: int | None
+
+    @classmethod
+    def from_json(cls, desc: Mapping[str, Any]) -> Descriptor:
+        extras = desc.get("extras", {})
+        return cls(
+            desc,
+            int(desc["format"]),
+            desc.get("kind", DEFAULT_KIND),
+            float(desc.get("weight", DEFAULT_WEIGHT)),
+            _table(desc["tensors"]),
+            {kind: _table(e.get("tensors", {})) for kind, e in extras.items()},
+            dict(desc.get("files", {})),
+            dict(desc.get("metadata", {})),
+            desc.get("storage", {}).get("chunk_size"),
+        )
+
+    def extra(self, kind: str, name: str) -> TensorEntry | None:
+        """The extra input ``kind`` of tensor ``name`` (None: this contribution has none)."""
+        return self.extras.get(kind, {}).get(name)
+
+    def entries(self) -> Iterator[tuple[str, TensorEntry]]:
+        """(JSON path, entry) of every tensor entry: the main table, then each extra input."""
+        for name, entry in self.tensors.items():
+            yield f"/tensors/{name}", entry
+        for kind, table in sorted(self.extras.items()):
+            for name, entry in table.items():
+                yield f"/extras/{kind}/tensors/{name}", entry
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

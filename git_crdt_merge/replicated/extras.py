@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..vocabulary import EXTRA_INPUT_KINDS
 from . import formats
 
 __all__ = ["KINDS", "load_extra", "parse_extra"]
 
-KINDS = ("fisher", "gram")
+KINDS = tuple(EXTRA_INPUT_KINDS)
 """Extra-input kinds a contribution may carry (the registry says which strategy reads which)."""
 
 _FLOAT = {"F64": np.float64, "F32": np.float32, "F16": np.float16}

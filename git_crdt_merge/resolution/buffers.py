@@ -4,10 +4,9 @@ Part of the engine (:mod:`.engine`), split out by concern."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ..replicated.descriptor import TensorEntry
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
 from .plan import Plan, TensorSpec
@@ -22,18 +21,18 @@ class InputSlots:
         self.capacity = capacity
         self._buffers: list[bytearray | None] = [None] * count
 
-    def load(self, slot: int, store: ObjectStore, info: dict[str, Any]) -> torch.Tensor:
+    def load(self, slot: int, store: ObjectStore, info: TensorEntry) -> torch.Tensor:
         """The tensor ``info`` read straight from its chunks into buffer ``slot``."""
-        nbytes = int(info["bytes"])
-        shape = list(info["shape"])
-        dtype = NAME_TO_TORCH[info["dtype"]]
+        nbytes = info.nbytes
+        shape = list(info.shape)
+        dtype = NAME_TO_TORCH[info.dtype]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         buf = self._buffers[slot]
         if buf is None:
             buf = self._buffers[slot] = bytearray(self.capacity)
         view = memoryview(buf)[:nbytes]
-        store.read_into(info["chunks"], view)
+        store.read_into(info.chunks, view)
         return torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize).reshape(shape)
 
 
@@ -47,12 +46,12 @@ def load_inputs(
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor | None]]]:
     """Read every input of one tensor name into ``slots``: (base, contributions, extras)."""
     tensors = [
-        slots.load(i, store, d["tensors"][spec.name]).to(device)
+        slots.load(i, store, d.tensors[spec.name]).to(device)
         for i, d in enumerate(plan.descriptors)
     ]
     base = None
     if plan.base is not None:
-        base = slots.load(len(tensors), store, plan.base["tensors"][spec.name]).to(device)
+        base = slots.load(len(tensors), store, plan.base.tensors[spec.name]).to(device)
     extras: dict[str, list[torch.Tensor | None]] = {}
     slot = 0
     for kind, infos in plan.extra_infos(spec.name).items():

@@ -25,7 +25,7 @@ import torch
 
 from .. import FORMAT_VERSION, __version__
 from ..errors import ResolveError
-from ..numerics import RandomStream
+from ..numerics import COMPUTE_DTYPES, RandomStream
 from ..replicated import checks
 from ..replicated.formats import MAX_AUX_BYTES
 from ..replicated.store import ObjectStore
@@ -36,7 +36,6 @@ from .buffers import InputSlots, load_inputs
 from .cache import cache_key, seed_of
 from .heap import bound_heap, release_free_heap
 from .plan import (
-    COMPUTE_DTYPES,
     Plan,
     TensorSpec,
     make_plan,  # noqa: F401 (re-exported)

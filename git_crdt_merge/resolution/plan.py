@@ -10,13 +10,12 @@ from typing import Any
 import torch
 
 from ..errors import ResolveError
-from ..replicated.contributions import read_descriptor
+from ..replicated.descriptor import Descriptor, TensorEntry
 from ..replicated.manifest import Manifest
+from ..replicated.reader import read_descriptor
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
 from ..strategies import registry
-
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -42,41 +41,38 @@ class Plan:
     params: dict[str, Any]
     raw_params: dict[str, Any]
     contributions: list[tuple[str, str]]
-    descriptors: list[dict[str, Any]]
+    descriptors: list[Descriptor]
     base_id: str | None
-    base: dict[str, Any] | None  # None when there is no base or the strategy ignores it
+    base: Descriptor | None  # None when there is no base or the strategy ignores it
     specs: list[TensorSpec]
     files: dict[str, str]  # config and tokenizer files to copy: the base's, else the first's
 
     @property
     def weights(self) -> list[float]:
-        return [float(d.get("weight", 1.0)) for d in self.descriptors]
+        return [d.weight for d in self.descriptors]
 
-    def extra_infos(self, name: str) -> dict[str, list[dict[str, Any] | None]]:
+    def extra_infos(self, name: str) -> dict[str, list[TensorEntry | None]]:
         """Per extra-input kind the strategy reads: each contribution's table entry for tensor
         ``name`` (None where it has none)."""
         return {
-            kind: [
-                d.get("extras", {}).get(kind, {}).get("tensors", {}).get(name)
-                for d in self.descriptors
-            ]
+            kind: [d.extra(kind, name) for d in self.descriptors]
             for kind in self.strategy.extra_inputs
         }
 
     def largest_extra(self) -> int:
         return max(
             (
-                int(info["bytes"])
+                info.nbytes
                 for d in self.descriptors
                 for kind in self.strategy.extra_inputs
-                for info in d.get("extras", {}).get(kind, {}).get("tensors", {}).values()
+                for info in d.extras.get(kind, {}).values()
             ),
             default=0,
         )
 
 
-def _check_compatible(specs: dict[str, TensorSpec], desc: dict[str, Any], what: str) -> None:
-    tensors = desc["tensors"]
+def _check_compatible(specs: dict[str, TensorSpec], desc: Descriptor, what: str) -> None:
+    tensors = desc.tensors
     if set(tensors) != set(specs):
         missing = sorted(set(specs) - set(tensors))
         extra = sorted(set(tensors) - set(specs))
@@ -86,13 +82,13 @@ def _check_compatible(specs: dict[str, TensorSpec], desc: dict[str, Any], what: 
         )
     for name, spec in specs.items():
         t = tensors[name]
-        if list(t["shape"]) != spec.shape:
+        if list(t.shape) != spec.shape:
             raise ResolveError(
-                f"{what}: tensor {name!r} has shape {t['shape']}, expected {spec.shape}"
+                f"{what}: tensor {name!r} has shape {list(t.shape)}, expected {spec.shape}"
             )
-        if t["dtype"] != spec.dtype:
+        if t.dtype != spec.dtype:
             raise ResolveError(
-                f"{what}: tensor {name!r} has dtype {t['dtype']}, expected {spec.dtype}"
+                f"{what}: tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}"
             )
 
 
@@ -105,23 +101,19 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     params = registry.resolve_params(strategy, strategy_value["params"], contributions)
     descriptors = [read_descriptor(store, manifest, cid) for cid, _ in contributions]
     base_desc = read_descriptor(store, manifest, base_id) if base_id is not None else None
-    files = dict((base_desc or descriptors[0]).get("files", {}))
+    files = dict((base_desc or descriptors[0]).files)
     base = None if strategy.base == "ignored" else base_desc
     first = base if base is not None else descriptors[0]
-    specs = {
-        name: TensorSpec(name, t["dtype"], list(t["shape"])) for name, t in first["tensors"].items()
-    }
+    specs = {name: TensorSpec(name, t.dtype, list(t.shape)) for name, t in first.tensors.items()}
     for (cid, name), desc in zip(contributions, descriptors, strict=True):
         _check_compatible(specs, desc, f"contribution {name} ({cid[:12]})")
-    registry.check_weights(
-        strategy, [float(d.get("weight", 1.0)) for d in descriptors], contributions
-    )
-    kinds = {d.get("kind", "full") for d in descriptors}
+    registry.check_weights(strategy, [d.weight for d in descriptors], contributions)
+    kinds = {d.kind for d in descriptors}
     if len(kinds) > 1:
         raise ResolveError(f"contributions mix kinds {sorted(kinds)}; merge like with like")
     for kind in strategy.needed_extras(params):
         for (cid, cname), desc in zip(contributions, descriptors, strict=True):
-            if kind not in desc.get("extras", {}):
+            if kind not in desc.extras:
                 raise ResolveError(
                     f"strategy {strategy.name} needs a {kind} extra input, but contribution "
                     f"{cname!r} ({cid[:12]}) has none; add it again with 'git crdt "

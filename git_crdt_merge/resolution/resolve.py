@@ -16,14 +16,13 @@ from typing import Any
 
 from .. import faults
 from ..errors import ResolveError, StoreError
-from ..replicated import checks
 from ..replicated.contributions import fetch_set
+from ..replicated.descriptor import Descriptor
 from ..replicated.manifest import Manifest
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
+from ..vocabulary import COMPUTE_DTYPE_NAMES
 from . import cache
-
-COMPUTE_DTYPE_NAMES = ("float32", "float64")
 
 
 @dataclass
@@ -64,22 +63,20 @@ def check_output_path(root: Path, out_dir: Path) -> None:
             raise ResolveError(f"output path {out_dir.relative_to(root)} goes into {part}")
 
 
-def check_inputs(store: ObjectStore, descriptors: list[dict[str, Any]]) -> None:
-    """Refuse descriptors whose tables contradict themselves or their chunks (sizes read from
-    the object headers), before any buffer is sized from them: a hostile descriptor must give
-    a one-line error, not an allocation of its claimed size."""
+def check_inputs(store: ObjectStore, descriptors: list[Descriptor]) -> None:
+    """Refuse descriptors whose tensors contradict their chunks (sizes read from the object
+    headers), before any buffer is sized from them: a hostile descriptor must give a one-line
+    error, not an allocation of its claimed size.  (Their fields were validated when they were
+    read: ``reader.read_descriptor``.)"""
     for desc in descriptors:
-        problems = checks.descriptor_problems(desc, "a descriptor")
-        if problems:
-            raise StoreError(problems[0])
-        for name, info in desc["tensors"].items():
-            sizes = [store.size(c) for c in info["chunks"]]
+        for _, info in desc.entries():
+            sizes = [store.size(c) for c in info.chunks]
             if None in sizes:
                 continue  # reading it reports the missing object
-            if sum(s or 0 for s in sizes) != info["bytes"]:
+            if sum(s or 0 for s in sizes) != info.nbytes:
                 raise StoreError(
-                    f"tensor {name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, the "
-                    f"descriptor says {info['bytes']} (run 'git crdt verify --full')"
+                    f"tensor {info.name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, "
+                    f"the descriptor says {info.nbytes} (run 'git crdt verify --full')"
                 )
 
 

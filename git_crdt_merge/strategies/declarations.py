@@ -15,6 +15,7 @@ import torch
 
 from .. import plugins
 from ..numerics import RandomStream
+from ..vocabulary import EXTRA_INPUT_KINDS
 
 
 class _Required:
@@ -136,13 +137,8 @@ class TensorInputs:
 MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]
 
 
-EXTRA_KINDS: dict[str, str] = {
-    "fisher": "Fisher information diagonals: one tensor per model tensor, same shape, >= 0",
-    "gram": "RegMean Gram matrices X^T X: keyed by a 2-D weight (out, in), shape (in, in)",
-}
-
-
-"""The kinds of extra inputs a contribution can carry (``add-contribution --KIND FILE``)."""
+EXTRA_KINDS: dict[str, str] = EXTRA_INPUT_KINDS
+"""The kinds of extra inputs a contribution can carry (``vocabulary.EXTRA_INPUT_KINDS``)."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from helpers import crdt, descriptor_address, git, make_model, new_repo
 
 from git_crdt_merge import errors
 from git_crdt_merge.query.verify import verify
+from git_crdt_merge.replicated import reader
 from git_crdt_merge.replicated.descriptor import content_id
 from git_crdt_merge.replicated.manifest import Manifest, add_record, set_record
 from git_crdt_merge.replicated.repo import Repo, new_tag
@@ -224,8 +225,8 @@ def test_nested_references_and_required_extra_inputs_are_checked(
     store = ObjectStore(repo)
     desc = json.loads(store.get(descriptor_address(repo, ids[0])))
     lost = "cd" * 32
-    desc["extras"] = {"fisher": {"head.weight": {**desc["tensors"]["head.weight"]}}}
-    desc["extras"]["fisher"]["head.weight"]["chunks"] = [lost]
+    entry = {**desc["tensors"]["head.weight"], "chunks": [lost]}
+    desc["extras"] = {"fisher": {"tensors": {"head.weight": entry}}}
     from git_crdt_merge.replicated.manifest import canonical_json
 
     new_desc = store.put(canonical_json(desc).encode())
@@ -244,7 +245,9 @@ def test_nested_references_and_required_extra_inputs_are_checked(
     finally:
         del registry._REGISTRY["needs_fisher"]
     messages = [p.message for p in rep.problems]
-    assert any(f"object {lost[:16]} (/extras/fisher/head.weight/chunks/0)" in m for m in messages)
+    assert any(
+        f"object {lost[:16]} (/extras/fisher/tensors/head.weight/chunks/0)" in m for m in messages
+    )
     lacking = [m for m in messages if "needs extra input 'fisher'" in m]
     assert len(lacking) == 2  # the two contributions without it, not the one that has it
 
@@ -311,7 +314,7 @@ def test_objects_and_descriptors_over_the_size_limits_are_reported(
     """The limits are 1 GiB per object and 64 MiB per descriptor; lowered here to test them."""
     from git_crdt_merge.errors import ManifestError
     from git_crdt_merge.query import verify as verify_module
-    from git_crdt_merge.replicated import checks, contributions
+    from git_crdt_merge.replicated import checks
 
     repo, ids = two
     monkeypatch.setattr(verify_module, "MAX_OBJECT_BYTES", 256)
@@ -323,6 +326,6 @@ def test_objects_and_descriptors_over_the_size_limits_are_reported(
     messages = [p["message"] for p in data["problems"]]
     assert len(messages) == 2 and all("descriptor larger than the limit" in m for m in messages)
     with pytest.raises(ManifestError, match="larger than the limit"):
-        contributions.load_descriptor(
+        reader.load_descriptor(
             ObjectStore(repo), descriptor_address(repo, ids[0])
         )  # what resolve reads

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from git_crdt_merge.errors import ResolveError
 from git_crdt_merge.query.verify import verify
-from git_crdt_merge.replicated.contributions import load_descriptor, set_register
+from git_crdt_merge.replicated.contributions import set_register
+from git_crdt_merge.replicated.reader import load_descriptor
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.replicated.store import ObjectStore
 from git_crdt_merge.resolution import engine

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import crdt, git, origin_copy
+from helpers import choose, crdt, git, origin_copy
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -498,6 +498,32 @@ def test_diff_tensors_of_a_hostile_revision_is_refused_as_resolve_refuses_it(
     assert "its chunks hold 64 bytes, the descriptor says 4096" in refused
     assert not list((a / ".git" / "crdt" / "cache").glob("[0-9a-f]*"))  # nothing was computed
     assert crdt_error(a, "resolve", code=6) == refused
+
+
+def test_hostile_extra_inputs_are_checked_like_the_main_table(tmp_path: Path, origin: Path) -> None:
+    """A Fisher table whose entry claims a terabyte over one small chunk is refused before any
+    buffer is sized from it, and a malformed extras table is a one-line error, not a crash:
+    extra inputs are validated as strictly as the tensors they belong to."""
+    a = attacker(origin, tmp_path)
+    address, desc = honest_descriptor(a)
+    entry = desc["tensors"]["layer.bias"]
+    claimed = {**entry, "shape": [2**38], "bytes": 2**40}
+    hostile = dict(desc, extras={"fisher": {"tensors": {"layer.bias": claimed}}})
+    add_descriptor(a, canonical_json(hostile).encode(), "huge-fisher", remove_others=True)
+    choose(a, "fisher_merge")
+    refused = crdt_error(a, "resolve", code=6)
+    assert f"its chunks hold {entry['bytes']} bytes, the descriptor says {2**40}" in refused
+    assert not list((a / ".git" / "crdt" / "cache").glob("[0-9a-f]*"))
+    for extras, message in [
+        ({"fisher": [1]}, "extra input 'fisher' must be"),
+        ({"pickle": {"tensors": {}}}, "unknown extra-input kind 'pickle'"),
+        ({"fisher": {"tensors": {"no.such": entry}}}, "names tensor 'no.such', not in the model"),
+        ({"fisher": {"tensors": {"layer.bias": {**entry, "bytes": 3}}}}, "says 3 bytes"),
+    ]:
+        bad = dict(desc, extras=extras)
+        add_descriptor(a, canonical_json(bad).encode(), "bad-extras", remove_others=True)
+        assert message in crdt_error(a, "resolve", code=6)
+        assert message in crdt_error(a, "show", "bad-extras", code=6)
 
 
 # -- Bounded values ---------------------------------------------------------------------------
