@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 
 import typer
 from rich.console import Console
@@ -70,6 +70,42 @@ def byte_progress(
     """(on_start(total), advance(n)) callbacks drawing a byte bar on stderr (render.py)."""
     with render.byte_progress(err, label, enabled) as callbacks:
         yield callbacks
+
+
+class Reported(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Reported)
+Callbacks = Callable[[int], None]
+
+
+def run_reported(
+    label: str,
+    call: Callable[[Callbacks, Callbacks], R],
+    describe: Callable[[R], None],
+    *,
+    json_: bool,
+    quiet: bool,
+    show: bool | None = None,
+) -> R:
+    """A long command's run: ``call(on_start, progress)`` under one-line errors with a byte
+    bar labelled ``label`` (unless ``show`` is false, by default when ``--json``/``--quiet``),
+    then its result on stdout as JSON (``--json``), told by ``describe`` on stderr, or nothing
+    (``--quiet``)."""
+    with (
+        handle_errors(),
+        byte_progress(label, not (json_ or quiet) if show is None else show) as (
+            start,
+            advance,
+        ),
+    ):
+        result = call(start, advance)
+    if json_:
+        emit_json(result.as_dict())
+    elif not quiet:
+        describe(result)
+    return result
 
 
 def open_repo(*, tidy: bool = False) -> Repo:

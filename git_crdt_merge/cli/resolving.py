@@ -14,12 +14,11 @@ from .app import (
     JsonOpt,
     QuietOpt,
     app,
-    byte_progress,
-    emit_json,
     err,
     fail,
     handle_errors,
     open_repo,
+    run_reported,
 )
 
 
@@ -37,12 +36,22 @@ def resolve(
     quiet: QuietOpt = False,
 ) -> None:
     """Compute the merged model of the visible set (a no-op on a cache hit)."""
+    from ..resolution.resolve import Outcome
     from ..resolution.resolve import resolve as do_resolve
 
     if device not in ("cpu", "cuda"):
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
-    with handle_errors(), byte_progress("resolve", not (json_ or quiet)) as (start, advance):
-        outcome = do_resolve(
+
+    def describe(outcome: Outcome) -> None:
+        if outcome.empty:
+            err.print("no visible contributions: nothing to resolve")
+        else:
+            how = "cache hit" if outcome.cache_hit else "computed"
+            err.print(f"merged model ({how}, root {outcome.root[:12]}) in {outcome.output}")
+
+    run_reported(
+        "resolve",
+        lambda start, advance: do_resolve(
             open_repo(tidy=True),
             output=output,
             device=device,
@@ -50,15 +59,11 @@ def resolve(
             max_shard=max_shard_size,
             on_start=start,
             progress=advance,
-        )
-    if json_:
-        emit_json(outcome.as_dict())
-    elif not quiet:
-        if outcome.empty:
-            err.print("no visible contributions: nothing to resolve")
-        else:
-            how = "cache hit" if outcome.cache_hit else "computed"
-            err.print(f"merged model ({how}, root {outcome.root[:12]}) in {outcome.output}")
+        ),
+        describe,
+        json_=json_,
+        quiet=quiet,
+    )
 
 
 @app.command()

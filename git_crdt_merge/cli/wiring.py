@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..integration import install as installer
+
+if TYPE_CHECKING:
+    from ..integration.clone import CloneResult
 from .app import (
     JsonOpt,
     QuietOpt,
     app,
-    byte_progress,
     emit_json,
     err,
     handle_errors,
+    run_reported,
 )
 
 
@@ -112,8 +115,9 @@ def clone(
     args += [f"--config={c}" for c in config or []]
     args += ["--quiet"] if quiet or json_ else []
     show = not (quiet or json_) and err.is_terminal
-    with handle_errors(), byte_progress("resolve", show) as (start, advance):
-        result = do_clone(
+    run_reported(
+        "resolve",
+        lambda start, advance: do_clone(
             url,
             directory,
             cwd=Path.cwd(),
@@ -122,17 +126,22 @@ def clone(
             show_progress=show,
             on_start=start,
             progress=advance,
-        )
-    if json_:
-        emit_json(result.as_dict())
-    elif not quiet:
-        for note in result.notes:
-            err.print(note, markup=False)
-        if result.resolved and not result.resolved["empty"]:
-            where = Path(result.resolved["output"])
-            rel = where.relative_to(result.path) if where.is_relative_to(result.path) else where
-            err.print(f"merged model in {rel}/", markup=False)
-        err.print(f"cloned into {result.path} (chunks kept out of the work tree)", markup=False)
+        ),
+        _describe_clone,
+        json_=json_,
+        quiet=quiet,
+        show=show,
+    )
+
+
+def _describe_clone(result: CloneResult) -> None:
+    for note in result.notes:
+        err.print(note, markup=False)
+    if result.resolved and not result.resolved["empty"]:
+        where = Path(result.resolved["output"])
+        rel = where.relative_to(result.path) if where.is_relative_to(result.path) else where
+        err.print(f"merged model in {rel}/", markup=False)
+    err.print(f"cloned into {result.path} (chunks kept out of the work tree)", markup=False)
 
 
 @app.command()

@@ -15,11 +15,11 @@ from .app import (
     JsonOpt,
     QuietOpt,
     app,
-    byte_progress,
     emit_json,
     err,
     handle_errors,
     open_repo,
+    run_reported,
 )
 from .render import human_bytes
 
@@ -57,9 +57,18 @@ def add_contribution(
 
     Extra inputs that some strategies need (Fisher diagonals, Gram matrices) are stored with
     it and become part of its content."""
-    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
-        extra_inputs = contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra)
-        result = contributions.add_contribution(
+
+    def describe(result: contributions.IngestResult) -> None:
+        what = "already present" if result.already_present else "added"
+        err.print(
+            f"{what}: {result.name} {result.id[:12]} ({result.tensors} tensors, "
+            f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
+            markup=False,
+        )
+
+    run_reported(
+        "ingest",
+        lambda start, advance: contributions.add_contribution(
             open_repo(tidy=True),
             path,
             name=name,
@@ -69,18 +78,13 @@ def add_contribution(
             chunk_size=chunk_size,
             on_start=start,
             progress=advance,
-            extra_inputs=extra_inputs,
+            extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
             allow_nonfinite=allow_nonfinite,
-        )
-    if json_:
-        emit_json(result.as_dict())
-    elif not quiet:
-        what = "already present" if result.already_present else "added"
-        err.print(
-            f"{what}: {result.name} {result.id[:12]} ({result.tensors} tensors, "
-            f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
-            markup=False,
-        )
+        ),
+        describe,
+        json_=json_,
+        quiet=quiet,
+    )
 
 
 @app.command("set-weight")
@@ -151,19 +155,20 @@ def set_base(
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
 ) -> None:
     """Store the base model and record it in the 'base' register."""
-    with handle_errors(), byte_progress("ingest", not (json_ or quiet)) as (start, advance):
-        result = contributions.set_base(
+    run_reported(
+        "ingest",
+        lambda start, advance: contributions.set_base(
             open_repo(tidy=True),
             path,
             allow_pickle=allow_pickle,
             on_start=start,
             progress=advance,
             allow_nonfinite=allow_nonfinite,
-        )
-    if json_:
-        emit_json(result.as_dict())
-    elif not quiet:
-        err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
+        ),
+        lambda result: err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)"),
+        json_=json_,
+        quiet=quiet,
+    )
 
 
 @app.command()
