@@ -32,6 +32,14 @@ def resolve(
     max_shard_size: Annotated[
         int, typer.Option(min=1, help="Largest output shard in bytes.")
     ] = DEFAULT_MAX_SHARD,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes resolving tensors side by side (default: crdt.workers, else all "
+            "cores for compute-bound strategies, 1 for the others); same bytes for any number.",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,6 +67,7 @@ def resolve(
             max_shard=max_shard_size,
             on_start=start,
             progress=advance,
+            workers=workers,
         ),
         describe,
         json_=json_,

@@ -84,6 +84,26 @@ def merge_tensor(
     return out.to("cpu")
 
 
+def resolve_tensor(
+    plan: Plan,
+    spec: TensorSpec,
+    store: ObjectStore,
+    rng: RandomStream,
+    compute: torch.dtype,
+    device: str,
+    slots: InputSlots,
+    extra_slots: InputSlots,
+    model: registry.ModelValues | None = None,
+    side: SideFile | None = None,
+) -> torch.Tensor:
+    """One tensor of the plan, merged and checked: the whole per-tensor computation, which
+    depends only on the plan entry (never on what was resolved before it or where), so the
+    serial loop of :func:`compute` and the workers of :mod:`.pool` give the same bytes."""
+    out = merge_tensor(plan, spec, store, rng, compute, device, slots, extra_slots, model, side)
+    _check_finite(plan, spec, out, store, device, slots, extra_slots)
+    return out
+
+
 def statistics_pass(
     plan: Plan,
     store: ObjectStore,
@@ -184,8 +204,13 @@ def compute(
     compute_dtype: str = "float32",
     max_shard: int = cache.DEFAULT_MAX_SHARD,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> None:
-    """Write the merged model for ``plan`` into the empty folder ``work``."""
+    """Write the merged model for ``plan`` into the empty folder ``work``.
+
+    With ``workers`` > 1 the tensors are resolved by that many processes (:mod:`.pool`) after
+    the statistics pass (run here, once, and sent to every worker); a strategy with side
+    tensors runs in this process whatever ``workers`` says."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
@@ -204,14 +229,31 @@ def compute(
     side = None
     if plan.strategy.side_output is not None:
         side = SideFile(work / plan.strategy.side_output)
-    for fname, specs in zip(names, layout, strict=True):
+    serial = list(zip(names, layout, strict=True))
+    if workers > 1 and side is None:
+        from . import pool
+
+        del slots, extra_slots  # the statistics pass's buffers: each worker has its own
+        pool.write_shards(
+            plan,
+            store,
+            work,
+            dict(serial),
+            metadata,
+            model=model,
+            compute_dtype=compute_dtype,
+            device=device,
+            workers=workers,
+            progress=progress,
+        )
+        serial = []  # every shard written by the workers
+    for fname, specs in serial:
         with open(work / fname, "wb") as fh:
             fh.write(safetensors_header(specs, metadata))
             for spec in specs:
-                out = merge_tensor(
+                out = resolve_tensor(
                     plan, spec, store, rng, compute, device, slots, extra_slots, model, side
                 )
-                _check_finite(plan, spec, out, store, device, slots, extra_slots)
                 write_tensor(fh, out, spec)
                 del out
                 release_free_heap()

@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import faults
 from ..errors import ResolveError, StoreError
+from ..git import commands as gitops
 from ..replicated.contributions import fetch_set
 from ..replicated.descriptor import Descriptor
 from ..replicated.manifest import Manifest
@@ -89,13 +90,20 @@ def resolve(
     max_shard: int = cache.DEFAULT_MAX_SHARD,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> Outcome:
-    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register)."""
+    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register).
+
+    ``workers``: processes that resolve tensors side by side (default: ``crdt.workers``, else
+    every core for compute-bound strategies and one for the others, see
+    :func:`pool.choose_workers`); the bytes are the same for any number."""
     repo.require_initialized()
     if compute_dtype not in COMPUTE_DTYPE_NAMES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     if max_shard < 1:
         raise ResolveError(f"the maximum shard size must be at least 1 byte, not {max_shard}")
+    if workers is not None and workers < 1:
+        raise ResolveError(f"the number of workers must be at least 1, not {workers}")
     manifest = repo.read_manifest()
     out_dir = output if output is not None else repo.root / manifest.output()
     if output is None:
@@ -122,6 +130,7 @@ def resolve(
         max_shard=max_shard,
         on_start=on_start,
         progress=progress,
+        workers=workers,
     )
     cache.publish_entry(repo, key, out_dir)
     cache.prune_to_budget(repo, key)
@@ -139,13 +148,14 @@ def resolve_to_cache(
     max_shard: int = cache.DEFAULT_MAX_SHARD,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """The one cache-miss path: compute the merged model of ``manifest``'s visible set into the
     cache entry ``key`` and return its folder.  It fetches what a partial clone lacks, plans,
     refuses hostile descriptors (:func:`check_inputs`) and what memory cannot hold before any
     buffer is sized, computes into a work folder and commits it to the cache.  Every caller
     (``resolve``, ``diff --tensors REV``) goes through here, so none runs unguarded."""
-    from . import engine  # torch is imported only when there is work to do
+    from . import engine, pool  # torch is imported only when there is work to do
 
     if device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
@@ -153,6 +163,13 @@ def resolve_to_cache(
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
     check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
+    if workers is None:
+        workers = configured_workers(repo)
+    processes = pool.choose_workers(plan.strategy, workers, len(plan.specs), device)
+    if processes > 1:  # each worker holds its own input slots
+        check_memory(
+            max((s.nbytes for s in plan.specs), default=0) * processes, len(plan.descriptors) + 1
+        )
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
@@ -171,6 +188,7 @@ def resolve_to_cache(
             compute_dtype=compute_dtype,
             max_shard=max_shard,
             progress=advance,
+            workers=processes,
         )
         faults.point("resolve:computed")
         return cache.commit_to_cache(repo, key, work)
@@ -180,6 +198,24 @@ def resolve_to_cache(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+WORKERS_KEY = "crdt.workers"
+
+
+def configured_workers(repo: Repo) -> int | None:
+    """``crdt.workers`` (a local setting, never replicated: it says how this machine computes,
+    not what); None when unset (the per-strategy default)."""
+    raw = gitops.config_get(repo.root, WORKERS_KEY)
+    if raw is None or raw.strip().lower() in ("", "auto"):
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ResolveError(f"{WORKERS_KEY} must be a number of processes (at least 1), not {raw!r}")
+    return value
 
 
 def available_memory() -> int | None:

@@ -53,7 +53,9 @@ def safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
+def tensor_bytes(out: torch.Tensor, spec: TensorSpec) -> memoryview:
+    """The bytes of the merged tensor ``out`` (no copy where it is contiguous), checked
+    against the shape and size its header entry promises."""
     if list(out.shape) != spec.shape:
         raise ResolveError(
             f"strategy returned shape {list(out.shape)} for {spec.name!r}, expected {spec.shape}"
@@ -62,8 +64,45 @@ def write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
     nbytes = flat.numel() * flat.element_size()
     if nbytes != spec.nbytes:
         raise ResolveError(f"tensor {spec.name!r}: {nbytes} bytes, expected {spec.nbytes}")
-    if nbytes:
-        fh.write(flat.view(torch.uint8).numpy().data)  # no copy of the tensor
+    if not nbytes:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy().data)
+
+
+def write_tensor(fh: BinaryIO, out: torch.Tensor, spec: TensorSpec) -> None:
+    data = tensor_bytes(out, spec)
+    if len(data):
+        fh.write(data)
+
+
+def shard_offsets(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> list[int]:
+    """Where each tensor of a shard starts in its file (header included): the header depends
+    only on the names, dtypes and shapes, so every tensor's place is known before any is
+    computed (parallel resolution writes them there in any order)."""
+    offset = len(safetensors_header(specs, metadata))
+    starts = []
+    for spec in specs:
+        starts.append(offset)
+        offset += spec.nbytes
+    return starts
+
+
+def create_shard(path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
+    """A shard file of its final size: the header, then room for every tensor (a sparse
+    hole until written with :func:`write_tensor_at`)."""
+    header = safetensors_header(specs, metadata)
+    with open(path, "xb") as fh:
+        fh.write(header)
+        fh.truncate(len(header) + sum(spec.nbytes for spec in specs))
+
+
+def write_tensor_at(fd: int, offset: int, out: torch.Tensor, spec: TensorSpec) -> None:
+    """Write the merged tensor ``out`` at ``offset`` of the open file ``fd`` (``os.pwrite``:
+    no shared file position, so workers write their tensors side by side)."""
+    data = tensor_bytes(out, spec)
+    done = 0
+    while done < len(data):  # pwrite may write less than asked (above 2 GiB on Linux)
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class SideFile:

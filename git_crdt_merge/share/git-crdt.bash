@@ -19,7 +19,7 @@ __git_crdt_options() {
         set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         strategy) echo '-p --param -h --help' ;;
         strategies) echo '--json -h --help' ;;
-        resolve) echo '-o --output --device --compute-dtype --max-shard-size --json -q --quiet -h --help' ;;
+        resolve) echo '-o --output --device --compute-dtype --max-shard-size --workers --json -q --quiet -h --help' ;;
         output) echo '-h --help' ;;
         list) echo '--json -h --help' ;;
         status) echo '--json -h --help' ;;

@@ -188,6 +188,7 @@ register(
         stochastic=False,
         merge=merge_regmean,
         summary="RegMean: least-squares merge of linear layers from their inputs' Gram matrices",
+        compute_bound=True,
         extra_inputs=("gram",),
     )
 )

@@ -207,6 +207,10 @@ class Strategy:
     # that holds the side tensors the merge function puts in ``TensorInputs.side``; the model
     # files keep exactly the model's tensor names
     side_output: str | None = None
+    # True where the per-tensor arithmetic, not reading the inputs, sets the time (measured:
+    # ratio to the IO floor above about 10, docs/performance.md): resolve then uses every core
+    # by default (one worker process per core, resolution/pool.py); False keeps one process
+    compute_bound: bool = False
 
     def needed_extras(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The extra-input kinds every contribution must carry under ``params``."""

@@ -280,6 +280,7 @@ register(
         stochastic=False,
         merge=merge_sce,
         summary="SCE: select by variance, energy coefficients, erase minority signs",
+        compute_bound=True,
         uses_weights=False,
     )
 )
@@ -334,6 +335,7 @@ register(
         stochastic=False,
         merge=merge_arcee_fusion,
         summary="Arcee Fusion: keep the changes whose KL-weighted size is an outlier",
+        compute_bound=True,
         uses_weights=False,
     )
 )

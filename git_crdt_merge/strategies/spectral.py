@@ -242,6 +242,7 @@ register(
         stochastic=False,
         merge=merge_star,
         summary="STAR: spectral truncation of each task matrix, nuclear-norm rescale, average",
+        compute_bound=True,
     )
 )
 
@@ -257,6 +258,7 @@ register(
         stochastic=False,
         merge=merge_adarank,
         summary="AdaRank (data-free): per-task, per-layer rank by spectral energy, then sum",
+        compute_bound=True,
     )
 )
 
@@ -280,6 +282,7 @@ register(
         stochastic=False,
         merge=merge_svd_knot_tying,
         summary="KnOTS: one SVD of the concatenated updates, merge in the shared basis",
+        compute_bound=True,
     )
 )
 

@@ -1,13 +1,23 @@
-"""Same inputs, same output bytes under every CPU capability and thread count."""
+"""Same inputs, same output bytes under every CPU capability, thread count and number of
+worker processes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from helpers import choose, crdt, digests, fresh_repo, git, isolate_git, make_model
+from safetensors.numpy import load_file, save_file
+
+from git_crdt_merge.replicated.repo import Repo
+from git_crdt_merge.resolution.pool import choose_workers
+from git_crdt_merge.resolution.resolve import resolve
+from git_crdt_merge.strategies import REQUIRED, all_strategies, get_strategy, registry
 
 WORKER = Path(__file__).with_name("_determinism_worker.py")
 
@@ -62,3 +72,114 @@ def test_every_strategy_gives_identical_bytes_across_capabilities_and_threads() 
                 if a != b
             ]
             pytest.fail(f"{cfg} differs from {reference_cfg}: {diff[:5]}")
+
+
+# -- the workers axis: every strategy through real repositories, 1, 2 and 4 processes ------------
+
+WORKER_SHAPES = {
+    "emb.weight": (12, 16),
+    "head.weight": (8, 16),
+    "l0.bias": (24,),
+    "l0.weight": (24, 16),
+    "l1.bias": (16,),
+    "l1.weight": (16, 24),
+    "norm.weight": (16,),
+}
+
+
+def _contribution(models: Path, seed: int) -> list[str]:
+    """A contribution (base + noise) with Fisher diagonals and Gram matrices: the
+    ``add-contribution`` arguments."""
+    rng = np.random.default_rng(seed)
+    base = load_file(str(models / "base.safetensors"))
+    noise = {k: rng.standard_normal(v.shape, np.float32) for k, v in base.items()}
+    model = {k: v + np.float32(0.05) * noise[k] for k, v in base.items()}
+    fisher = {k: rng.random(v.shape, np.float32) + np.float32(0.1) for k, v in model.items()}
+    gram = {}
+    for k, v in model.items():
+        if v.ndim == 2:
+            x = rng.standard_normal((32, v.shape[1])).astype(np.float32)
+            gram[k] = (x.T @ x).astype(np.float32)
+    paths = [models / f"{kind}{seed}.safetensors" for kind in ("c", "f", "g")]
+    for path, tensors in zip(paths, (model, fisher, gram), strict=True):
+        save_file(tensors, str(path))
+    return [str(paths[0]), "--fisher", str(paths[1]), "--gram", str(paths[2])]
+
+
+@pytest.fixture(scope="module")
+def worker_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Repositories holding a base and K = 1, 2, 3 contributions."""
+    tmp = tmp_path_factory.mktemp("workers")
+    with pytest.MonkeyPatch.context() as mp:  # built once, before the per-test isolation
+        isolate_git(tmp_path_factory.mktemp("home"), mp)
+        make_model(tmp / "models" / "base.safetensors", 0, shapes=WORKER_SHAPES)
+        repos = {}
+        for k in (1, 2, 3):
+            repo = fresh_repo(tmp / f"k{k}")
+            crdt(repo, "set-base", str(tmp / "models" / "base.safetensors"), "-q")
+            for seed in range(1, k + 1):
+                crdt(repo, "add-contribution", *_contribution(tmp / "models", seed), "-q")
+            git(repo, "commit", "-q", "-m", f"{k} contributions")
+            repos[k] = repo
+        return repos
+
+
+def _strategy_params(strategy: registry.Strategy) -> dict[str, object]:
+    params: dict[str, object] = {}
+    for p in strategy.params:
+        if p.name == "density":
+            params["density"] = 0.5
+        elif p.default is REQUIRED and p.type is float:
+            params[p.name] = 0.5
+    return params
+
+
+def test_every_strategy_gives_identical_bytes_with_1_2_and_4_workers(
+    worker_repos: dict[int, Path], tmp_path: Path
+) -> None:
+    """Every output file (shards, index, side file, resolution.json) has the same bytes
+    whether 1, 2 or 4 worker processes resolved the tensors (three shards: the workers write
+    into several files at once)."""
+    failures = []
+    for strategy in all_strategies():
+        k = 3 if strategy.max_inputs is None else min(3, strategy.max_inputs)
+        repo = worker_repos[max(k, strategy.min_inputs)]
+        choose(repo, strategy.name, **_strategy_params(strategy))
+        found = {}
+        for workers in (1, 2, 4):
+            shutil.rmtree(repo / ".git" / "crdt" / "cache", ignore_errors=True)
+            out = tmp_path / f"{strategy.name}-{workers}"
+            resolve(Repo.open(repo), output=out, workers=workers, max_shard=2000)
+            found[workers] = digests(out)
+        assert len([n for n in found[1] if n.startswith("model-")]) == 3
+        if not found[1] == found[2] == found[4]:
+            failures.append(strategy.name)
+    assert failures == []
+
+
+def test_the_default_uses_every_core_only_for_compute_bound_strategies() -> None:
+    ties, della = get_strategy("ties"), get_strategy("della")
+    surgery = get_strategy("representation_surgery")
+    assert not ties.compute_bound and della.compute_bound
+    assert choose_workers(ties, None, 100, "cpu", cores=8) == 1
+    assert choose_workers(della, None, 100, "cpu", cores=8) == 8
+    assert choose_workers(della, None, 3, "cpu", cores=8) == 3  # never more than tensors
+    assert choose_workers(ties, 4, 100, "cpu", cores=8) == 4  # asked for: as asked
+    assert choose_workers(della, 4, 100, "cuda", cores=8) == 1
+    assert choose_workers(surgery, 4, 100, "cpu", cores=8) == 1  # its side file: serial
+
+
+def test_crdt_workers_is_read_and_a_bad_value_is_a_one_line_error(
+    worker_repos: dict[int, Path],
+) -> None:
+    repo = worker_repos[2]
+    choose(repo, "della", density=0.5)
+    git(repo, "config", "crdt.workers", "many")
+    shutil.rmtree(repo / ".git" / "crdt" / "cache", ignore_errors=True)
+    proc = crdt(repo, "resolve", "-o", "out-bad", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "crdt.workers" in proc.stderr
+    git(repo, "config", "crdt.workers", "2")
+    crdt(repo, "resolve", "-q", "-o", "out-two")
+    assert (repo / "out-two" / "model.safetensors").exists()
+    git(repo, "config", "--unset", "crdt.workers")
