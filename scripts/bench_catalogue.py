@@ -1,6 +1,6 @@
 """Benchmark: every registered strategy's resolve time on the 100M-parameter model.
 
-    .venv/bin/python scripts/bench_catalogue.py [--layers 24] [--only NAME ...]
+    .venv/bin/python scripts/bench_catalogue.py [--layers 24] [--only NAME ...] [--workers 1 2]
 
 The model is the one of ``bench_resolve.py`` (24 x 2048x2048 fp32, a base and K = 4
 contributions, each with Fisher diagonals and Gram matrices so that fisher_merge and
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resolve  # noqa: E402  (the same model and IO floor)
 
 WORKER = r"""
-import json, shutil, sys, time
+import json, os, resource, shutil, sys, threading, time
+from pathlib import Path
 from git_crdt_merge.replicated import contributions
 from git_crdt_merge.resolution import resolve
 from git_crdt_merge.replicated.repo import Repo
@@ -43,9 +44,53 @@ for p in strategy.params:
         params["t"] = 0.5
 contributions.set_register(repo, "strategy", {"name": name, "params": params})
 shutil.rmtree(repo.state_dir / "cache", ignore_errors=True)
+workers = int(sys.argv[2]) if len(sys.argv) > 2 else None
+
+
+def pss(pid):
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree():
+    pids = [os.getpid()]
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sum(pss(p) for p in pids)
+
+
+peak = [0]
+running = [True]
+
+
+def sample():
+    while running[0]:
+        peak[0] = max(peak[0], tree())
+        time.sleep(0.05)
+
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 t0 = time.perf_counter()
-resolve.resolve(repo)
-print(json.dumps({"seconds": time.perf_counter() - t0, "params": params}))
+resolve.resolve(repo, workers=workers)
+seconds = time.perf_counter() - t0
+running[0] = False
+sampler.join()
+print(json.dumps({
+    "seconds": seconds,
+    "params": params,
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+    "tree_peak_pss_mb": peak[0] // (1 << 20),
+}))
 """
 
 
@@ -55,6 +100,13 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--only", nargs="*", help="strategy names (default: all registered)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per strategy")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        help="resolve each strategy once per number of worker processes (e.g. 1 2: adds the "
+        "ratio of the seconds with 2 to those with 1, same run); default: resolve's own choice",
+    )
     args = ap.parse_args()
     from git_crdt_merge.strategies import all_strategies
 
@@ -89,31 +141,60 @@ def main() -> None:
         floor = timing["floor"]
         print(json.dumps({"bench": "catalogue-floor", "seconds": round(floor, 3)}), flush=True)
         by_name = {s.name: s for s in all_strategies()}
+        seconds: dict[int, float] = {}
         for name in names:
             st = by_name[name]
             k = 4 if st.max_inputs is None else min(4, st.max_inputs)
             branch = {4: "main", 3: "main", 2: "k2", 1: "k1"}[k]
             bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)  # drop the register
-            row: dict[str, object] = {"bench": "catalogue", "strategy": name, "k": k}
-            try:
-                proc = subprocess.run(
-                    [sys.executable, "-c", WORKER, name],
-                    cwd=repo,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=args.timeout,
+            for workers in args.workers or [None]:
+                row: dict[str, object] = {"bench": "catalogue", "strategy": name, "k": k}
+                if workers is not None:
+                    row["workers"] = workers
+                row.update(_run_one(repo, env, name, workers, floor, args.timeout))
+                print(json.dumps(row), flush=True)
+                if workers is not None and "seconds" in row:
+                    seconds[workers] = float(row["seconds"])  # type: ignore[arg-type]
+            if len(seconds) > 1:
+                one = seconds.get(min(seconds))
+                print(
+                    json.dumps(
+                        {
+                            "bench": "catalogue-workers",
+                            "strategy": name,
+                            "speedup": {
+                                str(w): round(one / s, 2) for w, s in sorted(seconds.items())
+                            },
+                        }
+                    ),
+                    flush=True,
                 )
-                if proc.returncode == 0:
-                    result = json.loads(proc.stdout.strip().splitlines()[-1])
-                    row["seconds"] = round(result["seconds"], 3)
-                    row["ratio_to_floor"] = round(result["seconds"] / floor, 2)
-                    row["params"] = result["params"]
-                else:
-                    row["error"] = proc.stderr.strip().splitlines()[-1][:200]
-            except subprocess.TimeoutExpired:
-                row["error"] = f"over {args.timeout:.0f} s"
-            print(json.dumps(row), flush=True)
+            seconds.clear()
+
+
+def _run_one(
+    repo: Path, env: dict[str, str], name: str, workers: int | None, floor: float, timeout: float
+) -> dict[str, object]:
+    """Resolve strategy ``name`` once in a fresh process: seconds, ratio to the floor, memory
+    (the process's peak RSS, the largest worker's, and the peak PSS of the whole tree)."""
+    row: dict[str, object] = {}
+    argv = [sys.executable, "-c", WORKER, name] + ([] if workers is None else [str(workers)])
+    try:
+        proc = subprocess.run(
+            argv, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if proc.returncode == 0:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["seconds"] = round(result["seconds"], 3)
+            row["ratio_to_floor"] = round(result["seconds"] / floor, 2)
+            row["params"] = result["params"]
+            for key in ("peak_rss_mb", "worker_peak_rss_mb", "tree_peak_pss_mb"):
+                row[key] = result[key]
+        else:
+            row["error"] = proc.stderr.strip().splitlines()[-1][:200]
+    except subprocess.TimeoutExpired:
+        row["error"] = f"over {timeout:.0f} s"
+    return row
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class _Job:
     model: registry.ModelValues | None
     compute_dtype: str
     device: str
-    parent: int  # the calling process: a worker exits when it is gone
+    parent: int  # the calling process (the workers' parent): a worker exits when it is gone
 
 
 class _Worker:
@@ -152,15 +152,14 @@ _STATE: _Worker | None = None
 
 
 def _watch_parent(parent: int) -> None:
-    """Exit when the calling process is gone (killed): nobody would read our results, and
-    the pool's queues never tell an orphan to stop."""
+    """Exit when the calling process is gone (killed): nobody would read our results, the
+    pool's queues never tell an orphan to stop, and an orphan would keep the caller's stdout
+    and stderr open (whoever waits for their end would wait forever).  A dead caller is seen
+    by our parent pid changing (we are re-parented at once, while ``kill(pid, 0)`` still
+    succeeds on a zombie that nobody has reaped)."""
     while True:
-        time.sleep(0.5)
-        try:
-            os.kill(parent, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # pragma: no cover - the pid was reused by another user
+        time.sleep(0.2)
+        if os.getppid() != parent:
             os._exit(1)
 
 

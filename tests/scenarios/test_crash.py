@@ -215,3 +215,64 @@ def test_killed_resolve_never_shows_a_half_written_model_and_a_rerun_succeeds(
         assert_recoverable(repo)
     leftovers = [p.name for p in (repo / ".git" / "crdt" / "cache").iterdir() if p.name[0] == "."]
     assert leftovers == []
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is ``folder`` (the resolve and its workers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "cwd")) == folder:
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_killed_resolve_worker_publishes_nothing_and_a_rerun_succeeds(
+    repo: Path, tmp_path: Path
+) -> None:
+    """A worker process of a parallel resolve dies (SIGKILL, as the out-of-memory killer
+    would): the resolve fails with a one-line error, the previous model stays whole, nothing is
+    left in the cache, and the next resolve writes the new model."""
+    crdt(repo, "add-contribution", str(model(tmp_path, 1)), "-q")
+    git(repo, "commit", "-q", "-m", "one")
+    crdt(repo, "resolve", "-q")
+    before = written_root(repo)
+    crdt(repo, "add-contribution", str(model(tmp_path, 2)), "-q")
+    proc = subprocess.run(
+        ["git-crdt", "resolve", "--workers", "2"],
+        cwd=repo,
+        env={**os.environ, ENV: "resolve:worker-tensor"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 9, (proc.returncode, proc.stderr)  # ResolveError
+    assert "worker" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert written_root(repo) == before
+    assert_recoverable(repo)
+    assert [p.name for p in (repo / ".git" / "crdt" / "cache").iterdir() if p.name[0] == "."] == []
+    crdt(repo, "resolve", "-q", "--workers", "2")
+    assert written_root(repo) == root_of(repo)
+    assert_recoverable(repo)
+
+
+def test_a_killed_parallel_resolve_leaves_no_worker_behind_and_a_rerun_succeeds(
+    repo: Path, tmp_path: Path
+) -> None:
+    """The resolving process itself is killed while its workers run: the output folder shows
+    no mixture, its workers exit on their own, and a rerun succeeds."""
+    crdt(repo, "add-contribution", str(model(tmp_path, 1)), "-q")
+    git(repo, "commit", "-q", "-m", "one")
+    killed(repo, "resolve:tensor", "resolve", "--workers", "2")
+    assert written_root(repo) is None
+    deadline = time.monotonic() + 10
+    while _processes_in(repo.resolve()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_in(repo.resolve()) == []
+    assert_recoverable(repo)
+    crdt(repo, "resolve", "-q", "--workers", "2")
+    assert written_root(repo) == root_of(repo)
+    leftovers = [p.name for p in (repo / ".git" / "crdt" / "cache").iterdir() if p.name[0] == "."]
+    assert leftovers == []
