@@ -47,6 +47,15 @@ shutil.rmtree(repo.state_dir / "cache", ignore_errors=True)
 workers = int(sys.argv[2]) if len(sys.argv) > 2 else None
 
 
+def hwm():
+    # VmHWM, not getrusage: Linux keeps ru_maxrss across exec, so a process started by a big
+    # one reports its parent's peak
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def pss(pid):
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -87,8 +96,14 @@ sampler.join()
 print(json.dumps({
     "seconds": seconds,
     "params": params,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-    "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
+    "peak_rss_mb": hwm(),
+    # CPU seconds of the process and its reaped children (the workers): the machine's load
+    # changes the wall time, much less the work
+    "cpu_s": sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF),
+                  resource.getrusage(resource.RUSAGE_CHILDREN))
+    ),
     "tree_peak_pss_mb": peak[0] // (1 << 20),
 }))
 """
@@ -176,7 +191,8 @@ def _run_one(
     repo: Path, env: dict[str, str], name: str, workers: int | None, floor: float, timeout: float
 ) -> dict[str, object]:
     """Resolve strategy ``name`` once in a fresh process: seconds, ratio to the floor, memory
-    (the process's peak RSS, the largest worker's, and the peak PSS of the whole tree)."""
+    (the resolving process's peak RSS, and the peak PSS of it and its workers together,
+    sampled every 50 ms: shared pages counted once)."""
     row: dict[str, object] = {}
     argv = [sys.executable, "-c", WORKER, name] + ([] if workers is None else [str(workers)])
     try:
@@ -188,8 +204,9 @@ def _run_one(
             row["seconds"] = round(result["seconds"], 3)
             row["ratio_to_floor"] = round(result["seconds"] / floor, 2)
             row["params"] = result["params"]
-            for key in ("peak_rss_mb", "worker_peak_rss_mb", "tree_peak_pss_mb"):
+            for key in ("peak_rss_mb", "tree_peak_pss_mb"):
                 row[key] = result[key]
+            row["cpu_s"] = round(result["cpu_s"], 2)
         else:
             row["error"] = proc.stderr.strip().splitlines()[-1][:200]
     except subprocess.TimeoutExpired:

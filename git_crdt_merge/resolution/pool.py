@@ -32,6 +32,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -166,6 +167,10 @@ def _watch_parent(parent: int) -> None:
 def _start(job: _Job) -> None:
     global _STATE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the calling process's to handle
+    # fresh stdio objects: a thread of the caller (a progress bar) may have held the old ones'
+    # locks at the fork, and a warning written through them would then wait forever
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the worker
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     threading.Thread(target=_watch_parent, args=(job.parent,), daemon=True).start()
     _STATE = _Worker(job)
 

@@ -9,6 +9,7 @@ memory does not grow with the model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -524,19 +525,28 @@ import git_crdt_merge.resolution.resolve as r
 from git_crdt_merge.replicated.repo import Repo
 
 if len(sys.argv) > 1:
-    assert not r.resolve(Repo.open(sys.argv[1])).cache_hit
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    assert not r.resolve(Repo.open(sys.argv[1]), workers=workers).cache_hit
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
         print(int(line.split()[1]) * 1024)
+import resource  # the largest worker process's peak (0 when none ran)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 """
 
 
-def _peak_rss(*args: str) -> int:
-    """Peak resident memory in bytes of a fresh interpreter running ``_MEASURE``."""
+def _peaks(*args: str) -> tuple[int, int]:
+    """Peak resident memory in bytes of a fresh interpreter running ``_MEASURE``, and of its
+    largest worker process (0 when none ran)."""
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, check=True
     )
-    return int(proc.stdout.split()[-1])
+    caller, worker = proc.stdout.split()[-2:]
+    return int(caller), int(worker)
+
+
+def _peak_rss(*args: str) -> int:
+    return _peaks(*args)[0]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
@@ -558,3 +568,11 @@ def test_resolve_peak_memory_stays_far_below_the_model_size(tmp_path: Path) -> N
     out = repo / "merged" / "model.safetensors"
     assert out.stat().st_size > 64 * 2**20
     assert busy - idle < 40 * 2**20, f"resolve added {(busy - idle) / 2**20:.1f} MiB"
+    # with two worker processes: each stays as small (it holds its own K + 2 tensors), and
+    # the caller computes nothing
+    reference = hashlib.sha256(out.read_bytes()).hexdigest()
+    shutil.rmtree(repo / ".git" / "crdt" / "cache")
+    caller, worker = _peaks(str(repo), "2")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == reference
+    assert caller - idle < 40 * 2**20, f"the caller added {(caller - idle) / 2**20:.1f} MiB"
+    assert 0 < worker - idle < 40 * 2**20, f"a worker added {(worker - idle) / 2**20:.1f} MiB"
