@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resolve  # noqa: E402  (the same model and IO floor)
 
+# argv: strategy name, then optionally the device, an output folder whose files are hashed ("-":
+# none) and the number of worker processes ("-": resolve's own choice).
 WORKER = r"""
-import json, os, resource, shutil, sys, threading, time
+import hashlib, json, os, resource, shutil, sys, threading, time
 from pathlib import Path
 from git_crdt_merge.replicated import contributions
 from git_crdt_merge.resolution import resolve
@@ -35,6 +37,9 @@ from git_crdt_merge.strategies import REQUIRED, get_strategy
 
 repo = Repo.open(".")
 name = sys.argv[1]
+device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+output = Path(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+workers = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[4] != "-" else None
 strategy = get_strategy(name)
 params = {}
 for p in strategy.params:
@@ -44,7 +49,6 @@ for p in strategy.params:
         params["t"] = 0.5
 contributions.set_register(repo, "strategy", {"name": name, "params": params})
 shutil.rmtree(repo.state_dir / "cache", ignore_errors=True)
-workers = int(sys.argv[2]) if len(sys.argv) > 2 else None
 
 
 def hwm():
@@ -89,14 +93,15 @@ def sample():
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 t0 = time.perf_counter()
-resolve.resolve(repo, workers=workers)
+resolve.resolve(repo, device=device, output=output, workers=workers)
 seconds = time.perf_counter() - t0
 running[0] = False
 sampler.join()
-print(json.dumps({
+row = {
     "seconds": seconds,
     "params": params,
     "peak_rss_mb": hwm(),
+    "tree_peak_pss_mb": peak[0] // (1 << 20),
     # CPU seconds of the process and its reaped children (the workers): the machine's load
     # changes the wall time, much less the work
     "cpu_s": sum(
@@ -104,9 +109,54 @@ print(json.dumps({
         for r in (resource.getrusage(resource.RUSAGE_SELF),
                   resource.getrusage(resource.RUSAGE_CHILDREN))
     ),
-    "tree_peak_pss_mb": peak[0] // (1 << 20),
-}))
+}
+if output is not None:
+    h = hashlib.sha256()
+    for f in sorted(output.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    row["sha256"] = h.hexdigest()[:16]
+print(json.dumps(row))
 """
+
+
+def bench_env() -> dict[str, str]:
+    """The environment the benchmark's git and worker processes run in."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    for key, val in (
+        ("GIT_AUTHOR_NAME", "bench"),
+        ("GIT_AUTHOR_EMAIL", "bench@example"),
+        ("GIT_COMMITTER_NAME", "bench"),
+        ("GIT_COMMITTER_EMAIL", "bench@example"),
+    ):
+        env.setdefault(key, val)
+    return env
+
+
+def build_catalogue_repo(d: Path, env: dict[str, str], layers: int, dim: int) -> Path:
+    """The catalogue's repository under ``d``: base + 4 contributions with extra inputs on
+    ``main``, and branches ``k2`` / ``k1`` that keep 2 and 1 of them."""
+    repo = d / "repo"
+    repo.mkdir(parents=True)
+    bench_resolve.build(repo, env, layers, 4, dim, extras=True)
+    listed = json.loads(bench_resolve.sh(repo, env, "git", "crdt", "list", "--json"))
+    ids = [row["id"] for row in listed]
+    for branch, keep in (("k2", 2), ("k1", 1)):
+        bench_resolve.sh(repo, env, "git", "checkout", "-q", "-b", branch, "main")
+        for cid in ids[keep:]:
+            bench_resolve.sh(repo, env, "git", "crdt", "remove-contribution", cid)
+        bench_resolve.sh(repo, env, "git", "commit", "-q", "-m", f"keep {keep}")
+    bench_resolve.sh(repo, env, "git", "checkout", "-q", "main")
+    return repo
+
+
+def branch_for(name: str) -> tuple[str, int]:
+    """The branch a strategy runs on and its number of contributions (at most 4)."""
+    from git_crdt_merge.strategies import get_strategy
+
+    st = get_strategy(name)
+    k = 4 if st.max_inputs is None else min(4, st.max_inputs)
+    return {4: "main", 3: "main", 2: "k2", 1: "k1"}[k], k
 
 
 def main() -> None:
@@ -120,49 +170,29 @@ def main() -> None:
         type=int,
         nargs="*",
         help="resolve each strategy once per number of worker processes (e.g. 1 2: adds the "
-        "ratio of the seconds with 2 to those with 1, same run); default: resolve's own choice",
+        "speed-up of each against the first, same run); default: resolve's own choice",
     )
     args = ap.parse_args()
     from git_crdt_merge.strategies import all_strategies
 
     names = args.only or [s.name for s in all_strategies()]
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key, val in (
-        ("GIT_AUTHOR_NAME", "bench"),
-        ("GIT_AUTHOR_EMAIL", "bench@example"),
-        ("GIT_COMMITTER_NAME", "bench"),
-        ("GIT_COMMITTER_EMAIL", "bench@example"),
-    ):
-        env.setdefault(key, val)
+    env = bench_env()
     with tempfile.TemporaryDirectory(
         prefix="bench-catalogue-", dir=os.environ.get("BENCH_DIR")
     ) as d:
-        repo = Path(d) / "repo"
-        repo.mkdir()
-        bench_resolve.build(repo, env, args.layers, 4, args.dim, extras=True)
-        listed = json.loads(bench_resolve.sh(repo, env, "git", "crdt", "list", "--json"))
-        ids = [row["id"] for row in listed]
-        for branch, keep in (("k2", 2), ("k1", 1)):
-            bench_resolve.sh(repo, env, "git", "checkout", "-q", "-b", branch, "main")
-            for cid in ids[keep:]:
-                bench_resolve.sh(repo, env, "git", "crdt", "remove-contribution", cid)
-            bench_resolve.sh(repo, env, "git", "commit", "-q", "-m", f"keep {keep}")
-        bench_resolve.sh(repo, env, "git", "checkout", "-q", "main")
+        repo = build_catalogue_repo(Path(d), env, args.layers, args.dim)
         floor_worker = bench_resolve.WORKER
         timing = json.loads(
             bench_resolve.sh(repo, env, sys.executable, "-c", floor_worker, f"{d}/floor.out", "0.5")
         )
         floor = timing["floor"]
         print(json.dumps({"bench": "catalogue-floor", "seconds": round(floor, 3)}), flush=True)
-        by_name = {s.name: s for s in all_strategies()}
-        seconds: dict[int, float] = {}
         for name in names:
-            st = by_name[name]
-            k = 4 if st.max_inputs is None else min(4, st.max_inputs)
-            branch = {4: "main", 3: "main", 2: "k2", 1: "k1"}[k]
-            bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)  # drop the register
+            branch, k = branch_for(name)
+            seconds: dict[int, float] = {}
             for workers in args.workers or [None]:
+                # a fresh checkout drops the register
+                bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)
                 row: dict[str, object] = {"bench": "catalogue", "strategy": name, "k": k}
                 if workers is not None:
                     row["workers"] = workers
@@ -171,20 +201,10 @@ def main() -> None:
                 if workers is not None and "seconds" in row:
                     seconds[workers] = float(row["seconds"])  # type: ignore[arg-type]
             if len(seconds) > 1:
-                one = seconds.get(min(seconds))
-                print(
-                    json.dumps(
-                        {
-                            "bench": "catalogue-workers",
-                            "strategy": name,
-                            "speedup": {
-                                str(w): round(one / s, 2) for w, s in sorted(seconds.items())
-                            },
-                        }
-                    ),
-                    flush=True,
-                )
-            seconds.clear()
+                first = seconds[min(seconds)]
+                speedup = {str(w): round(first / s, 2) for w, s in sorted(seconds.items())}
+                summary = {"bench": "catalogue-workers", "strategy": name, "speedup": speedup}
+                print(json.dumps(summary), flush=True)
 
 
 def _run_one(
@@ -192,9 +212,10 @@ def _run_one(
 ) -> dict[str, object]:
     """Resolve strategy ``name`` once in a fresh process: seconds, ratio to the floor, memory
     (the resolving process's peak RSS, and the peak PSS of it and its workers together,
-    sampled every 50 ms: shared pages counted once)."""
+    sampled every 50 ms: shared pages counted once), CPU seconds."""
     row: dict[str, object] = {}
-    argv = [sys.executable, "-c", WORKER, name] + ([] if workers is None else [str(workers)])
+    how = "-" if workers is None else str(workers)
+    argv = [sys.executable, "-c", WORKER, name, "cpu", "-", how]
     try:
         proc = subprocess.run(
             argv, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
