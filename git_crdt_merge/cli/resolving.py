@@ -68,9 +68,40 @@ def resolve(
 
 @app.command()
 def output(
-    path: Annotated[str, typer.Argument(help="Work-tree folder for the merged model.")],
+    path: Annotated[
+        str | None, typer.Argument(help="Work-tree folder for the merged model.")
+    ] = None,
+    config_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Take config.json and the tokenizer from this contribution (name or id; "
+            "'' for the default: the base, else the first contribution that has them)."
+        ),
+    ] = None,
+    adapter_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Write a merge of LoRA adapters as an adapter of this rank (0: as full "
+            "weights, the default).",
+        ),
+    ] = None,
 ) -> None:
-    """Set where the merged model is written (a replicated register; default 'merged')."""
+    """Set where and how the merged model is written (replicated registers).
+
+    PATH: the folder (default 'merged').  --config-from and --adapter-rank change the output,
+    so they are part of the resolution's Merkle root."""
+    if path is None and config_from is None and adapter_rank is None:
+        raise fail(UsageError("give PATH, --config-from or --adapter-rank"))
     with handle_errors():
-        contributions.set_register(open_repo(), "output", path)
-    err.print(f"output set to {path}")
+        repo = open_repo()
+        if path is not None:
+            contributions.set_register(repo, "output", path)
+            err.print(f"output set to {path}")
+        if config_from is not None:
+            cid = contributions.set_config_from(repo, config_from)
+            err.print(f"config and tokenizer from {cid[:12] if cid else 'the default'}")
+        if adapter_rank is not None:
+            contributions.set_register(repo, "adapter_rank", adapter_rank or None)
+            how = f"a LoRA adapter of rank {adapter_rank}" if adapter_rank else "full weights"
+            err.print(f"LoRA merges written as {how}")

@@ -23,6 +23,20 @@ from .app import (
 )
 from .render import human_bytes
 
+IncludeCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Keep program code files (*.py ...) of the folder; merged/ then holds them, and "
+        "from_pretrained(trust_remote_code=True) would run them (docs/security.md)."
+    ),
+]
+
+
+def note_skipped(skipped: list[str]) -> None:
+    """One line naming the folder's files that were not kept (never dropped silently)."""
+    if skipped:
+        err.print(f"not kept: {'; '.join(skipped)}", markup=False, soft_wrap=True)
+
 
 @app.command("add-contribution")
 def add_contribution(
@@ -52,11 +66,15 @@ def add_contribution(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+    include_code: IncludeCodeOpt = False,
 ) -> None:
     """Store a fine-tuned model as a contribution (staged, like git add).
 
-    Extra inputs that some strategies need (Fisher diagonals, Gram matrices) are stored with
-    it and become part of its content."""
+    A folder's non-weight files (config, tokenizer, README.md, ...) are kept with it; program
+    code (*.py) only with --include-code, and what is left out is listed.  A PEFT LoRA
+    adapter (adapter_model.safetensors + adapter_config.json) is checked against the base and
+    the other adapters.  Extra inputs that some strategies need (Fisher diagonals, Gram
+    matrices) are stored with it and become part of its content."""
 
     def describe(result: contributions.IngestResult) -> None:
         what = "already present" if result.already_present else "added"
@@ -65,6 +83,7 @@ def add_contribution(
             f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
             markup=False,
         )
+        note_skipped(result.skipped)
 
     run_reported(
         "ingest",
@@ -80,6 +99,7 @@ def add_contribution(
             progress=advance,
             extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
             allow_nonfinite=allow_nonfinite,
+            include_code=include_code,
         ),
         describe,
         json_=json_,
@@ -153,8 +173,17 @@ def set_base(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+    include_code: IncludeCodeOpt = False,
 ) -> None:
-    """Store the base model and record it in the 'base' register."""
+    """Store the base model and record it in the 'base' register.
+
+    Its non-weight files are copied into the merged model (see add-contribution for which
+    are kept)."""
+
+    def describe(result: contributions.IngestResult) -> None:
+        err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
+        note_skipped(result.skipped)
+
     run_reported(
         "ingest",
         lambda start, advance: contributions.set_base(
@@ -164,8 +193,9 @@ def set_base(
             on_start=start,
             progress=advance,
             allow_nonfinite=allow_nonfinite,
+            include_code=include_code,
         ),
-        lambda result: err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)"),
+        describe,
         json_=json_,
         quiet=quiet,
     )

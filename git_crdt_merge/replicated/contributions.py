@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import blake3
 from .. import faults
 from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
 from ..git import commands as gitops
-from . import checks, descriptor, extras, formats
+from . import adapters, checks, descriptor, extras, formats
+from .descriptor import Descriptor
 from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
 from .reader import read_descriptor
 from .repo import Repo, new_tag
@@ -37,6 +38,7 @@ class IngestResult:
     new_bytes: int
     new_objects: int
     already_present: bool = False
+    skipped: list[str] = field(default_factory=list)  # files of the folder not kept, and why
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -196,6 +198,7 @@ def add_contribution(
     progress: Progress | None = None,
     extra_inputs: Mapping[str, Path] | None = None,
     allow_nonfinite: bool = False,
+    include_code: bool = False,
 ) -> IngestResult:
     """Store the model at ``path`` and record it in the manifest (both staged).
 
@@ -205,7 +208,7 @@ def add_contribution(
     A model whose content is already a visible contribution is not stored again."""
     repo.require_initialized()
     _check_weight(weight)
-    source = formats.discover(path, allow_pickle=allow_pickle)
+    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
     name = name if name is not None else default_name(path)
     try:
         check_name(name, "contribution name")
@@ -217,7 +220,7 @@ def add_contribution(
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
-        check_fits(store, manifest, table, source.kind, f"model {name!r}")
+        check_fits(store, manifest, source, table, f"model {name!r}")
         if on_start is not None:
             on_start(source.total_bytes())
         plan = plan_descriptor(source, weight=weight, extra_inputs=extra_inputs)
@@ -233,7 +236,9 @@ def add_contribution(
             with repo.transaction() as env:
                 store.flush(env)
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
-            return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
+            found = IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
+            found.skipped = source.skipped
+            return found
         for other_id, other_name in visible:
             if other_name == name:  # nothing staged yet: refused before any index change
                 raise InputError(
@@ -261,12 +266,14 @@ def add_contribution(
                     )
             if any(other_id == cid for other_id, _ in visible):
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)  # completes an earlier add
-                return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
+                return IngestResult(
+                    cid, name, n_tensors, total, new_bytes, new_objects, True, source.skipped
+                )
             manifest = manifest.with_records(
                 [add_record(new_tag(), cid, name, message, desc=address)]
             )
             repo.write_manifest(manifest, env)
-    return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
+    return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, False, source.skipped)
 
 
 def repository_chunk_size(manifest: Manifest, override: int | None = None) -> int:
@@ -297,34 +304,65 @@ def parse_extra_inputs(
 def check_fits(
     store: ObjectStore,
     manifest: Manifest,
+    source: formats.ModelSource,
     table: checks.TensorTable,
-    kind: str,
     what: str,
     *,
     as_base: bool = False,
 ) -> None:
-    """Refuse a model whose tensor names, dtypes or shapes differ from the base's (for a full
-    model) or the visible contributions', or whose kind differs from theirs.  One reference
-    is enough: the rest of the set was checked the same way when it was added."""
-    base = manifest.base()
-    refs = [(base, "the base")] if base and kind == "full" and not as_base else []
-    refs += [(c, f"contribution {n!r} ({c[:12]})") for c, n in manifest.visible_contributions()]
-    for ref, label in refs:
-        try:
-            desc = read_descriptor(store, manifest, ref)
-        except CrdtError:
+    """Refuse a model that cannot join the set: the rule of ``adapters.set_problems`` (which
+    resolve and verify apply) for the set with this model in it.  Full models match the base's
+    tensor table (or a visible full model's); a LoRA adapter reads its ``adapter_config.json``
+    (DoRA and other unmergeable forms refused), fits the base's tensors and targets the same
+    modules as the visible adapters.  One reference of each kind is enough: the rest of the
+    set was checked the same way when it was added."""
+    kind = source.kind
+    if kind == adapters.KIND_LORA and as_base:
+        raise InputError(f"{what} is a LoRA adapter: a base must be full weights")
+    new = Descriptor.from_json(
+        {
+            "format": descriptor.FORMAT_V2,
+            "kind": kind,
+            "tensors": {
+                n: {"bytes": 0, "chunks": [], "dtype": d, "shape": list(sh)}
+                for n, (d, sh) in table.items()
+            },
+        }
+    )
+    base_id = manifest.base()
+    base = None if as_base else _read_or_none(store, manifest, base_id)
+    if as_base:
+        base = new
+    names = None if base is None else set(base.tensors)
+    labelled: list[tuple[str, Descriptor]] = []
+    seen: set[str] = set()
+    for cid, name in manifest.visible_contributions():
+        desc = _read_or_none(store, manifest, cid)
+        if desc is None or desc.kind in seen:
             continue  # a missing descriptor is verify's to report
-        other_kind = desc.kind
-        if ref != base and other_kind != kind:
-            if as_base:
-                continue
-            raise InputError(
-                f"{what} is a {kind} model but {label} is {other_kind}: merge like with like"
-            )
-        diffs = checks.table_differences(table, checks.tensor_table(desc.raw), what, label)
-        if diffs:
-            raise InputError(f"{diffs[0]}: all contributions must match the base and each other")
-        return
+        seen.add(desc.kind)
+        labelled.append((f"contribution {name!r} ({cid[:12]})", desc))
+    members, problems = adapters.members(store, base, labelled)
+    if not as_base:
+        adapter = None
+        if kind == adapters.KIND_LORA:
+            data = source.aux[adapters.ADAPTER_CONFIG].read_bytes()
+            config = adapters.parse_config(data, what)
+            adapter = (config, adapters.modules(config, table, what, names))
+        members.insert(0, adapters.Member(what, new, adapter))
+    # No base yet: adapters are checked against it when it is set (and resolve needs one).
+    problems += adapters.set_problems(base, members, base_used=base is not None, require_base=False)
+    if problems:
+        raise InputError(problems[0])
+
+
+def _read_or_none(store: ObjectStore, manifest: Manifest, cid: str | None) -> Descriptor | None:
+    if cid is None:
+        return None
+    try:
+        return read_descriptor(store, manifest, cid)
+    except CrdtError:
+        return None
 
 
 def find_contribution(manifest: Manifest, name_or_id: str) -> str:
@@ -375,6 +413,16 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
         repo.write_manifest(manifest, env)
 
 
+def set_config_from(repo: Repo, name_or_id: str) -> str | None:
+    """Point the ``config_from`` register at a visible contribution ('' clears it); returns
+    its id."""
+    cid = None
+    if name_or_id:
+        cid = find_contribution(repo.read_manifest(), name_or_id)
+    set_register(repo, "config_from", cid)
+    return cid
+
+
 def set_base(
     repo: Repo,
     path: Path,
@@ -384,27 +432,32 @@ def set_base(
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    include_code: bool = False,
 ) -> IngestResult:
     """Store the base model and point the ``base`` register at its id and descriptor."""
     repo.require_initialized()
-    source = formats.discover(path, allow_pickle=allow_pickle)
+    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
     table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
     with repo.lock():
         store = ObjectStore(repo.root)
         manifest = repo.read_manifest()
-        check_fits(store, manifest, table, source.kind, "the base", as_base=True)
+        check_fits(store, manifest, source, table, "the base", as_base=True)
         if on_start is not None:
             on_start(source.total_bytes())
         plan = plan_descriptor(source, weight=None)
         cid, total, n_tensors = plan.id, plan.total_bytes(), len(plan.tensors)
         if manifest.base() == cid:
-            return IngestResult(cid, default_name(path), n_tensors, total, 0, 0, True)
+            return IngestResult(
+                cid, default_name(path), n_tensors, total, 0, 0, True, source.skipped
+            )
         size = repository_chunk_size(manifest, chunk_size)
         address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
         with repo.transaction() as env:
             new_objects = store.flush(env)
     set_register(repo, "base", {"desc": address, "id": cid})
-    return IngestResult(cid, default_name(path), n_tensors, total, new_bytes, new_objects)
+    return IngestResult(
+        cid, default_name(path), n_tensors, total, new_bytes, new_objects, False, source.skipped
+    )
 
 
 def parse_param(text: str) -> tuple[str, Any]:

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 
 from ..errors import ResolveError
+from ..replicated import adapters, formats
 from ..replicated.descriptor import Descriptor, TensorEntry
 from ..replicated.manifest import Manifest
 from ..replicated.reader import read_descriptor
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
 from ..strategies import registry
+from .lowrank import LowRank
+
+CARD = "README.md"  # the generated model card of the output
 
 
 @dataclass
@@ -45,7 +49,10 @@ class Plan:
     base_id: str | None
     base: Descriptor | None  # None when there is no base or the strategy ignores it
     specs: list[TensorSpec]
-    files: dict[str, str]  # config and tokenizer files to copy: the base's, else the first's
+    files: dict[str, tuple[str, str]]  # file name -> (object id, where from): output_files
+    left_out: list[str]  # the inputs' files the output does not get, one line each
+    lowrank: LowRank | None = None  # the LoRA adapters of the set (None: full models only)
+    config_from: str | None = None
 
     @property
     def weights(self) -> list[float]:
@@ -71,25 +78,74 @@ class Plan:
         )
 
 
-def _check_compatible(specs: dict[str, TensorSpec], desc: Descriptor, what: str) -> None:
-    tensors = desc.tensors
-    if set(tensors) != set(specs):
-        missing = sorted(set(specs) - set(tensors))
-        extra = sorted(set(tensors) - set(specs))
-        detail = f"lacks {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
-        raise ResolveError(
-            f"{what} {detail}: all contributions and the base must have the same tensor names"
-        )
-    for name, spec in specs.items():
-        t = tensors[name]
-        if list(t.shape) != spec.shape:
+def output_files(
+    base: tuple[str, Descriptor] | None,
+    contributions: list[tuple[str, str, Descriptor]],
+    config_from: str | None,
+    adapter_output: bool,
+    base_id: str | None = None,
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Which non-weight files the output gets: (file name -> (object id, where from), what
+    is left out, one line each).  ``base``: (label, descriptor); ``contributions``: (id,
+    label, descriptor) in canonical order.
+
+    - the config (``config.json``, ``generation_config.json``) and the tokenizer files each
+      come whole from one source: the contribution named by the ``config_from`` register, else
+      the first of the base and the contributions (canonical order) that has any of them;
+    - every other file of the base is copied (code files exist there only when the user
+      passed ``--include-code`` to ``set-base``), except its ``README.md``, which the model
+      card replaces, and ``adapter_config.json``;
+    - an adapter output gets no config (PEFT reads its ``adapter_config.json``).
+
+    Everything else the inputs hold is listed as left out."""
+    if config_from is not None:
+        chosen = [(lab, d) for cid, lab, d in contributions if cid == config_from]
+        if not chosen and base is not None and config_from == base_id:
+            chosen = [base]
+        if not chosen:
             raise ResolveError(
-                f"{what}: tensor {name!r} has shape {list(t.shape)}, expected {spec.shape}"
+                f"register config_from names {config_from[:12]}, which is not a visible "
+                "contribution; set it again with 'git crdt output --config-from NAME'"
             )
-        if t.dtype != spec.dtype:
-            raise ResolveError(
-                f"{what}: tensor {name!r} has dtype {t.dtype}, expected {spec.dtype}"
-            )
+        candidates = chosen
+    else:
+        candidates = ([base] if base is not None else []) + [
+            (lab, d) for _, lab, d in contributions
+        ]
+    files: dict[str, tuple[str, str]] = {}
+    groups = (
+        [formats.TOKENIZER_FILES]
+        if adapter_output
+        else [formats.CONFIG_FILES, formats.TOKENIZER_FILES]
+    )
+    for group in groups:
+        for label, desc in candidates:
+            found = {n: oid for n, oid in desc.files.items() if n in group}
+            if found:
+                files.update({n: (oid, label) for n, oid in found.items()})
+                break
+    left_out: list[str] = []
+    if base is not None:
+        label, desc = base
+        for name, oid in sorted(desc.files.items()):
+            if name in files or name in formats.CONFIG_FILES or name in formats.TOKENIZER_FILES:
+                continue
+            if name.casefold() == CARD.casefold():
+                left_out.append(f"{name} of {label} (the generated model card replaces it)")
+            elif name == adapters.ADAPTER_CONFIG:
+                continue
+            else:
+                files[name] = (oid, label)
+    for label, desc in ([base] if base is not None else []) + [
+        (lab, d) for _, lab, d in contributions
+    ]:
+        for name in sorted(desc.files):
+            if files.get(name, ("", ""))[1] == label or name == adapters.ADAPTER_CONFIG:
+                continue
+            if base is not None and label == base[0] and name.casefold() == CARD.casefold():
+                continue  # listed above
+            left_out.append(f"{name} of {label}")
+    return dict(sorted(files.items())), left_out
 
 
 def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
@@ -101,16 +157,39 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     params = registry.resolve_params(strategy, strategy_value["params"], contributions)
     descriptors = [read_descriptor(store, manifest, cid) for cid, _ in contributions]
     base_desc = read_descriptor(store, manifest, base_id) if base_id is not None else None
-    files = dict((base_desc or descriptors[0]).files)
+    labels = [f"contribution {name!r} ({cid[:12]})" for cid, name in contributions]
+    members, problems = adapters.members(
+        store, base_desc, list(zip(labels, descriptors, strict=True))
+    )
+    adapter_rank = manifest.adapter_rank()
+    problems += adapters.set_problems(
+        base_desc,
+        members,
+        base_used=strategy.base != "ignored",
+        adapter_output=adapter_rank is not None,
+    )
+    if problems:
+        raise ResolveError(problems[0])
+    lowrank = None
+    if any(m.adapter is not None for m in members):
+        assert base_desc is not None  # set_problems: adapters need a base
+        first = next(m.adapter for m in members if m.adapter is not None)
+        lowrank = LowRank(
+            base_desc,
+            descriptors,
+            [None if m.adapter is None else m.adapter[1] for m in members],
+            first[0].raw,
+            adapter_rank,
+        )
     base = None if strategy.base == "ignored" else base_desc
-    first = base if base is not None else descriptors[0]
-    specs = {name: TensorSpec(name, t.dtype, list(t.shape)) for name, t in first.tensors.items()}
-    for (cid, name), desc in zip(contributions, descriptors, strict=True):
-        _check_compatible(specs, desc, f"contribution {name} ({cid[:12]})")
+    first_desc = (
+        base_desc if lowrank is not None else (base if base is not None else descriptors[0])
+    )
+    assert first_desc is not None
+    specs = {
+        name: TensorSpec(name, t.dtype, list(t.shape)) for name, t in first_desc.tensors.items()
+    }
     registry.check_weights(strategy, [d.weight for d in descriptors], contributions)
-    kinds = {d.kind for d in descriptors}
-    if len(kinds) > 1:
-        raise ResolveError(f"contributions mix kinds {sorted(kinds)}; merge like with like")
     for kind in strategy.needed_extras(params):
         for (cid, cname), desc in zip(contributions, descriptors, strict=True):
             if kind not in desc.extras:
@@ -119,6 +198,14 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
                     f"{cname!r} ({cid[:12]}) has none; add it again with 'git crdt "
                     f"add-contribution PATH --{kind} FILE.safetensors'"
                 )
+    base_label = f"the base ({base_id[:12]})" if base_id is not None else ""
+    files, left_out = output_files(
+        None if base_desc is None else (base_label, base_desc),
+        [(cid, name, d) for (cid, name), d in zip(contributions, descriptors, strict=True)],
+        manifest.config_from(),
+        adapter_rank is not None,
+        base_id,
+    )
     return Plan(
         manifest.merkle_root(),
         strategy,
@@ -130,4 +217,7 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
         base,
         [specs[n] for n in sorted(specs)],
         files,
+        left_out,
+        lowrank,
+        manifest.config_from(),
     )
