@@ -33,7 +33,7 @@ import blake3
 from .. import bounded
 from ..errors import CrdtError, GitError, ManifestError, NotFoundError
 from ..git import commands as gitops
-from ..replicated import checks, descriptor, invariants
+from ..replicated import adapters, checks, descriptor, invariants
 from ..replicated.descriptor import Descriptor
 from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
 from ..replicated.repo import Repo
@@ -294,7 +294,7 @@ def _check_objects(
     report.objects = len(referenced & set(known))
     if resolvable:
         compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
-        _check_compatibility(compatible, base, descs, report)
+        _check_compatibility(store, manifest, compatible, base, descs, report)
         _check_registers(manifest, visible, descs, report)
     if store.rev is None:
         stray = sorted(set(known) - referenced)
@@ -361,26 +361,40 @@ def _check_chunk_sizes(
 
 
 def _check_compatibility(
+    store: ObjectStore,
+    manifest: Manifest,
     visible: list[tuple[str, str]],
     base: str | None,
     descs: dict[str, Descriptor],
     report: Report,
 ) -> None:
-    kinds = {descs[cid].kind for cid, _ in visible}
-    if len(kinds) > 1:
-        report.add("incompatible", f"contributions mix kinds {sorted(kinds)}")
-        return
-    if base in descs and kinds <= {descriptor.DEFAULT_KIND}:
-        ref, ref_what = checks.tensor_table(descs[base].raw), "the base"
-    elif visible:
-        ref, ref_what = checks.tensor_table(descs[visible[0][0]].raw), visible[0][1]
-        visible = visible[1:]
-    else:
-        return
-    for cid, what in visible:
-        table = checks.tensor_table(descs[cid].raw)
-        for diff in checks.table_differences(table, ref, what, ref_what):
-            report.add("incompatible", diff)
+    """The rule resolve's plan applies (``adapters.set_problems``): full models against the
+    base (or each other), LoRA adapters against the base and each other, the adapter output
+    only for adapters; so verify passes exactly the sets that resolve."""
+    from ..strategies import registry  # imports torch: only the full CLI check comes here
+
+    try:
+        base_used = registry.get_strategy(manifest.strategy()["name"]).base != "ignored"
+    except CrdtError:
+        base_used = True  # the unknown strategy is reported by _check_registers
+    base_desc = descs.get(base) if base is not None else None
+    if base is not None and base_desc is None:
+        return  # a missing or broken base is reported already
+    members, problems = adapters.members(store, base_desc, [(w, descs[c]) for c, w in visible])
+    problems += adapters.set_problems(
+        base_desc,
+        members,
+        base_used=base_used,
+        adapter_output=manifest.adapter_rank() is not None,
+    )
+    config_from = manifest.config_from()
+    if config_from is not None and config_from not in {c for c, _ in visible} | {base}:
+        problems.append(
+            f"register config_from names {config_from[:12]}, which is not a visible "
+            "contribution; set it again with 'git crdt output --config-from NAME'"
+        )
+    for msg in problems:
+        report.add("incompatible", msg)
 
 
 def _check_registers(

@@ -201,7 +201,10 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     base_label = f"the base ({base_id[:12]})" if base_id is not None else ""
     files, left_out = output_files(
         None if base_desc is None else (base_label, base_desc),
-        [(cid, name, d) for (cid, name), d in zip(contributions, descriptors, strict=True)],
+        [
+            (cid, label, d)
+            for (cid, _), label, d in zip(contributions, labels, descriptors, strict=True)
+        ],
         manifest.config_from(),
         adapter_rank is not None,
         base_id,
