@@ -349,7 +349,7 @@ def check_fits(
             data = source.aux[adapters.ADAPTER_CONFIG].read_bytes()
             config = adapters.parse_config(data, what)
             adapter = (config, adapters.modules(config, table, what, names))
-        members.insert(0, adapters.Member(what, new, adapter))
+        members.append(adapters.Member(what, new, adapter))  # compared with the set
     # No base yet: adapters are checked against it when it is set (and resolve needs one).
     problems += adapters.set_problems(base, members, base_used=base is not None, require_base=False)
     if problems:
