@@ -292,7 +292,7 @@ def test_base_files_model_card_and_code_left_out(tmp_path: Path, llama: dict[str
         assert c["name"] in card and c["id"] in card
         assert f"| {c['name']} | lora | {c['weight']!r} | `{c['id']}` |" in card
     assert record["merkle_root"] in card and record["tool"] in card
-    assert "```yaml\nmerge_method: \"linear\"" in card
+    assert '```yaml\nmerge_method: "linear"' in card
     assert 'model: "math"' in card and "weight: 2.0" in card
     assert "git crdt add-contribution MATH_PATH --name 'math' --weight 2.0" in card
     assert "git crdt resolve  # Merkle root " + record["merkle_root"] in card

@@ -162,7 +162,7 @@ def test_same_set_through_different_merge_orders_gives_identical_files(
             outcome = resolve(Repo.open(r))
             assert not outcome.cache_hit
             per_clone.append(digests(outcome.output))
-        assert sorted(per_clone[0]) == ["model.safetensors", "resolution.json"]
+        assert sorted(per_clone[0]) == ["README.md", "model.safetensors", "resolution.json"]
         for found in per_clone[1:]:
             assert found == per_clone[0], f"strategy {name}: clones disagree"
         results[name] = per_clone[0]
@@ -179,7 +179,11 @@ def test_two_unit_weight_contributions_give_the_exact_float32_average(tmp_path: 
     add(repo, m2)
     merged = resolve_here(repo)
     assert merged == repo / "merged"
-    assert sorted(p.name for p in merged.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     got = arrays(merged / "model.safetensors")
     a, b = arrays(m1), arrays(m2)
     assert sorted(got) == sorted(SHAPES)
@@ -231,7 +235,7 @@ def test_small_max_shard_size_gives_shards_and_an_index_covering_every_tensor_on
     merged = Path(resolve_cli(repo, "--max-shard-size", "20000")["output"])
     shards = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
     assert sorted(p.name for p in merged.iterdir()) == sorted(
-        [*shards, "model.safetensors.index.json", "resolution.json"]
+        ["README.md", *shards, "model.safetensors.index.json", "resolution.json"]
     )
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     weight_map = index["weight_map"]
@@ -385,7 +389,11 @@ def test_output_option_writes_into_the_given_folder(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "model-out"
     out = resolve_cli(repo, "--output", str(target))
     assert Path(out["output"]) == target
-    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     assert not (repo / "merged").exists()
     # the output register moves the default folder
     crdt(repo, "output", "models/merged-here")
@@ -512,7 +520,11 @@ def test_republishing_replaces_the_output_folder_whole_without_stale_files(
     assert (merged / "model.safetensors.index.json").is_file()
     add(repo, model(tmp_path, 3))
     resolve_here(repo)
-    assert sorted(p.name for p in merged.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     assert leftovers(repo) == []
 
 
