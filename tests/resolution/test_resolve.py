@@ -291,8 +291,9 @@ def test_resolution_json_records_root_strategy_params_base_and_contributions(
     assert record["params"] == {"density": 0.5}
     assert record["base"] == base == st["base"]
     assert record["compute_dtype"] == "float32"
+    names = {cid: json.loads(crdt(repo, "show", cid, "--json").stdout)["name"] for cid in ids}
     assert record["contributions"] == [
-        {"id": cid, "weight": w}
+        {"id": cid, "kind": "full", "name": names[cid], "weight": w}
         for cid, w in sorted(zip(ids, (1.5, 0.5), strict=True))  # canonical order: by id
     ]
     with safe_open(str(merged / "model.safetensors"), framework="pt") as f:
@@ -316,6 +317,7 @@ def test_hf_base_directory_config_and_tokenizer_are_copied_to_the_output(tmp_pat
     choose(repo, "ties", density=0.5)
     merged = resolve_here(repo)
     assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "resolution.json",
