@@ -32,10 +32,18 @@ IncludeCodeOpt = Annotated[
 ]
 
 
-def note_skipped(skipped: list[str]) -> None:
-    """One line naming the folder's files that were not kept (never dropped silently)."""
-    if skipped:
-        err.print(f"not kept: {'; '.join(skipped)}", markup=False, soft_wrap=True)
+def note_skipped(result: contributions.IngestResult) -> None:
+    """One line naming the folder's files that were not kept (never dropped silently), and a
+    warning naming the program code that was (--include-code)."""
+    if result.skipped:
+        err.print(f"not kept: {'; '.join(result.skipped)}", markup=False, soft_wrap=True)
+    if result.code:
+        err.print(
+            f"git-crdt: warning: kept program code {', '.join(result.code)}: a merged model "
+            "holding it runs it under from_pretrained(trust_remote_code=True)",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("add-contribution")
@@ -83,7 +91,7 @@ def add_contribution(
             f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
             markup=False,
         )
-        note_skipped(result.skipped)
+        note_skipped(result)
 
     run_reported(
         "ingest",
@@ -182,7 +190,7 @@ def set_base(
 
     def describe(result: contributions.IngestResult) -> None:
         err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
-        note_skipped(result.skipped)
+        note_skipped(result)
 
     run_reported(
         "ingest",

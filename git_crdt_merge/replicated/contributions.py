@@ -39,6 +39,7 @@ class IngestResult:
     new_objects: int
     already_present: bool = False
     skipped: list[str] = field(default_factory=list)  # files of the folder not kept, and why
+    code: list[str] = field(default_factory=list)  # program code kept (--include-code)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -236,9 +237,9 @@ def add_contribution(
             with repo.transaction() as env:
                 store.flush(env)
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
-            found = IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
-            found.skipped = source.skipped
-            return found
+            return IngestResult(
+                cid, dict(visible)[cid], n_tensors, total, 0, 0, True, source.skipped, source.code
+            )
         for other_id, other_name in visible:
             if other_name == name:  # nothing staged yet: refused before any index change
                 raise InputError(
@@ -267,13 +268,23 @@ def add_contribution(
             if any(other_id == cid for other_id, _ in visible):
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)  # completes an earlier add
                 return IngestResult(
-                    cid, name, n_tensors, total, new_bytes, new_objects, True, source.skipped
+                    cid,
+                    name,
+                    n_tensors,
+                    total,
+                    new_bytes,
+                    new_objects,
+                    True,
+                    source.skipped,
+                    source.code,
                 )
             manifest = manifest.with_records(
                 [add_record(new_tag(), cid, name, message, desc=address)]
             )
             repo.write_manifest(manifest, env)
-    return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, False, source.skipped)
+    return IngestResult(
+        cid, name, n_tensors, total, new_bytes, new_objects, False, source.skipped, source.code
+    )
 
 
 def repository_chunk_size(manifest: Manifest, override: int | None = None) -> int:
@@ -448,7 +459,7 @@ def set_base(
         cid, total, n_tensors = plan.id, plan.total_bytes(), len(plan.tensors)
         if manifest.base() == cid:
             return IngestResult(
-                cid, default_name(path), n_tensors, total, 0, 0, True, source.skipped
+                cid, default_name(path), n_tensors, total, 0, 0, True, source.skipped, source.code
             )
         size = repository_chunk_size(manifest, chunk_size)
         address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
@@ -456,7 +467,15 @@ def set_base(
             new_objects = store.flush(env)
     set_register(repo, "base", {"desc": address, "id": cid})
     return IngestResult(
-        cid, default_name(path), n_tensors, total, new_bytes, new_objects, False, source.skipped
+        cid,
+        default_name(path),
+        n_tensors,
+        total,
+        new_bytes,
+        new_objects,
+        False,
+        source.skipped,
+        source.code,
     )
 
 

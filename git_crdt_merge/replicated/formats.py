@@ -80,6 +80,11 @@ class ModelSource:
     pickled: bool = False
     skipped: list[str] = field(default_factory=list)  # files of the folder not kept, and why
 
+    @property
+    def code(self) -> list[str]:
+        """The program code files kept (only with ``--include-code``)."""
+        return sorted(n for n in self.aux if is_code(n))
+
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
@@ -145,6 +150,8 @@ def side_files(path: Path, *, include_code: bool = False) -> tuple[dict[str, Pat
             skipped.append(f"{name} (a hidden or oddly named file)")
         elif is_code(name) and not include_code:
             skipped.append(f"{name} (program code; pass --include-code to keep it)")
+        elif is_code(name) and f.stat().st_size <= MAX_AUX_BYTES and len(aux) < MAX_SIDE_FILES:
+            aux[name] = f  # asked for: kept, and said (ModelSource.code)
         elif f.stat().st_size > MAX_AUX_BYTES:
             if name in AUX_FILES:
                 raise InputError(f"{f}: larger than {MAX_AUX_BYTES} bytes")

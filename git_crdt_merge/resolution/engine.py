@@ -164,6 +164,12 @@ def statistics_pass(
     )
 
 
+def lowrank_bytes(plan: Plan, largest: int, compute_dtype: str) -> int:
+    """Memory the plan's LoRA deltas add to the slots, for the largest tensor of ``largest``
+    elements (0 without adapters): :func:`lowrank.extra_bytes`."""
+    return lowrank_mod.extra_bytes(plan.lowrank, largest, COMPUTE_DTYPES[compute_dtype])
+
+
 def resolution_record(
     plan: Plan,
     compute_dtype: str,

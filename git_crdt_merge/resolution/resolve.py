@@ -7,6 +7,7 @@ result into the cache under a temporary name, renames it into place and publishe
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -152,7 +153,13 @@ def resolve_to_cache(
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
-    check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
+    largest = max((math.prod(s.shape) for s in plan.specs), default=0)
+    check_memory(
+        max((s.nbytes for s in plan.specs), default=0),
+        len(plan.descriptors) + 1,
+        # LoRA: the float64 product B @ A and each adapter's materialised input
+        engine.lowrank_bytes(plan, largest, compute_dtype),
+    )
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)
@@ -206,15 +213,17 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_memory(largest: int, inputs: int) -> None:
+def check_memory(largest: int, inputs: int, extra: int = 0) -> None:
     """Refuse a resolution whose buffers alone (one slot per input, plus the result and
     temporaries, each the largest tensor) cannot fit: a descriptor that lists one small chunk
     many times claims a tensor far larger than its objects, and must be a one-line error, not
-    an out-of-memory kill."""
-    need = largest * (inputs + 3)
+    an out-of-memory kill.  ``extra``: further buffers of the plan (LoRA deltas)."""
+    need = largest * (inputs + 3) + extra
     have = available_memory()
     if have is not None and need > have:
         raise ResolveError(
             f"resolving needs about {need / 1e9:.1f} GB of memory (largest tensor "
-            f"{largest / 1e9:.2f} GB x {inputs + 3}), {have / 1e9:.1f} GB is available"
+            f"{largest / 1e9:.2f} GB x {inputs + 3}"
+            + (f", plus {extra / 1e9:.2f} GB for LoRA deltas" if extra else "")
+            + f"), {have / 1e9:.1f} GB is available"
         )

@@ -365,3 +365,35 @@ def test_gpt2_fan_in_fan_out_adapters_and_tied_head(tmp_path: Path) -> None:
         assert (merged[name].double() - want).abs().max().item() < 1e-6, name
     model = _loaded(repo / "merged")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_memory_check_counts_the_lora_product_buffers(
+    tmp_path: Path, llama: dict[str, Path]
+) -> None:
+    from git_crdt_merge.replicated.repo import Repo
+    from git_crdt_merge.replicated.store import ObjectStore
+    from git_crdt_merge.resolution import engine
+
+    repo = _repo_with(tmp_path, llama, "a", "b")
+    store = ObjectStore(repo)
+    plan = engine.make_plan(store, Repo.open(repo).read_manifest())
+    assert plan.lowrank is not None
+    n = max(math.prod(s.shape) for s in plan.specs)
+    factor = plan.lowrank.largest_factor()
+    assert factor == 4 * 32 * 4  # rank 4 x 32 float32
+    # one float64 product, then per adapter a float32 input and its two factors
+    assert engine.lowrank_bytes(plan, n, "float32") == 8 * n + 2 * (4 * n + 2 * factor)
+    assert engine.lowrank_bytes(plan, n, "float64") == 8 * n + 2 * (8 * n + 2 * factor)
+
+
+def test_code_files_are_copied_only_when_asked_for(tmp_path: Path, llama: dict[str, Path]) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    added = crdt(repo, "set-base", str(llama["base"]), "--include-code")
+    assert "warning: kept program code modeling_custom.py" in added.stderr
+    crdt(repo, "add-contribution", str(llama["a"]), "--name", "a")
+    crdt(repo, "resolve")
+    out = repo / "merged"
+    assert (out / "modeling_custom.py").read_text() == "raise SystemExit('never run')\n"
+    record = json.loads((out / "resolution.json").read_text())
+    assert record["files"]["copied"]["modeling_custom.py"].startswith("the base")
+    assert "`modeling_custom.py` from the base" in (out / "README.md").read_text()
