@@ -18,6 +18,7 @@ from .app import (
     fail,
     handle_errors,
     open_repo,
+    size_arg,
 )
 from .render import human_bytes
 
@@ -88,7 +89,7 @@ def gc(
     max_bytes: Annotated[
         str | None,
         typer.Option(
-            "--max-bytes", help="Cache size budget, e.g. 20g (default: crdt.cacheMaxBytes)."
+            "--max-bytes", help="Cache size budget, e.g. 10GB (default: crdt.cacheMaxBytes)."
         ),
     ] = None,
     json_: JsonOpt = False,
@@ -100,7 +101,8 @@ def gc(
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()
-        budget = cache.parse_size(max_bytes) if max_bytes is not None else cache.cache_budget(repo)
+        budget = size_arg(max_bytes, "--max-bytes") if max_bytes is not None else None
+        budget = budget if budget is not None else cache.cache_budget(repo)
         with repo.lock():
             result = cache.prune(repo, cache.reachable_roots(repo), budget)
     if json_:

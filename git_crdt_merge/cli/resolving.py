@@ -9,7 +9,6 @@ import typer
 
 from ..errors import UsageError
 from ..replicated import contributions
-from ..resolution.cache import DEFAULT_MAX_SHARD
 from .app import (
     JsonOpt,
     QuietOpt,
@@ -19,6 +18,7 @@ from .app import (
     handle_errors,
     open_repo,
     run_reported,
+    size_arg,
 )
 
 
@@ -30,8 +30,9 @@ def resolve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compute_dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     max_shard_size: Annotated[
-        int, typer.Option(min=1, help="Largest output shard in bytes.")
-    ] = DEFAULT_MAX_SHARD,
+        str | None,
+        typer.Option(help="Largest output shard, e.g. 2GB (default: crdt.maxShardSize, else 5GB)."),
+    ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -39,6 +40,7 @@ def resolve(
     from ..resolution.resolve import Outcome
     from ..resolution.resolve import resolve as do_resolve
 
+    max_shard = size_arg(max_shard_size, "--max-shard-size", 1)
     if device not in ("cpu", "cuda"):
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
 
@@ -56,7 +58,7 @@ def resolve(
             output=output,
             device=device,
             compute_dtype=compute_dtype,
-            max_shard=max_shard_size,
+            max_shard=max_shard,
             on_start=start,
             progress=advance,
         ),

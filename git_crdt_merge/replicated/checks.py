@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from . import alignment
 from .descriptor import DEFAULT_KIND, DEFAULT_WEIGHT
 from .extras import KINDS as EXTRA_KINDS
 from .formats import DTYPE_SIZES, ModelSource, check_tensor_name, iter_tensors
@@ -75,18 +76,18 @@ def tensor_table(desc: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...
 
 
 def table_differences(a: TensorTable, b: TensorTable, what_a: str, what_b: str) -> list[str]:
-    """Every way tables ``a`` and ``b`` disagree (names, dtypes, shapes), one line each."""
+    """Every way tables ``a`` and ``b`` disagree (names, dtypes, shapes) that a merge does not
+    absorb, one line each.  Absorbed (:mod:`.alignment`): float dtypes, resized vocabularies
+    and a tied head."""
     out = []
-    for name in sorted(set(a) - set(b))[:5]:
+    for name in [n for n in sorted(set(a) - set(b)) if not alignment.missing_is_allowed(n)][:5]:
         out.append(f"{what_a} has tensor {name!r} that {what_b} lacks")
-    for name in sorted(set(b) - set(a))[:5]:
+    for name in [n for n in sorted(set(b) - set(a)) if not alignment.missing_is_allowed(n)][:5]:
         out.append(f"{what_a} lacks tensor {name!r} that {what_b} has")
     for name in sorted(set(a) & set(b)):
-        (da, sa), (db, sb) = a[name], b[name]
-        if sa != sb:
-            out.append(f"tensor {name!r} has shape {list(sa)} in {what_a}, {list(sb)} in {what_b}")
-        elif da != db:
-            out.append(f"tensor {name!r} has dtype {da} in {what_a}, {db} in {what_b}")
+        why = alignment.difference(name, a[name], b[name], what_a, what_b)
+        if why is not None:
+            out.append(why)
         if len(out) >= 10:
             break
     return out

@@ -17,8 +17,17 @@ from typing import Any
 import blake3
 
 from .. import faults
-from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
+from ..errors import (
+    CrdtError,
+    InputError,
+    ManifestError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+    did_you_mean,
+)
 from ..git import commands as gitops
+from ..vocabulary import OUTPUT_DTYPE_ALIASES
 from . import checks, descriptor, extras, formats
 from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
 from .reader import read_descriptor
@@ -342,7 +351,10 @@ def find_contribution(manifest: Manifest, name_or_id: str) -> str:
             return by_id[0]
         if len(by_id) > 1:
             raise InputError(f"id prefix {name_or_id!r} is ambiguous")
-    raise NotFoundError(f"no visible contribution named {name_or_id!r} (see 'git crdt list')")
+    close = did_you_mean(name_or_id, [name for _, name in visible])
+    raise NotFoundError(
+        f"no visible contribution named {name_or_id!r}{close} (see 'git crdt list')"
+    )
 
 
 def remove_contribution(repo: Repo, name_or_id: str) -> str:
@@ -488,3 +500,18 @@ def set_chunk_size(repo: Repo, size: int) -> None:
     """Set the repository's chunk size (a replicated register every clone agrees on)."""
     repository_chunk_size(Manifest(), size)
     set_register(repo, "chunk_size", size)
+
+
+def set_output_dtype(repo: Repo, name: str) -> str | None:
+    """Declare the merged model's float dtype (``bf16``, ``fp16``, ``fp32``, ``fp64``, their
+    torch names, or ``keep``: each tensor keeps its source's dtype), a replicated register in
+    the Merkle root.  Returns the register value written (None for keep)."""
+    key = name.strip().lower()
+    if key not in OUTPUT_DTYPE_ALIASES:
+        raise UsageError(
+            f"unknown output dtype {name!r}{did_you_mean(key, OUTPUT_DTYPE_ALIASES)}; "
+            "choose one of bf16, fp16, fp32, fp64, keep"
+        )
+    value = OUTPUT_DTYPE_ALIASES[key]
+    set_register(repo, "output_dtype", value)
+    return value

@@ -18,7 +18,9 @@ Record kinds (``op``):
             The register's value is the write with the greatest ``(clock, replica, record hash)``.
             ``base`` holds a contribution id (format 1) or ``{"desc": D, "id": C}``;
             ``chunk_size`` the repository's chunk size in bytes (a storage choice, outside the
-            Merkle root).
+            Merkle root); ``output_dtype`` the dtype of the merged floating tensors
+            (``"bfloat16"``, ``"float16"``, ``"float32"``, ``"float64"``, or null: each keeps
+            its source's dtype), in the Merkle root only when not null.
 
 Everything a replica derives (visible contributions, register values, Merkle root) is a pure
 function of the record set.  This module imports neither torch nor git: the merge driver runs it.
@@ -36,7 +38,8 @@ import blake3
 
 from .. import FORMAT_VERSION
 from ..bounded import json_depth
-from ..errors import ManifestError
+from ..errors import ManifestError, did_you_mean
+from ..vocabulary import OUTPUT_DTYPES
 
 CRDT_DIR = ".crdt"
 MANIFEST_PATH = f"{CRDT_DIR}/manifest"
@@ -52,7 +55,7 @@ ID_RE = re.compile(r"[0-9a-f]{64}\Z")
 REPLICA_RE = re.compile(r"[0-9a-f]{16,64}\Z")
 KEY_RE = re.compile(r"[a-z][a-z0-9_.]{0,63}\Z")
 # Register keys this format version knows, with the validator of their value.
-REGISTER_KEYS = ("base", "chunk_size", "output", "strategy")
+REGISTER_KEYS = ("base", "chunk_size", "output", "output_dtype", "strategy")
 MAX_CHUNK_SIZE = 1024**3  # store.MAX_OBJECT_BYTES (this module imports no store)
 DEFAULT_STRATEGY: dict[str, Any] = {"name": "linear", "params": {}}
 DEFAULT_OUTPUT = "merged"
@@ -122,6 +125,11 @@ def _check_register_value(key: str, value: Any) -> None:
             raise ManifestError(f"register 'chunk_size' must be 1 to {MAX_CHUNK_SIZE} bytes")
     elif key == "output":
         _check_output_path(value)
+    elif key == "output_dtype":
+        if value is not None and value not in OUTPUT_DTYPES:
+            raise ManifestError(
+                f"register 'output_dtype' must be one of {', '.join(OUTPUT_DTYPES)} or null"
+            )
     elif key == "strategy":
         if not isinstance(value, dict) or set(value) != {"name", "params"}:
             raise ManifestError('register \'strategy\' must be {"name": ..., "params": {...}}')
@@ -201,7 +209,9 @@ def parse_record(line: str) -> Record:
             {"op", "key", "value", "clock", "replica"},
         )
         if not isinstance(obj["key"], str) or obj["key"] not in REGISTER_KEYS:
-            raise ManifestError(f"unknown register {obj['key']!r}")
+            key = obj["key"]
+            close = did_you_mean(key, REGISTER_KEYS) if isinstance(key, str) else ""
+            raise ManifestError(f"unknown register {key!r}{close}")
         if not _is_int(obj["clock"]) or not 0 < obj["clock"] < 2**53:
             raise ManifestError("'clock' must be a positive integer")
         if not isinstance(obj["replica"], str) or not REPLICA_RE.match(obj["replica"]):
@@ -405,6 +415,11 @@ class Manifest:
             return str(value["id"])
         return value if isinstance(value, str) else None
 
+    def output_dtype(self) -> str | None:
+        """The dtype of the merged floating tensors (None: each keeps its source's dtype)."""
+        value = self.register("output_dtype")
+        return value if isinstance(value, str) else None
+
     def chunk_size(self) -> int | None:
         """The repository's chunk size (None: not set, the tool's default applies)."""
         value = self.register("chunk_size")
@@ -447,12 +462,15 @@ class Manifest:
     def resolution_config(self) -> dict[str, Any]:
         """What besides the set decides the merged model: one Merkle leaf."""
         strategy = self.strategy()
-        return {
+        config: dict[str, Any] = {
             "base": self.base(),
             "format": FORMAT_VERSION,
             "params": strategy["params"],
             "strategy": strategy["name"],
         }
+        if self.output_dtype() is not None:  # absent: the roots of earlier sets stay the same
+            config["output_dtype"] = self.output_dtype()
+        return config
 
     def merkle_root(self) -> str:
         """blake3 Merkle root over the sorted visible ids plus the resolution-config leaf."""

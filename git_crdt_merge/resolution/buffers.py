@@ -46,12 +46,12 @@ def load_inputs(
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], dict[str, list[torch.Tensor | None]]]:
     """Read every input of one tensor name into ``slots``: (base, contributions, extras)."""
     tensors = [
-        slots.load(i, store, d.tensors[spec.name]).to(device)
-        for i, d in enumerate(plan.descriptors)
+        slots.load(i, store, plan.entry(i, spec.name)).to(device)
+        for i in range(len(plan.descriptors))
     ]
     base = None
     if plan.base is not None:
-        base = slots.load(len(tensors), store, plan.base.tensors[spec.name]).to(device)
+        base = slots.load(len(tensors), store, plan.entry(len(tensors), spec.name)).to(device)
     extras: dict[str, list[torch.Tensor | None]] = {}
     slot = 0
     for kind, infos in plan.extra_infos(spec.name).items():

@@ -29,9 +29,9 @@ from ..numerics import COMPUTE_DTYPES, RandomStream
 from ..replicated import checks
 from ..replicated.formats import MAX_AUX_BYTES
 from ..replicated.store import ObjectStore
-from ..replicated.tensorio import TORCH_TO_NAME
+from ..replicated.tensorio import NAME_TO_TORCH, TORCH_TO_NAME
 from ..strategies import registry
-from . import cache
+from . import align, cache
 from .buffers import InputSlots, load_inputs
 from .cache import cache_key, seed_of
 from .heap import bound_heap, release_free_heap
@@ -62,6 +62,13 @@ def merge_tensor(
     Side tensors the strategy computed for this name are appended to ``side``."""
     extra_slots = extra_slots or InputSlots(0, 0)
     base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
+    output_dtype = NAME_TO_TORCH[spec.dtype]
+    tail = None
+    if _resized(spec, base, tensors):  # a resized vocabulary (align): rows merged apart
+        weights = plan.weights if plan.strategy.uses_weights else [1.0] * len(tensors)
+        tensors, tail = align.split_rows(
+            base, tensors, weights, spec.shape[0], compute, output_dtype
+        )
     side_tensors: dict[str, torch.Tensor] | None = {} if side is not None else None
     out = registry.run_strategy(
         plan.strategy,
@@ -77,11 +84,28 @@ def merge_tensor(
         extras=extras,
         model=model,
         side=side_tensors,
+        output_dtype=output_dtype,
     )
+    if tail is not None:
+        out = torch.cat([out, tail.to(out.device)])
     if side is not None and side_tensors:
         for key, tensor in side_tensors.items():
             side.add(key, tensor.to("cpu"))
     return out.to("cpu")
+
+
+def _resized(spec: TensorSpec, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> bool:
+    """Whether the inputs of ``spec`` differ in row count (a resized vocabulary)."""
+    return any(list(t.shape) != spec.shape for t in (base, *tensors) if t is not None)
+
+
+def _shared_rows(
+    spec: TensorSpec, base: torch.Tensor | None, tensors: list[torch.Tensor], compute: torch.dtype
+) -> list[torch.Tensor]:
+    """For the statistics pass: the rows of a resized vocabulary the strategy merges."""
+    if not _resized(spec, base, tensors):
+        return tensors
+    return align.split_rows(base, tensors, [1.0] * len(tensors), spec.shape[0], compute, compute)[0]
 
 
 def statistics_pass(
@@ -100,6 +124,7 @@ def statistics_pass(
     ids = [cid for cid, _ in plan.contributions]
     for spec in plan.specs:
         base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
+        tensors = _shared_rows(spec, base, tensors, compute)
         summaries[spec.name] = registry.collect_statistics(
             plan.strategy,
             spec.name,
@@ -122,6 +147,7 @@ def statistics_pass(
         if name not in by_name:
             raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
         base, tensors, extras = load_inputs(plan, by_name[name], store, device, slots, extra_slots)
+        tensors = _shared_rows(by_name[name], base, tensors, compute)
         inputs = registry.prepare_inputs(
             plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
         )
@@ -189,12 +215,13 @@ def compute(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
-    bound_heap(max((spec.nbytes for spec in plan.specs), default=0))
+    largest = plan.largest_input()
+    bound_heap(largest)
     rng = RandomStream.from_seed(seed_of(plan.root))
     layout = shard_layout(plan.specs, max_shard)
     names = shard_names(len(layout))
     metadata = {"format": "pt", "merkle_root": plan.root}
-    slots = InputSlots(len(plan.descriptors) + 1, max((s.nbytes for s in plan.specs), default=0))
+    slots = InputSlots(len(plan.descriptors) + 1, largest)
     extra_slots = InputSlots(
         len(plan.descriptors) * len(plan.strategy.extra_inputs), plan.largest_extra()
     )

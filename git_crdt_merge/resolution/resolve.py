@@ -86,12 +86,15 @@ def resolve(
     output: Path | None = None,
     device: str = "cpu",
     compute_dtype: str = "float32",
-    max_shard: int = cache.DEFAULT_MAX_SHARD,
+    max_shard: int | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register)."""
+    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register);
+    ``max_shard`` defaults to the ``crdt.maxShardSize`` setting."""
     repo.require_initialized()
+    if max_shard is None:
+        max_shard = cache.max_shard_setting(repo)
     if compute_dtype not in COMPUTE_DTYPE_NAMES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     if max_shard < 1:
@@ -152,7 +155,7 @@ def resolve_to_cache(
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
     check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
-    check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
+    check_memory(plan.largest_input(), len(plan.descriptors) + 1)
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)

@@ -3,7 +3,7 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
+__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size output-dtype remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
@@ -15,6 +15,7 @@ __git_crdt_options() {
         add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         set-weight) echo '--json -h --help' ;;
         chunk-size) echo '--json -h --help' ;;
+        output-dtype) echo '--json -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
         set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         strategy) echo '-p --param -h --help' ;;

@@ -101,11 +101,14 @@ def run_strategy(
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     model: ModelValues | None = None,
     side: dict[str, torch.Tensor] | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
 
-    ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
-    strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
+    ``params`` are the output of :func:`resolve_params`.  The output dtype of a floating tensor
+    is ``output_dtype`` when given, else the base's when the strategy uses a base, else the
+    first contribution's (canonical order); inputs of other float dtypes are cast on
+    conversion to ``compute_dtype``.  Non-floating tensors
     (position ids, masks, counters) are passed through unchanged from that same source: averaging
     integers has no meaning that every tool would agree on.  Inputs are converted to
     ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
@@ -138,6 +141,8 @@ def run_strategy(
     )
     if inputs is None:
         return source.clone()
+    if output_dtype is not None:
+        storage_dtype = output_dtype
     # factory calls inside strategies and numerics (zeros, empty, tensor ...) allocate on the
     # inputs' device, so that --device cuda runs the same code
     with numerics.on_device(source.device):

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import plugins
-from ..errors import ResolveError
+from ..errors import ResolveError, did_you_mean
 from .declarations import REQUIRED, Param, Strategy
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -53,8 +53,11 @@ def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[key]
     except KeyError:
-        known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
-        raise ResolveError(f"unknown strategy {name!r}; known strategies: {known}") from None
+        names = sorted([*_REGISTRY, *_ALIASES])
+        raise ResolveError(
+            f"unknown strategy {name!r}{did_you_mean(name, names)}; known strategies: "
+            f"{', '.join(names)}"
+        ) from None
 
 
 def all_strategies() -> list[Strategy]:
@@ -174,7 +177,8 @@ def resolve_params(
     if unknown:
         accepted = ", ".join(sorted(known)) or "none"
         raise ResolveError(
-            f"strategy {strategy.name}: unknown parameter {unknown[0]!r} (accepted: {accepted})"
+            f"strategy {strategy.name}: unknown parameter {unknown[0]!r}"
+            f"{did_you_mean(unknown[0], known)} (accepted: {accepted})"
         )
     resolved: dict[str, Any] = {}
     for param in strategy.params:
@@ -212,10 +216,11 @@ def check_contract(strategy: Strategy, n_contributions: int, has_base: bool) -> 
 def check_weights(
     strategy: Strategy, weights: Sequence[float], contributions: Sequence[tuple[str, str]]
 ) -> None:
-    """Raise :class:`ResolveError` if ``strategy`` takes no weights but a contribution has one.
+    """Raise :class:`ResolveError` if ``strategy`` takes no weights but a contribution has one
+    (unless the strategy accepts and ignores them: ``Strategy.weights_ignored``).
 
     ``weights`` and ``contributions`` ((id, name) pairs) are aligned, in canonical order."""
-    if strategy.uses_weights:
+    if strategy.uses_weights or strategy.weights_ignored:
         return
     for (cid, cname), weight in zip(contributions, weights, strict=True):
         if weight != 1.0:
