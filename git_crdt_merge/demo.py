@@ -105,13 +105,17 @@ class Digits:
     y_test: np.ndarray
 
 
+DEMO_INSTALL = "pip install 'git-crdt-merge[demo]'"
+"""How to get the demo's one extra dependency (the ``demo`` extra of pyproject.toml)."""
+
+
 def load_data() -> Digits:
     """The 1797 8x8 digits bundled with scikit-learn, scaled to [0, 1], a fixed 70/30 split."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise UsageError(
-            "the demo needs scikit-learn (pip install scikit-learn); it ships the digits data"
+            f"the demo needs scikit-learn, which ships its digits data: {DEMO_INSTALL}"
         ) from None
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)

@@ -93,7 +93,10 @@ def log(
     rev: Annotated[str, typer.Argument(help="Revision to start from.")] = "HEAD",
     json_: JsonOpt = False,
 ) -> None:
-    """Every manifest record with the commit that introduced it."""
+    """Every manifest record with the commit that introduced it.
+
+    --json: a list of {"commit", "subject", "record": the record as a JSON object, "line": its
+    canonical text in the manifest}; commit is null for a record not committed yet."""
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()

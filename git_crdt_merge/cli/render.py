@@ -227,7 +227,7 @@ def print_show(console: Console, data: dict[str, Any]) -> None:
 def log_table(entries: list[dict[str, Any]]) -> Table:
     """``git crdt log``: one row per record, summarised (``--json`` has the records as they
     are)."""
-    records = [json.loads(e["record"]) for e in entries]
+    records = [e["record"] or {"op": "?", "line": e["line"]} for e in entries]
     names = {r["tag"]: f"{r['name']} {r['id'][:12]}" for r in records if r.get("op") == "add"}
     table = Table("commit", "subject", "op", "record")
     for e, rec in zip(entries, records, strict=True):
