@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, did_you_mean
 from ..vocabulary import EXTRA_INPUT_KINDS
 from . import formats
 
@@ -89,7 +89,10 @@ def load_extra(
     """The tensors of extra input ``kind`` at ``path``, each checked against ``model``
     (tensor name -> shape).  Raises a one-line :class:`InputError` on the first problem."""
     if kind not in KINDS:
-        raise InputError(f"unknown extra-input kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise InputError(
+            f"unknown extra-input kind {kind!r}{did_you_mean(kind, KINDS)} "
+            f"(kinds: {', '.join(KINDS)})"
+        )
     if path.suffix != ".safetensors" or not path.is_file():
         raise InputError(f"--{kind} {path}: must be an existing .safetensors file")
     tensors = list(formats.iter_safetensors(path))

@@ -38,7 +38,7 @@ import blake3
 
 from .. import FORMAT_VERSION
 from ..bounded import json_depth
-from ..errors import ManifestError, did_you_mean
+from ..errors import ManifestError
 from ..vocabulary import OUTPUT_DTYPES
 
 CRDT_DIR = ".crdt"
@@ -209,9 +209,7 @@ def parse_record(line: str) -> Record:
             {"op", "key", "value", "clock", "replica"},
         )
         if not isinstance(obj["key"], str) or obj["key"] not in REGISTER_KEYS:
-            key = obj["key"]
-            close = did_you_mean(key, REGISTER_KEYS) if isinstance(key, str) else ""
-            raise ManifestError(f"unknown register {key!r}{close}")
+            raise ManifestError(f"unknown register {obj['key']!r}")
         if not _is_int(obj["clock"]) or not 0 < obj["clock"] < 2**53:
             raise ManifestError("'clock' must be a positive integer")
         if not isinstance(obj["replica"], str) or not REPLICA_RE.match(obj["replica"]):
