@@ -35,7 +35,9 @@ def parse_extra(text: str) -> tuple[str, Path]:
     if not sep or not kind or not path:
         raise InputError(f"--extra {text!r} must be KIND=PATH (kinds: {', '.join(KINDS)})")
     if kind not in KINDS:
-        raise InputError(f"--extra: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise InputError(
+            f"--extra: unknown kind {kind!r}{did_you_mean(kind, KINDS)} (kinds: {', '.join(KINDS)})"
+        )
     return kind, Path(path)
 
 

@@ -130,7 +130,7 @@ def test_a_mistyped_strategy_parameter_or_contribution_name_gets_a_suggestion(
     model = make_model(tmp_path / "models" / "x.safetensors", 5, SHAPES)
     proc = crdt(repo, "add-contribution", str(model), "--extra", f"fishr={model}", check=False)
     assert proc.returncode == 4
-    assert "unknown extra-input kind 'fishr' (did you mean 'fisher'?)" in proc.stderr
+    assert "unknown kind 'fishr' (did you mean 'fisher'?)" in proc.stderr
     proc = crdt(repo, "output-dtype", "bf61", check=False)
     assert proc.returncode == 2 and "(did you mean 'bf16'?)" in proc.stderr
 
