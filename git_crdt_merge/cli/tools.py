@@ -11,14 +11,7 @@ import typer
 
 from .. import __version__
 from ..errors import UsageError
-from .app import (
-    JsonOpt,
-    QuietOpt,
-    app,
-    emit_json,
-    err,
-    handle_errors,
-)
+from .app import JsonOpt, QuietOpt, app, emit_json, err, handle_errors
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

@@ -29,15 +29,7 @@ from .. import numerics
 from ..errors import ResolveError
 from ..plugins import FITNESS_GROUP, load_plugin, plugin_origin
 from . import common
-from .registry import (
-    ModelContext,
-    ModelPass,
-    ModelValues,
-    Param,
-    Strategy,
-    TensorInputs,
-    register,
-)
+from .registry import ModelContext, ModelPass, ModelValues, Param, Strategy, TensorInputs, register
 
 __all__ = ["Candidate", "merge_with_coefficients", "retention_loss"]
 
