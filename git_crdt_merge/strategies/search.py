@@ -349,6 +349,36 @@ def merge_with_coefficients(inputs: TensorInputs, params: Mapping[str, Any]) -> 
 # -- AdaMerging ---------------------------------------------------------------------------------
 
 
+def _search_loss(problem: Problem) -> Callable[[list[float]], float]:
+    """The plugin's loss, or the data-free task-retention loss over the layers."""
+
+    def loss(x: list[float]) -> float:
+        if problem.plugin is not None:
+            return problem.plugin_loss(x)
+        return problem.per_layer(x, retention_loss)
+
+    return loss
+
+
+def _descent_settings(
+    name: str, context: ModelContext, params: Mapping[str, Any]
+) -> tuple[int, float]:
+    """(steps, lr) of a search by Adam (ada_merging, dam), checked after the weights."""
+    _positive_weights(name, context)
+    steps: int = params["steps"]
+    lr: float = params["lr"]
+    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
+    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
+    return steps, lr
+
+
+def _fd_step(name: str, params: Mapping[str, Any]) -> float:
+    """The step of the central differences through a plugin objective, checked."""
+    h: float = params["fd_step"]
+    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    return h
+
+
 def _granularity(strategy: str, params: Mapping[str, Any]) -> bool:
     value = params["granularity"]
     _check(
@@ -361,15 +391,10 @@ def _granularity(strategy: str, params: Mapping[str, Any]) -> bool:
 
 def finish_ada_merging(context: ModelContext, params: Mapping[str, Any]) -> ModelValues:
     name = "ada_merging"
-    _positive_weights(name, context)
-    steps: int = params["steps"]
-    lr: float = params["lr"]
+    steps, lr = _descent_settings(name, context, params)
     init: float = params["init"]
-    h: float = params["fd_step"]
-    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
-    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
     _check(name, 0 <= init <= 1, f"parameter init must be in [0, 1], got {init}")
-    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    h = _fd_step(name, params)
     problem = Problem(
         name,
         context,
@@ -377,11 +402,7 @@ def finish_ada_merging(context: ModelContext, params: Mapping[str, Any]) -> Mode
         _plugin_or_none(name, params["objective"]),
         params["objective"],
     )
-
-    def loss(x: list[float]) -> float:
-        if problem.plugin is not None:
-            return problem.plugin_loss(x)
-        return problem.per_layer(x, retention_loss)
+    loss = _search_loss(problem)
 
     def grad(x: list[float]) -> list[float]:
         if problem.plugin is None:
@@ -475,13 +496,8 @@ def _dam_regularisers(
 
 def finish_dam(context: ModelContext, params: Mapping[str, Any]) -> ModelValues:
     name = "dam"
-    _positive_weights(name, context)
-    steps: int = params["steps"]
-    lr: float = params["lr"]
-    h: float = params["fd_step"]
-    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
-    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
-    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    steps, lr = _descent_settings(name, context, params)
+    h = _fd_step(name, params)
     for key in ("cosine_weight", "l1_weight", "l2_weight"):
         _check(name, params[key] >= 0, f"parameter {key} must be >= 0, got {params[key]}")
     problem = Problem(
@@ -571,15 +587,6 @@ def _center(context: ModelContext) -> list[float]:
         return [1.0] * len(context.weights)
     wsum = math.fsum(context.weights)
     return [w / wsum for w in context.weights]
-
-
-def _search_loss(problem: Problem) -> Callable[[list[float]], float]:
-    def loss(x: list[float]) -> float:
-        if problem.plugin is not None:
-            return problem.plugin_loss(x)
-        return problem.per_layer(x, retention_loss)
-
-    return loss
 
 
 def _stream_name(strategy: str) -> str:
