@@ -1,4 +1,4 @@
-"""Helpers shared by the strategy families that work on task vectors (consensus, spectral).
+"""Helpers shared by the strategy families (task vectors, weights, fractions, masks, Gram matrix).
 
 The base guard, task vectors tau_i = X_i - B computed in place, the weight total, fraction
 checks, an exact top-fraction mask, the exact Gram matrix of whole tensors (spherical, search)
