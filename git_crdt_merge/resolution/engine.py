@@ -43,23 +43,6 @@ from .plan import (
 from .writer import SideFile, safetensors_header, shard_layout, shard_names, write_tensor
 
 
-def _stored(
-    plan: Plan,
-    name: str,
-    base: torch.Tensor | None,
-    tensors: list[torch.Tensor],
-    extras: dict[str, list[torch.Tensor | None]],
-    rng: RandomStream,
-    compute: torch.dtype,
-) -> registry.StoredInputs:
-    """One tensor name's inputs from :func:`load_inputs`, as the strategy calls take them
-    (owned: the next read overwrites the slots anyway)."""
-    ids = [cid for cid, _ in plan.contributions]
-    return registry.StoredInputs(
-        name, base, tensors, ids, plan.weights, rng, compute, owned=True, extras=extras
-    )
-
-
 def merge_tensor(
     plan: Plan,
     spec: TensorSpec,
@@ -79,9 +62,22 @@ def merge_tensor(
     Side tensors the strategy computed for this name are appended to ``side``."""
     extra_slots = extra_slots or InputSlots(0, 0)
     base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
-    stored = _stored(plan, spec.name, base, tensors, extras, rng, compute)
     side_tensors: dict[str, torch.Tensor] | None = {} if side is not None else None
-    out = registry.merge_inputs(plan.strategy, stored, plan.params, model=model, side=side_tensors)
+    out = registry.run_strategy(
+        plan.strategy,
+        spec.name,
+        base,
+        tensors,
+        [cid for cid, _ in plan.contributions],
+        plan.weights,
+        plan.params,
+        rng,
+        compute,
+        owned=True,
+        extras=extras,
+        model=model,
+        side=side_tensors,
+    )
     if side is not None and side_tensors:
         for key, tensor in side_tensors.items():
             side.add(key, tensor.to("cpu"))
@@ -104,7 +100,9 @@ def statistics_pass(
     ids = [cid for cid, _ in plan.contributions]
     for spec in plan.specs:
         base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
-        stored = _stored(plan, spec.name, base, tensors, extras, rng, compute)
+        stored = registry.StoredInputs(
+            spec.name, base, tensors, ids, plan.weights, rng, compute, owned=True, extras=extras
+        )
         summaries[spec.name] = registry.collect_statistics(plan.strategy, stored, plan.params)
         numels[spec.name] = math.prod(spec.shape)
         del base, tensors, extras, stored
@@ -115,9 +113,10 @@ def statistics_pass(
         if name not in by_name:
             raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
         base, tensors, extras = load_inputs(plan, by_name[name], store, device, slots, extra_slots)
-        inputs = registry.prepare_inputs(
-            plan.strategy, _stored(plan, name, base, tensors, extras, rng, compute)
+        stored = registry.StoredInputs(
+            name, base, tensors, ids, plan.weights, rng, compute, extras=extras
         )
+        inputs = registry.prepare_inputs(plan.strategy, stored)
         if inputs is None:
             raise ResolveError(
                 f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"

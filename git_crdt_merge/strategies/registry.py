@@ -3,10 +3,9 @@
 A :class:`Strategy` names its parameters (:class:`Param`: type, default, shared or
 per-contribution), its input contract (base required / optional / ignored, how many
 contributions) and its merge function, whose docstring is the formula.  Validation
-(:func:`resolve_params`, :func:`check_contract`), execution (:func:`merge_inputs`,
-:func:`run_strategy`), the CLI help and ``docs/strategies.md`` all derive from that declaration.
-Strategies come only from installed code: :func:`register` is called by the modules of this
-package at import time.
+(:func:`resolve_params`, :func:`check_contract`), execution (:func:`run_strategy`), the CLI help
+and ``docs/strategies.md`` all derive from that declaration.  Strategies come only from installed
+code: :func:`register` is called by the modules of this package at import time.
 
 This module is the public face: the declarations are in :mod:`.declarations`, lookup and
 validation in :mod:`.validate`, execution in :mod:`.run`; everything is re-exported here.
@@ -32,7 +31,6 @@ from .run import (  # noqa: F401
     StoredInputs,
     collect_statistics,
     finish_statistics,
-    merge_inputs,
     prepare_inputs,
     run_strategy,
 )
@@ -64,7 +62,6 @@ __all__ = [
     "finish_statistics",
     "prepare_inputs",
     "get_strategy",
-    "merge_inputs",
     "register",
     "resolve_params",
     "run_strategy",

@@ -23,12 +23,8 @@ def _own(converted: torch.Tensor, original: torch.Tensor, owned: bool) -> torch.
 @dataclass(frozen=True)
 class StoredInputs:
     """One tensor name's inputs as read, before the checks and the conversion to compute dtype:
-    what :func:`merge_inputs`, :func:`collect_statistics` and :func:`prepare_inputs` take.
-
-    ``tensors`` in canonical order (by contribution id), in their storage dtypes; ``extras``
-    maps an extra-input kind to one tensor (or None) per contribution for this name.  With
-    ``owned=True`` the caller gives up ``tensors``: the strategy may overwrite their compute
-    copies without a copy first (resolve does, to keep memory near K + 3 tensors)."""
+    the arguments of :func:`run_strategy` that :func:`collect_statistics` and
+    :func:`prepare_inputs` take as one value (fields as there)."""
 
     name: str
     base: torch.Tensor | None
@@ -51,7 +47,7 @@ def _prepare(
     """Check and convert the inputs of one tensor name (the base dropped when the strategy
     ignores it): (inputs or None when the tensor passes through unchanged, the source tensor
     (base, else first contribution), storage dtype).  The one input path of
-    :func:`merge_inputs`, :func:`collect_statistics` and :func:`prepare_inputs`."""
+    :func:`run_strategy`, :func:`collect_statistics` and :func:`prepare_inputs`."""
     name, tensors, compute_dtype = stored.name, stored.tensors, stored.compute_dtype
     owned, contribution_ids, weights = stored.owned, stored.contribution_ids, stored.weights
     base = None if strategy.base == "ignored" else stored.base
@@ -116,44 +112,33 @@ def run_strategy(
     model: ModelValues | None = None,
     side: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor: :func:`merge_inputs` on :class:`StoredInputs` made of the arguments."""
-    stored = StoredInputs(
-        name, base, tensors, contribution_ids, weights, rng, compute_dtype, owned, extras
-    )
-    return merge_inputs(strategy, stored, params, model=model, side=side)
-
-
-def merge_inputs(
-    strategy: Strategy,
-    stored: StoredInputs,
-    params: Mapping[str, Any],
-    *,
-    model: ModelValues | None = None,
-    side: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
     """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
 
     ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
     strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
     (position ids, masks, counters) are passed through unchanged from that same source: averaging
     integers has no meaning that every tool would agree on.  Inputs are converted to
-    ``stored.compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
+    ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
+    ``extras`` maps an extra-input kind to one tensor (or None) per contribution for this name;
     ``model`` is the result of :func:`finish_statistics` for strategies with a statistics pass.
     ``side``, for a strategy with a ``side_output`` file, receives the side tensors it computed
     for this name (side tensor name -> tensor in the same storage dtype as the result; nothing
     for a tensor that passes through); without it the strategy may skip computing them.
 
-    Strategies may overwrite the contributions' compute tensors (never the base): with
-    ``stored.owned`` they overwrite the converted tensors as they are; otherwise those are
-    copied first when the conversion did not copy them."""
+    Strategies may overwrite the contributions' compute tensors (never the base): pass
+    ``owned=True`` when the caller gives up ``tensors`` (resolve does, to keep memory near
+    K + 3 tensors); otherwise they are copied first when the conversion did not copy them."""
     if strategy.model_pass is not None and model is None:
         raise ResolveError(
             f"strategy {strategy.name} needs its whole-model statistics pass before merging"
         )
+    stored = StoredInputs(
+        name, base, tensors, contribution_ids, weights, rng, compute_dtype, owned, extras
+    )
     inputs, source, storage_dtype = _prepare(
         strategy,
         stored,
-        model=None if model is None else model.per_tensor.get(stored.name),
+        model=None if model is None else model.per_tensor.get(name),
         side={} if side is not None and strategy.side_output is not None else None,
     )
     if inputs is None:
@@ -172,7 +157,7 @@ def merge_inputs(
 
 def collect_statistics(strategy: Strategy, stored: StoredInputs, params: Mapping[str, Any]) -> Any:
     """The statistics-pass summary of one tensor name (None for tensors that pass through
-    unchanged: integers and empty tensors).  Same inputs and checks as :func:`merge_inputs`."""
+    unchanged: integers and empty tensors).  Same inputs and checks as :func:`run_strategy`."""
     if strategy.model_pass is None:
         raise ResolveError(f"strategy {strategy.name} has no statistics pass")
     inputs, _, _ = _prepare(strategy, stored)
