@@ -14,7 +14,16 @@ from ..query import history
 from ..query.show import contribution_rows
 from ..replicated.repo import Repo
 from ..resolution import freshness
-from .app import JsonOpt, QuietOpt, app, byte_progress, emit_json, err, handle_errors, open_repo
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    byte_progress,
+    emit_json,
+    err,
+    handle_errors,
+    open_repo,
+)
 from .render import cell, human_bytes
 
 

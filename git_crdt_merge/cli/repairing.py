@@ -9,7 +9,14 @@ import typer
 from ..git import commands as gitops
 from ..replicated import invariants
 from ..replicated.manifest import MANIFEST_PATH
-from .app import JsonOpt, app, emit_json, err, handle_errors, open_repo
+from .app import (
+    JsonOpt,
+    app,
+    emit_json,
+    err,
+    handle_errors,
+    open_repo,
+)
 
 
 @app.command()

@@ -10,7 +10,16 @@ import typer
 from ..errors import UsageError
 from ..replicated import contributions
 from ..resolution.cache import DEFAULT_MAX_SHARD
-from .app import JsonOpt, QuietOpt, app, err, fail, handle_errors, open_repo, run_reported
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    err,
+    fail,
+    handle_errors,
+    open_repo,
+    run_reported,
+)
 
 
 @app.command()

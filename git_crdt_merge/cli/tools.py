@@ -11,7 +11,14 @@ import typer
 
 from .. import __version__
 from ..errors import UsageError
-from .app import JsonOpt, QuietOpt, app, emit_json, err, handle_errors
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    emit_json,
+    err,
+    handle_errors,
+)
 
 
 @app.command("merge-driver", context_settings={"ignore_unknown_options": True})

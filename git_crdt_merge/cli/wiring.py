@@ -11,7 +11,15 @@ from ..integration import install as installer
 
 if TYPE_CHECKING:
     from ..integration.clone import CloneResult
-from .app import JsonOpt, QuietOpt, app, emit_json, err, handle_errors, run_reported
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    emit_json,
+    err,
+    handle_errors,
+    run_reported,
+)
 
 
 @app.command()

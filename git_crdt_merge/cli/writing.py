@@ -11,7 +11,16 @@ from rich.table import Table
 
 from ..replicated import contributions
 from ..replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
-from .app import JsonOpt, QuietOpt, app, emit_json, err, handle_errors, open_repo, run_reported
+from .app import (
+    JsonOpt,
+    QuietOpt,
+    app,
+    emit_json,
+    err,
+    handle_errors,
+    open_repo,
+    run_reported,
+)
 from .render import human_bytes
 
 
