@@ -18,6 +18,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -42,6 +43,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _bar(console: Console, *columns: ProgressColumn) -> Progress:
+    """A progress bar on ``console`` that disappears when done (the result line follows)."""
+    return Progress(*columns, console=console, transient=True)
+
+
 @contextmanager
 def byte_progress(
     console: Console, label: str, enabled: bool
@@ -50,14 +56,13 @@ def byte_progress(
     if not enabled or not console.is_terminal:
         yield (lambda total: None), (lambda n: None)
         return
-    with Progress(
+    with _bar(
+        console,
         TextColumn(label),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
-        transient=True,
     ) as bar:
         task = bar.add_task(label, total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
@@ -79,14 +84,13 @@ def step_progress(console: Console, total: int, enabled: bool) -> Iterator[Calla
 
         yield line
         return
-    with Progress(
+    with _bar(
+        console,
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
-        transient=True,
     ) as bar:
         task = bar.add_task("starting", total=total)
         started = [False]

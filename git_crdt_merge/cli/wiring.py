@@ -27,10 +27,7 @@ def init(quiet: QuietOpt = False) -> None:
     """Set up this repository: .crdt/, the .gitattributes binding, driver and hooks."""
     with handle_errors():
         notes = installer.init(Path.cwd())
-    if not quiet:
-        for note in notes:
-            err.print(note, markup=False)
-        err.print("initialised git-crdt in this repository")
+    _print_notes(notes, "initialised git-crdt in this repository", quiet)
 
 
 @app.command()
@@ -46,10 +43,15 @@ def install(
     fetch, clone, gc); in a bare repository (a remote) it sets only that."""
     with handle_errors():
         notes = installer.install(Path.cwd(), global_=global_)
+    _print_notes(notes, "git-crdt installed", quiet)
+
+
+def _print_notes(notes: list[str], done: str, quiet: bool) -> None:
+    """The installer's notes, then ``done``; nothing with --quiet."""
     if not quiet:
         for note in notes:
             err.print(note, markup=False)
-        err.print("git-crdt installed")
+        err.print(done)
 
 
 @app.command()

@@ -18,9 +18,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from .. import faults
 from ..errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
@@ -357,27 +358,26 @@ def index_transaction(
     if not index.is_absolute():
         index = (root / index).resolve()
     lock = index.with_name(index.name + ".lock")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if _remove_our_stale_lock(lock):
-                continue
-            if time.monotonic() > deadline:
-                raise LockError(
-                    f"{lock} exists: another git process is running (if none is, remove it)"
-                ) from None
-            time.sleep(0.05)
+
+    def create_lock() -> int | None:
+        while True:
+            try:
+                return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _remove_our_stale_lock(lock):
+                    return None
+
+    fd = wait_for(
+        create_lock,
+        timeout,
+        f"{lock} exists: another git process is running (if none is, remove it)",
+    )
     # git never reads another process's lock file: ours names us, so that a git-crdt that
     # was killed while holding it (SIGKILL, power loss) does not block the clone for good
     os.write(fd, f"{_LOCK_OWNER} {os.getpid()}\n".encode())
     os.close(fd)
     for stale in index.parent.glob(f"{index.name}.crdt-*"):
-        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".lock")
-        if pid.isdigit() and not pid_alive(int(pid)):
-            stale.unlink(missing_ok=True)
+        remove_orphan(stale, stale.name.rsplit("-", 1)[-1].removesuffix(".lock"))
     tmp = index.with_name(f"{index.name}.crdt-{os.getpid()}")
     try:
         if index.exists():
@@ -406,6 +406,31 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+def remove_orphan(path: Path, pid: str) -> None:
+    """Remove ``path``, a temporary file named by the ``pid`` of its writer, if that process is
+    gone."""
+    if pid.isdigit() and not pid_alive(int(pid)):
+        path.unlink(missing_ok=True)
+
+
+_T = TypeVar("_T")
+_POLL_S = 0.05
+
+
+def wait_for(attempt: Callable[[], _T | None], timeout: float, busy: str) -> _T:
+    """Call ``attempt`` until it returns something other than None, every 50 ms; a
+    :class:`LockError` with message ``busy`` once ``timeout`` seconds have passed.  The wait of
+    the index lock and of the repository lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = attempt()
+        if got is not None:
+            return got
+        if time.monotonic() > deadline:
+            raise LockError(busy)
+        time.sleep(_POLL_S)
 
 
 def _remove_our_stale_lock(lock: Path) -> bool:

@@ -100,21 +100,12 @@ def statistics_pass(
     ids = [cid for cid, _ in plan.contributions]
     for spec in plan.specs:
         base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
-        summaries[spec.name] = registry.collect_statistics(
-            plan.strategy,
-            spec.name,
-            base,
-            tensors,
-            ids,
-            plan.weights,
-            plan.params,
-            rng,
-            compute,
-            owned=True,
-            extras=extras,
+        stored = registry.StoredInputs(
+            spec.name, base, tensors, ids, plan.weights, rng, compute, owned=True, extras=extras
         )
+        summaries[spec.name] = registry.collect_statistics(plan.strategy, stored, plan.params)
         numels[spec.name] = math.prod(spec.shape)
-        del base, tensors, extras
+        del base, tensors, extras, stored
     by_name = {spec.name: spec for spec in plan.specs}
 
     def read(name: str) -> registry.TensorInputs:
@@ -122,9 +113,10 @@ def statistics_pass(
         if name not in by_name:
             raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
         base, tensors, extras = load_inputs(plan, by_name[name], store, device, slots, extra_slots)
-        inputs = registry.prepare_inputs(
-            plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
+        stored = registry.StoredInputs(
+            name, base, tensors, ids, plan.weights, rng, compute, extras=extras
         )
+        inputs = registry.prepare_inputs(plan.strategy, stored)
         if inputs is None:
             raise ResolveError(
                 f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"

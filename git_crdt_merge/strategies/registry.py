@@ -27,7 +27,13 @@ from .declarations import (  # noqa: F401
     Strategy,
     TensorInputs,
 )
-from .run import collect_statistics, finish_statistics, prepare_inputs, run_strategy  # noqa: F401
+from .run import (  # noqa: F401
+    StoredInputs,
+    collect_statistics,
+    finish_statistics,
+    prepare_inputs,
+    run_strategy,
+)
 from .validate import (  # noqa: F401
     _ALIASES,
     _REGISTRY,
@@ -46,6 +52,7 @@ __all__ = [
     "ModelPass",
     "ModelValues",
     "Param",
+    "StoredInputs",
     "Strategy",
     "TensorInputs",
     "all_strategies",
