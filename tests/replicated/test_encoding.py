@@ -376,12 +376,21 @@ def test_a_zstd_bomb_under_a_small_claimed_size_is_refused_with_bounded_memory(
     repo = fresh_repo(tmp_path / "r")
     ids = build(repo, models, "planes-zstd", chunk="100000")
 
-    def bomb(desc: dict[str, Any], store: ObjectStore) -> None:
-        frame = zstandard.ZstdCompressor(level=19).compress(bytes(2**30))  # 1 GiB of zeros
-        entry = desc["tensors"]["a.weight"]
-        entry["chunks"] = [store.put(frame)]
-        entry["encoding"] = {"name": "planes-zstd", "sizes": [entry["bytes"]]}
+    def bomb(zeros: int) -> Callable[[dict[str, Any], ObjectStore], None]:
+        def edit(desc: dict[str, Any], store: ObjectStore) -> None:
+            frame = zstandard.ZstdCompressor(level=19).compress(bytes(zeros))
+            entry = desc["tensors"]["a.weight"]
+            entry["chunks"] = [store.put(frame)]
+            entry["encoding"] = {"name": "planes-zstd", "sizes": [entry["bytes"]]}
 
-    forge(repo, ids[1], bomb)
+        return edit
+
+    # 1 GiB of zeros (32 KiB encoded): larger than any encoding of the 6144 bytes it claims,
+    # refused from the object's header before anything is read
+    forge(repo, ids[1], bomb(2**30))
+    assert "more than 6144 can encode to" in one_line_error(repo, "resolve")
+    # 16 MiB of zeros (under 1 KiB encoded): refused from the frame header, before zstd
+    # allocates anything
+    forge(repo, ids[1], bomb(2**24))
     line = one_line_error(repo, "resolve")
-    assert "declares 1073741824 bytes" in line
+    assert "the zstd frame declares 16777216 bytes, the descriptor 6144" in line
