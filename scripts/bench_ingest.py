@@ -245,7 +245,7 @@ def main() -> None:
     ap.add_argument("--storage", action="store_true", help="measure the chunk encodings")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--delta", type=float, default=0.002, help="fine-tune delta / weight scale")
+    ap.add_argument("--delta", type=float, default=0.0012, help="fine-tune delta / weight scale")
     args = ap.parse_args()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
