@@ -190,6 +190,8 @@ def storage(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[st
             "repository_bytes_over_raw": round(new / size, 3),
             "all_s": [round(t, 3) for t in times],
         }
+    raw_t, enc_t = (min(out[f"ingest_{e}"]["all_s"]) for e in ("raw", "xor-planes-zstd"))  # type: ignore[index]
+    out["ingest_time_over_raw"] = round(enc_t / raw_t, 2)
     out["decode_in_resolve"] = decode_speed(repos["raw"], repos["xor-planes-zstd"], args.repeat)
     for enc, repo in repos.items():
         subprocess.run(["git", "crdt", "strategy", "linear"], cwd=repo, env=env, check=True)
