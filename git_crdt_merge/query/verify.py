@@ -35,6 +35,7 @@ from ..errors import CrdtError, GitError, ManifestError, NotFoundError
 from ..git import commands as gitops
 from ..replicated import checks, descriptor, invariants
 from ..replicated.descriptor import Descriptor
+from ..replicated.encoding import layout_problem, read_tensor_into
 from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
 from ..replicated.repo import Repo
 from ..replicated.store import MAX_OBJECT_BYTES, ObjectStore
@@ -347,16 +348,15 @@ def _check_chunk_sizes(
     sizes: dict[str, int | None],
     report: Report,
 ) -> None:
+    def size_of(oid: str) -> int | None:
+        return sizes.get(known.get(oid, ""), None)  # None: reported as missing
+
     for path, entry in desc.entries():
-        got = [sizes.get(known.get(c, ""), None) for c in entry.chunks]
-        if any(g is None for g in got):
-            continue  # reported as missing
-        total = sum(g or 0 for g in got)
-        if total != entry.nbytes:
+        why = layout_problem(entry.nbytes, entry.chunks, entry.encoding, size_of, "")
+        if why is not None:
             report.add(
                 "corrupt-object",
-                f"{what}: tensor {entry.name!r} ({path}) has chunks of {total} bytes, "
-                f"expected {entry.nbytes} (truncated or substituted object)",
+                f"{what}: tensor {entry.name!r} ({path}){why} (truncated or substituted object)",
             )
 
 
@@ -440,6 +440,16 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report, bad: 
         for _, entry in Descriptor.from_json(desc).entries():
             name = entry.name
             if bad.intersection(entry.chunks):
+                continue
+            if entry.encoding is not None:  # decoded, and checked against its content hash
+                if entry.encoding.base is not None and bad.intersection(entry.encoding.base.chunks):
+                    continue
+                try:
+                    read_tensor_into(store, entry, memoryview(bytearray(entry.nbytes)))
+                except CrdtError as exc:
+                    if "content hash" in str(exc):
+                        report.add("corrupt-object", f"contribution {cid[:12]}: {exc}")
+                    continue  # otherwise a missing or unreadable chunk, reported already
                 continue
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             try:

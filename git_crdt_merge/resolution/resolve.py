@@ -18,6 +18,7 @@ from .. import faults
 from ..errors import ResolveError, StoreError
 from ..replicated.contributions import fetch_set
 from ..replicated.descriptor import Descriptor
+from ..replicated.encoding import layout_problem
 from ..replicated.manifest import Manifest
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
@@ -66,18 +67,27 @@ def check_output_path(root: Path, out_dir: Path) -> None:
 def check_inputs(store: ObjectStore, descriptors: list[Descriptor]) -> None:
     """Refuse descriptors whose tensors contradict their chunks (sizes read from the object
     headers), before any buffer is sized from them: a hostile descriptor must give a one-line
-    error, not an allocation of its claimed size.  (Their fields were validated when they were
+    error, not an allocation of its claimed size.  Raw chunks must add up to the tensor; an
+    encoded chunk may be no larger than zstd's bound for the decoded size recorded for it
+    (which the descriptor's validation made add up to the tensor), and its frame is checked
+    against that size before it is decoded.  (Fields were validated when the descriptors were
     read: ``reader.read_descriptor``.)"""
     for desc in descriptors:
         for _, info in desc.entries():
-            sizes = [store.size(c) for c in info.chunks]
-            if None in sizes:
-                continue  # reading it reports the missing object
-            if sum(s or 0 for s in sizes) != info.nbytes:
-                raise StoreError(
-                    f"tensor {info.name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, "
-                    f"the descriptor says {info.nbytes} (run 'git crdt verify --full')"
-                )
+            why = layout_problem(
+                info.nbytes, info.chunks, info.encoding, store.size, f"tensor {info.name!r}"
+            )
+            if why is not None:
+                raise StoreError(f"{why} (run 'git crdt verify --full')")
+
+
+def xor_scratch_needed(descriptors: list[Descriptor]) -> bool:
+    """Whether some input is XOR-encoded (resolution then may hold one more tensor)."""
+    return any(
+        info.encoding is not None and info.encoding.base is not None
+        for desc in descriptors
+        for _, info in desc.entries()
+    )
 
 
 def resolve(
@@ -151,8 +161,12 @@ def resolve_to_cache(
         raise ResolveError("--device cuda: no CUDA device is available")
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
-    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
-    check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
+    inputs = [*plan.descriptors, *([plan.base] if plan.base else [])]
+    check_inputs(store, inputs)
+    check_memory(
+        max((s.nbytes for s in plan.specs), default=0),
+        len(plan.descriptors) + 1 + int(xor_scratch_needed(inputs)),
+    )
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
     work = cache.new_work_dir(repo, key)

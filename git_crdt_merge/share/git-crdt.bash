@@ -12,11 +12,11 @@ __git_crdt_options() {
         clone) echo '-b --branch --depth --filter -o --origin --single-branch --no-tags --shallow-since --reference -c --config --no-resolve --json -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
         doctor) echo '--remote --json -h --help' ;;
-        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
+        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --encoding --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
         set-weight) echo '--json -h --help' ;;
         chunk-size) echo '--json -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
-        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
+        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite --encoding -h --help' ;;
         strategy) echo '-p --param -h --help' ;;
         strategies) echo '--json -h --help' ;;
         resolve) echo '-o --output --device --compute-dtype --max-shard-size --json -q --quiet -h --help' ;;
