@@ -11,6 +11,7 @@ import torch
 from .. import numerics
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
+from . import layered
 from .declarations import ModelContext, ModelValues, Strategy, TensorInputs
 from .validate import check_contract
 
@@ -122,6 +123,8 @@ def run_strategy(
         raise ResolveError(
             f"strategy {strategy.name} needs its whole-model statistics pass before merging"
         )
+    if layered.has_per_tensor(params):  # the caller evaluates them: layered.for_tensor
+        raise ResolveError(f"strategy {strategy.name}: per-tensor parameters not evaluated")
     inputs, source, storage_dtype = _prepare(
         strategy,
         name,
