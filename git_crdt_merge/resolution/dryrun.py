@@ -108,6 +108,6 @@ def describe_plan(plan: Plan) -> dict[str, Any]:
         "input_bytes": input_bytes,
         "output_bytes": sum(s.nbytes for s in plan.specs),
         "estimated_memory_bytes": memory_needed(largest, len(plan.descriptors) + 1),
-        "estimated_seconds": round(input_bytes / READ_RATE * cost, 3),
+        "estimated_seconds": input_bytes / READ_RATE * cost,
         "relative_cost": cost,
     }
