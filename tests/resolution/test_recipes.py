@@ -292,3 +292,23 @@ def test_import_refuses_models_that_match_no_contribution(models: Path) -> None:
 
 def test_layer_index_rule_is_what_the_plan_uses() -> None:
     assert layered.layer_count(SHAPES) == 3
+
+
+def test_strategy_command_writes_the_canonical_per_tensor_form_and_plain_values_as_given(
+    tmp_path: Path,
+) -> None:
+    repo = fresh_repo(tmp_path / "repo")
+    crdt(repo, "strategy", "ties", "-p", "density=0.5", "-p", "lambda=1")
+    line = next(
+        x for x in (repo / ".crdt" / "manifest").read_text().splitlines() if '"strategy"' in x
+    )
+    assert '"value":{"name":"ties","params":{"density":0.5,"lambda":1}}' in line  # bytes kept
+    crdt(repo, "strategy", "slerp", "-p", "t=[0,0.5,1]")
+    assert Repo.open(repo).read_manifest().strategy() == {
+        "name": "slerp",
+        "params": {"t": {"layers": [{"value": [0.0, 0.5, 1.0]}]}},
+    }
+    bad = crdt(
+        repo, "strategy", "slerp", "-p", 't={"layers":[{"filter":"mlp","value":1}]}', check=False
+    )
+    assert bad.returncode == 9 and "end its rules with one without a filter" in bad.stderr
