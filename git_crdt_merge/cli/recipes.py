@@ -68,14 +68,17 @@ def recipe(
         return
     with handle_errors():
         text = recipes.export_recipe(open_repo(), base_model=base_model)
-    if path is None:
-        sys.stdout.write(text)
-    else:
+    if path is not None:
         with handle_errors():
             try:
                 path.write_text(text)
             except OSError as exc:
                 raise UsageError(f"{path}: {exc.strerror}") from None
+    if json_:
+        emit_json({"recipe": text, "path": None if path is None else str(path)})
+    elif path is None:
+        sys.stdout.write(text)
+    else:
         err.print(f"recipe written to {path}", markup=False)
 
 

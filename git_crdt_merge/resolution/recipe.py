@@ -267,6 +267,10 @@ def register_value(
                 by_name.setdefault(name, params[key])
         params[key] = {n: by_name[n] for n in names if n in by_name}
     params = registry.canonical_params(strategy, params)
+    try:  # every value and gradient anchor in range, names known (ids do not matter here)
+        registry.resolve_params(strategy, params, [(f"{i:064x}", n) for i, n in enumerate(names)])
+    except ResolveError as exc:
+        raise InputError(f"{where}: {exc}") from None
     weights = [1.0 if m.weight is None else m.weight for m in models]
     return {"name": strategy.name, "params": params}, weights
 
@@ -351,7 +355,10 @@ def import_recipe(repo: Repo, path: Path) -> ImportResult:
             f"{where}: the repository has a base but the recipe has no base_model: "
             f"{strategy.name} would use the base"
         )
-    registry.check_contract(strategy, len(matched), has_base)
+    try:
+        registry.check_contract(strategy, len(matched), has_base)
+    except ResolveError as exc:
+        raise InputError(f"{where}: {exc}") from None
     for weight in weights:
         if not checks.MIN_WEIGHT <= weight <= checks.MAX_WEIGHT:
             raise InputError(
@@ -359,9 +366,10 @@ def import_recipe(repo: Repo, path: Path) -> ImportResult:
                 f"{checks.MAX_WEIGHT:g}]"
             )
     if not strategy.uses_weights:
-        registry.check_weights(strategy, weights, matched)
-    # the parameters against the set, by name: ids change with the weights, names do not
-    registry.resolve_params(strategy, value["params"], matched)
+        try:
+            registry.check_weights(strategy, weights, matched)
+        except ResolveError as exc:
+            raise InputError(f"{where}: {exc}") from None
     check_dtype(recipe, _models_dtype(ObjectStore(repo.root), manifest), where)
     changed: list[str] = []
     store = ObjectStore(repo.root)

@@ -244,6 +244,7 @@ HOSTILE = {
     "unknown_method": "merge_method: tiez\nmodels: [{model: m1}]\n",
     "unknown_param": "merge_method: ties\nmodels: [{model: m1}]\nparameters: {denisty: 0.5}\n",
     "slices": "merge_method: passthrough\nslices: []\n",
+    "out_of_range": "merge_method: ties\nmodels: [{model: m1, parameters: {density: [0.5, 2]}}]\n",
     "not_yaml": "merge_method: [unclosed\n",
     "not_mapping": "- 1\n- 2\n",
 }
@@ -259,6 +260,7 @@ EXPECTED = {
     "unknown_param": "has no parameter 'denisty' (valid: weight, density, lambda, normalize, "
     "rescale)",
     "slices": "layer slices",
+    "out_of_range": "parameter density[m1]: rule 1[1] must be in (0, 1], got 2",
     "not_yaml": "not valid YAML",
     "not_mapping": "a recipe is a mapping",
 }
