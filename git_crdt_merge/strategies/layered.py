@@ -46,7 +46,11 @@ _BEFORE_LAYERS = ("embed", "wte", "wpe")
 def is_per_tensor(value: Any) -> bool:
     """Whether ``value`` is the per-tensor form ``{"layers": [...]}`` (a per-contribution
     mapping has scalar or per-tensor values, never a list)."""
-    return isinstance(value, Mapping) and set(value) == {LAYERS_KEY}
+    return (
+        isinstance(value, Mapping)
+        and set(value) == {LAYERS_KEY}
+        and isinstance(value[LAYERS_KEY], list)
+    )
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def test_first_matching_filter_wins_then_the_default() -> None:
         ({"layers": [{"value": [0.0, 2e6]}]}, "parameter t: rule 1[1] must be <= 1e+06"),
         ({"layers": [{"filter": "mlp", "value": 0.5}]}, "end its rules with one without"),
         ({"layers": []}, "list of 1 to 64 rules"),
+        ({"layers": "x"}, "must be a number"),
         ({"layers": [{"value": 0.5, "when": 1}]}, "must be {'filter'"),
         ({"layers": [{"filter": "", "value": 0.5}]}, "filter must be 1 to 200"),
         ({"layers": [{"value": list(range(300))}]}, "1 to 256 values"),
@@ -98,3 +99,14 @@ def test_strategies_with_a_whole_model_pass_refuse_per_tensor_values() -> None:
         registry.resolve_params(
             strategy, {param.name: {"layers": [{"value": [0.1, 0.2]}]}}, [("a" * 64, "m")]
         )
+
+
+def test_a_contribution_named_layers_is_still_a_per_contribution_mapping() -> None:
+    ties = registry.get_strategy("ties")
+    pairs = [("a" * 64, "layers"), ("b" * 64, "other")]
+    density = registry.resolve_params(ties, {"density": {"layers": 0.5}}, pairs)["density"]
+    assert density == [0.5, 1.0]
+    density = registry.resolve_params(
+        ties, {"density": {"layers": {"layers": [{"value": [0.2, 0.4]}]}}}, pairs
+    )["density"]
+    assert isinstance(density[0], layered.PerTensor) and density[1] == 1.0
