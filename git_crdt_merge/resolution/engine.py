@@ -70,7 +70,7 @@ def merge_tensor(
         tensors,
         [cid for cid, _ in plan.contributions],
         plan.weights,
-        plan.params,
+        plan.tensor_params(spec.name),  # per-tensor values evaluated for this name
         rng,
         compute,
         owned=True,

@@ -15,7 +15,7 @@ from ..replicated.manifest import Manifest
 from ..replicated.reader import read_descriptor
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
-from ..strategies import registry
+from ..strategies import layered, registry
 
 
 @dataclass
@@ -46,6 +46,14 @@ class Plan:
     base: Descriptor | None  # None when there is no base or the strategy ignores it
     specs: list[TensorSpec]
     files: dict[str, str]  # config and tokenizer files to copy: the base's, else the first's
+    layers: int = 0  # layers in the model (1 + largest layer index): per-tensor parameters
+
+    def tensor_params(self, name: str) -> dict[str, Any]:
+        """The parameters of tensor ``name``: gradients and filters evaluated
+        (:mod:`..strategies.layered`); the plain parameters themselves when there are none."""
+        if not layered.has_per_tensor(self.params):
+            return self.params
+        return layered.for_tensor(self.params, name, self.layers)
 
     @property
     def weights(self) -> list[float]:
@@ -130,4 +138,5 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
         base,
         [specs[n] for n in sorted(specs)],
         files,
+        layered.layer_count(specs),
     )

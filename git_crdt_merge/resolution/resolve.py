@@ -138,6 +138,23 @@ def resolve(
     return Outcome(root, out_dir, False)
 
 
+def plan_only(repo: Repo) -> dict[str, Any]:
+    """``resolve --dry-run``: the plan of the work tree's manifest
+    (:func:`.dryrun.describe_plan`), from the descriptors alone; nothing is computed or
+    written.  An empty set gives ``{"empty": True}``."""
+    repo.require_initialized()
+    manifest = repo.read_manifest()
+    if not manifest.visible_contributions():
+        return {"empty": True, "merkle_root": manifest.merkle_root()}
+    from . import engine
+    from .dryrun import describe_plan
+
+    store = ObjectStore(repo.root)
+    plan = engine.make_plan(store, manifest)
+    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
+    return {"empty": False, **describe_plan(plan)}
+
+
 def resolve_to_cache(
     repo: Repo,
     manifest: Manifest,
@@ -220,12 +237,18 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
+def memory_needed(largest: int, inputs: int) -> int:
+    """Bytes a resolution's buffers take: one slot per input, plus the result and
+    temporaries, each the size of the largest tensor."""
+    return largest * (inputs + 3)
+
+
 def check_memory(largest: int, inputs: int) -> None:
     """Refuse a resolution whose buffers alone (one slot per input, plus the result and
     temporaries, each the largest tensor) cannot fit: a descriptor that lists one small chunk
     many times claims a tensor far larger than its objects, and must be a one-line error, not
     an out-of-memory kill."""
-    need = largest * (inputs + 3)
+    need = memory_needed(largest, inputs)
     have = available_memory()
     if have is not None and need > have:
         raise ResolveError(

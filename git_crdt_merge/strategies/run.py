@@ -11,6 +11,7 @@ import torch
 from .. import numerics
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
+from . import layered
 from .declarations import ModelContext, ModelValues, Strategy, TensorInputs
 from .validate import check_contract
 
@@ -132,6 +133,8 @@ def run_strategy(
         raise ResolveError(
             f"strategy {strategy.name} needs its whole-model statistics pass before merging"
         )
+    if layered.has_per_tensor(params):  # the caller evaluates them: layered.for_tensor
+        raise ResolveError(f"strategy {strategy.name}: per-tensor parameters not evaluated")
     stored = StoredInputs(
         name, base, tensors, contribution_ids, weights, rng, compute_dtype, owned, extras
     )
