@@ -291,6 +291,8 @@ def test_the_encoding_defaults_to_this_clones_git_config(tmp_path: Path) -> None
     )
     desc = json.loads(ObjectStore(repo).get(descriptor_address(repo, out["id"])))
     assert {e["encoding"]["name"] for e in desc["tensors"].values()} == {"planes-zstd"}
+    shown = json.loads(crdt(repo, "show", out["name"], "--json").stdout)
+    assert {t["encoding"] for t in shown["tensors"]} == {"planes-zstd"}
     git(repo, "config", "crdt.encoding", "gzip")
     bad = crdt(repo, "add-contribution", str(models[2]), "--allow-nonfinite", check=False)
     assert bad.returncode != 0 and "unknown encoding 'gzip'" in bad.stderr
