@@ -151,11 +151,10 @@ def store_descriptor(
 
 
 def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
-    """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
-    the descriptors in one batch, then every object they reference in one batch.  Returns the
-    number of objects fetched (0 in a full clone, with no git process started)."""
-    if not store.partial:
-        return 0
+    """Fetch what resolving the visible set reads and this clone lacks: in a partial clone the
+    descriptors in one batch, then every object they reference in one batch; then the LFS
+    objects of the chunks kept in Git LFS, in one ``git lfs fetch``.  Returns the number of
+    objects fetched (0, with no git process started, when nothing is absent)."""
     ids = [cid for cid, _ in manifest.visible_contributions()]
     base = manifest.base()
     if base is not None:
@@ -165,9 +164,14 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     refs: set[str] = set()
     for cid in ids:
         if store.has(manifest.descriptor_address(cid)):
-            desc = read_descriptor(store, manifest, cid)
+            try:
+                desc = read_descriptor(store, manifest, cid)
+            except CrdtError:
+                continue  # reading it again reports it
             refs |= {oid for oid, _ in checks.object_references(desc.raw)}
-    return fetched + store.fetch_absent(refs)
+    fetched += store.fetch_absent(refs)
+    # chunks kept in Git LFS: exactly this set's, in one 'git lfs fetch'
+    return fetched + store.fetch_lfs(refs)
 
 
 def _check_weight(weight: float | None) -> None:

@@ -5,10 +5,17 @@ of their bytes and live in the commit tree at ``.crdt/objects/<2 hex>/<62 hex>``
 blobs, so clone, fetch and push carry them.  They are staged with skip-worktree and excluded by
 the sparse-checkout pattern, so they never appear in the working tree.  Identical bytes are
 stored once, whatever contribution they belong to.
+
+Where a chunk's bytes live is the repository's storage mode (:mod:`.lfs`): in ``git`` mode
+the blob is the chunk; in ``lfs`` mode the blob is a Git LFS pointer and the bytes are an LFS
+object.  Writers use the mode of ``.crdt/storage``; readers look at each object (a blob whose
+blake3 is its name is the chunk itself, else it must be a canonical pointer), so a repository
+that switched modes reads both kinds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +26,7 @@ import blake3
 from ..errors import GitError, StoreError, UsageError
 from ..git import commands as gitops
 from ..git import objects as gitobjects
+from . import lfs
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
@@ -66,6 +74,9 @@ class ObjectStore:
         self._lock = threading.Lock()
         self._db: gitobjects.ObjectDB | None = None
         self._promisor: str | None = None
+        self._mode: str | None = None
+        self._media: Path | None = None
+        self._pointers: dict[str, lfs.Pointer | None] = {}  # object id -> its pointer
 
     # -- lookup ------------------------------------------------------------------------------
     def known(self) -> dict[str, str]:
@@ -89,15 +100,43 @@ class ObjectStore:
     def has(self, object_id: str) -> bool:
         return self.sha_of(object_id) is not None
 
+    # -- storage mode ------------------------------------------------------------------------
+    @property
+    def storage_mode(self) -> str:
+        """Where new chunks go: ``git`` or ``lfs`` (``.crdt/storage`` of the work tree)."""
+        if self._mode is None:
+            self._mode = lfs.read_mode(self.root)
+        return self._mode
+
+    @property
+    def media(self) -> Path:
+        """git-lfs's storage folder (``.git/lfs``)."""
+        if self._media is None:
+            self._media = lfs.media_dir(self.root)
+        return self._media
+
     # -- writing -----------------------------------------------------------------------------
-    def _put_one(self, data: bytes | memoryview, object_id: str | None = None) -> tuple[str, bool]:
+    def _put_one(
+        self, data: bytes | memoryview, object_id: str | None = None, *, chunk: bool = False
+    ) -> tuple[str, bool]:
+        sha256 = None
+        if chunk and object_id is None and self.storage_mode == "lfs":
+            object_id, sha256 = _blake3_and_sha256(data)
         if object_id is None:
             object_id = blake3.blake3(data).hexdigest()
         if self.has(object_id):
             with self._lock:
                 self._touched.add(object_id)
             return object_id, False
-        sha = gitops.write_loose_blob(self.objects_dir, data)
+        if sha256 is not None:
+            # the chunk's bytes become an LFS object; the blob staged at its path is the pointer
+            pointer = lfs.Pointer(sha256, len(data))
+            lfs.write_object(self.media, data, pointer)
+            sha = gitops.write_loose_blob(self.objects_dir, pointer.encode())
+            with self._lock:
+                self._pointers[object_id] = pointer
+        else:
+            sha = gitops.write_loose_blob(self.objects_dir, data)
         with self._lock:
             self._pending[object_id] = sha
         return object_id, True
@@ -112,7 +151,7 @@ class ObjectStore:
         """Store many objects in parallel (hashing and writing release the GIL)."""
 
         def work(chunk: memoryview) -> str:
-            oid, new = self._put_one(chunk)
+            oid, new = self._put_one(chunk, chunk=True)
             if progress is not None:
                 progress(len(chunk), new)
             return oid
@@ -175,9 +214,62 @@ class ObjectStore:
         if sha is None:
             return None
         try:
-            return self.db.blob_size(sha)
+            size = self.db.blob_size(sha)
         except GitError as exc:
             raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
+        pointer = self.pointer_of(object_id)
+        return pointer.size if pointer is not None else size
+
+    def pointer_of(self, object_id: str) -> lfs.Pointer | None:
+        """The LFS pointer the object's blob is (None: the blob holds the bytes themselves, or
+        is not here).  A blob whose blake3 is its name is the chunk, whatever it looks like;
+        any other blob small enough must parse as a canonical pointer to count as one."""
+        with self._lock:
+            if object_id in self._pointers:
+                return self._pointers[object_id]
+        sha = self.sha_of(object_id)
+        pointer = None
+        if sha is not None:
+            try:
+                size = self.db.blob_size(sha)
+                if size is not None and size <= lfs.MAX_POINTER_BYTES:
+                    blob = self.db.read(sha, max_size=lfs.MAX_POINTER_BYTES)
+                    if blake3.blake3(blob).hexdigest() != object_id:
+                        pointer = lfs.parse_pointer(blob)
+            except GitError:
+                return None  # reading the object reports it
+            if pointer is not None and pointer.size > MAX_OBJECT_BYTES:
+                raise StoreError(
+                    f"object {object_id[:16]}: its LFS pointer claims {pointer.size} bytes"
+                )
+        with self._lock:
+            self._pointers[object_id] = pointer
+        return pointer
+
+    def lfs_absent(self, object_ids: Iterable[str]) -> list[str]:
+        """The ids stored as LFS pointers whose LFS object this clone does not hold, sorted."""
+        out = []
+        for oid in sorted(set(object_ids)):
+            pointer = self.pointer_of(oid)
+            if pointer is not None and not lfs.has_object(self.media, pointer):
+                out.append(oid)
+        return out
+
+    def fetch_lfs(self, object_ids: Iterable[str]) -> int:
+        """Download, in one ``git lfs fetch``, the LFS objects of the listed chunks that this
+        clone lacks (from the revision the store reads, or HEAD); returns how many."""
+        ids = self.lfs_absent(object_ids)
+        if not ids:
+            return 0
+        gitops.lfs_fetch_paths(self.root, self.rev or "HEAD", [object_path(i) for i in ids])
+        still = self.lfs_absent(ids)
+        if still:
+            raise StoreError(
+                f"{len(still)} chunks (first {still[0][:16]}) are in Git LFS and the LFS "
+                "server did not send them (is the remote's LFS storage complete? "
+                "'git lfs fetch' says more)"
+            )
+        return len(ids)
 
     def absent(self, object_ids: Iterable[str]) -> list[str]:
         """The ids that are staged or committed but whose bytes this clone does not hold (a
@@ -218,10 +310,18 @@ class ObjectStore:
         """The object's bytes, checked against its blake3 name unless ``verify=False``;
         ``max_size`` refuses a larger object before reading it."""
         sha = self._sha_or_raise(object_id)
-        try:
-            data = self.db.read(sha, max_size=max_size)
-        except GitError as exc:
-            raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
+        pointer = self.pointer_of(object_id)
+        if pointer is not None:
+            if max_size is not None and pointer.size > max_size:
+                raise StoreError(f"object {object_id[:16]} is larger than {max_size} bytes")
+            buf = bytearray(pointer.size)
+            lfs.read_object_into(self.media, pointer, memoryview(buf), f"object {object_id[:16]}")
+            data = bytes(buf)
+        else:
+            try:
+                data = self.db.read(sha, max_size=max_size)
+            except GitError as exc:
+                raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
         if verify and blake3.blake3(data).hexdigest() != object_id:
             raise StoreError(f"object {object_id[:16]} does not match its blake3 hash")
         return data
@@ -232,17 +332,16 @@ class ObjectStore:
         the caller sees it: bytes from a pull feed nothing until they are verified."""
         pos = 0
         for oid in object_ids:
-            sha = self._sha_or_raise(oid)
-            try:
-                size = self.db.blob_size(sha)
-                if size is None:
-                    raise GitError("it is not in the object database")
-                if pos + size > len(dest):
-                    raise StoreError(f"object {oid[:16]} is larger than its tensor")
-                part = dest[pos : pos + size]
-                self.db.read_into(sha, part)
-            except GitError as exc:
-                raise StoreError(f"object {oid[:16]} cannot be read: {exc}") from None
+            size = self.size(oid)
+            if size is None:
+                self._sha_or_raise(oid)
+                raise StoreError(
+                    f"object {oid[:16]} cannot be read: it is not in the object database"
+                )
+            if pos + size > len(dest):
+                raise StoreError(f"object {oid[:16]} is larger than its tensor")
+            part = dest[pos : pos + size]
+            self.read_chunk_into(oid, part)
             threads = blake3.blake3.AUTO if size >= _PARALLEL_HASH_BYTES else 1
             if blake3.blake3(part, max_threads=threads).hexdigest() != oid:
                 raise StoreError(
@@ -252,3 +351,31 @@ class ObjectStore:
             pos += size
         if pos != len(dest):
             raise StoreError(f"tensor data has {pos} bytes, expected {len(dest)}")
+
+    def read_chunk_into(self, object_id: str, dest: memoryview) -> None:
+        """Fill ``dest`` (the object's size) with its bytes, from its git blob or its LFS object,
+        unverified: the caller checks them against the blake3 name."""
+        sha = self._sha_or_raise(object_id)
+        pointer = self.pointer_of(object_id)
+        if pointer is not None:
+            lfs.read_object_into(self.media, pointer, dest, f"object {object_id[:16]}")
+            return
+        try:
+            self.db.read_into(sha, dest)
+        except GitError as exc:
+            raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
+
+
+_HASH_BLOCK = 1 << 20
+
+
+def _blake3_and_sha256(data: bytes | memoryview) -> tuple[str, str]:
+    """(blake3, sha256) of ``data`` in one pass: each block is hashed by both while it is in
+    the cache (an LFS chunk needs its sha256 name beside its blake3 one)."""
+    view = memoryview(data).cast("B")
+    b3, s2 = blake3.blake3(), hashlib.sha256()
+    for i in range(0, len(view), _HASH_BLOCK):
+        block = view[i : i + _HASH_BLOCK]
+        b3.update(block)
+        s2.update(block)
+    return b3.hexdigest(), s2.hexdigest()
