@@ -297,6 +297,7 @@ def _check_objects(
                 report.add("descriptor", f"{what}: object {oid[:16]} ({path}) is too large")
         if must:
             _check_chunk_sizes(descs[cid], what, known, sizes, report)
+    referenced |= store.slice_holders(referenced)  # model files whose slices are chunks
     report.objects = len(referenced & set(known))
     if resolvable:
         compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
@@ -492,6 +493,8 @@ def _rehash(
         known = {oid: sha for oid, sha in known.items() if oid in only}
     sizes = _object_sizes(store, known)
     absent = set(store.lfs_absent(known))  # reported as absent by the fast checks
+    # a model file kept whole in LFS is checked through its slices (each a chunk)
+    absent |= store.slice_holders(known)
     items = sorted(
         (oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None and oid not in absent
     )

@@ -136,12 +136,20 @@ def store_descriptor(
     # parallel across tensors, not only within one.
     spans: list[tuple[dict[str, Any], int, int]] = []
     chunks: list[memoryview] = []
+    origins: list[tuple[str, int] | None] = []
+    holders: dict[Path, str | None] = {}  # lfs mode: model files already in LFS here
     for table, items in tables:
         for t in items:
             pieces = split_chunks(t.data, chunk_size)
             spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
             chunks.extend(pieces)
-    ids = store.put_chunks(chunks, on_chunk)
+            if t.file is not None and t.file not in holders:
+                holders[t.file] = store.adopt_lfs_file(t.file)
+            holder = holders.get(t.file) if t.file is not None else None
+            origins += [
+                (holder, t.offset + i * chunk_size) if holder else None for i in range(len(pieces))
+            ]
+    ids = store.put_chunks(chunks, on_chunk, origins)
     for entry, lo, hi in spans:
         entry["chunks"] = ids[lo:hi]
     for data in plan.files.values():

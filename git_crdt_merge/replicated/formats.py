@@ -63,6 +63,10 @@ class TensorData:
     dtype: str
     shape: list[int]
     data: memoryview  # raw little-endian bytes
+    # where ``data`` lies in a safetensors file (lfs storage stores a model that is already an
+    # LFS object as slices of it: store.py)
+    file: Path | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -275,7 +279,14 @@ def iter_safetensors(path: Path) -> Iterator[TensorData]:
     )
     for name, info in items:
         lo, hi = info["data_offsets"]
-        yield TensorData(name, info["dtype"], list(info["shape"]), view[start + lo : start + hi])
+        yield TensorData(
+            name,
+            info["dtype"],
+            list(info["shape"]),
+            view[start + lo : start + hi],
+            path,
+            start + lo,
+        )
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -33,7 +33,8 @@ POINTER_VERSION = b"version https://git-lfs.github.com/spec/v1\n"
 # A canonical pointer without extensions is at most 43 + 76 + 25 bytes; git-lfs itself scans
 # blobs under 1024 bytes for pointers.
 MAX_POINTER_BYTES = 200
-MAX_LFS_OBJECT_BYTES = 1024**3  # store.MAX_OBJECT_BYTES (no import cycle)
+# A model file whose slices are chunks is never read whole: a shard of up to this size.
+MAX_SLICED_FILE_BYTES = 1024**4
 _POINTER_RE = re.compile(
     rb"version https://git-lfs\.github\.com/spec/v1\n"
     rb"oid sha256:([0-9a-f]{64})\n"
@@ -61,6 +62,59 @@ def parse_pointer(data: bytes | memoryview) -> Pointer | None:
     if m is None:
         return None
     return Pointer(m.group(1).decode(), int(m.group(2)))
+
+
+SLICE_VERSION = b"git-crdt lfs-slice v1\n"
+_SLICE_RE = re.compile(
+    rb"git-crdt lfs-slice v1\n"
+    rb"object ([0-9a-f]{64})\n"
+    rb"offset (0|[1-9][0-9]{0,18})\n"
+    rb"size (0|[1-9][0-9]{0,18})\n\Z"
+)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A chunk kept as a byte range of another object of the store (a model file that is
+    already an LFS object here): ``object`` (its blake3 name), ``offset``, ``size``."""
+
+    object: str
+    offset: int
+    size: int
+
+    def encode(self) -> bytes:
+        return b"%sobject %s\noffset %d\nsize %d\n" % (
+            SLICE_VERSION,
+            self.object.encode(),
+            self.offset,
+            self.size,
+        )
+
+
+def parse_slice(data: bytes | memoryview) -> Slice | None:
+    """The slice ``data`` is (canonical form only), or None.  Bounded like a pointer."""
+    if len(data) > MAX_POINTER_BYTES:
+        return None
+    m = _SLICE_RE.match(bytes(data))
+    if m is None:
+        return None
+    return Slice(m.group(1).decode(), int(m.group(2)), int(m.group(3)))
+
+
+def find_object(media: Path, size: int) -> list[Path]:
+    """The LFS objects here of exactly ``size`` bytes (candidates for a file's bytes)."""
+    objects = media / "objects"
+    if not objects.is_dir():
+        return []
+    found = []
+    for p in objects.glob("??/??/*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and len(p.name) == 64:
+            found.append(p)
+    return found
 
 
 def is_pointer_file(path: Path) -> bool:
@@ -153,12 +207,17 @@ def has_object(media: Path, pointer: Pointer) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == pointer.size
 
 
-def read_object_into(media: Path, pointer: Pointer, dest: memoryview, what: str) -> None:
-    """Fill ``dest`` (``pointer.size`` bytes) from the LFS object: a regular file, never
-    followed through a link, whose size must be the pointer's; the caller checks the bytes
-    against the chunk's blake3 name."""
-    if len(dest) != pointer.size:
-        raise StoreError(f"{what}: LFS object has {pointer.size} bytes, expected {len(dest)}")
+def read_object_into(
+    media: Path, pointer: Pointer, dest: memoryview, what: str, offset: int = 0
+) -> None:
+    """Fill ``dest`` from the LFS object at ``offset`` (the whole object by default): a
+    regular file, never followed through a link, whose size must be the pointer's; the caller
+    checks the bytes against the chunk's blake3 name."""
+    if offset < 0 or offset + len(dest) > pointer.size:
+        raise StoreError(
+            f"{what}: bytes {offset}..{offset + len(dest)} lie outside the LFS object's "
+            f"{pointer.size}"
+        )
     path = object_file(media, pointer.oid)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -176,12 +235,11 @@ def read_object_into(media: Path, pointer: Pointer, dest: memoryview, what: str)
                 f"{what}: LFS object {pointer.oid[:16]} has {st.st_size} bytes, its pointer "
                 f"says {pointer.size} (corrupt: run 'git lfs fsck')"
             )
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
-            pos = 0
-            while pos < len(dest):
-                n = fh.readinto(dest[pos:])
-                if not n:
-                    raise StoreError(f"{what}: LFS object {pointer.oid[:16]} is truncated")
-                pos += n
+        pos = 0
+        while pos < len(dest):
+            n = os.preadv(fd, [dest[pos:]], offset + pos)
+            if not n:
+                raise StoreError(f"{what}: LFS object {pointer.oid[:16]} is truncated")
+            pos += n
     finally:
         os.close(fd)

@@ -16,9 +16,11 @@ that switched modes reads both kinds.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -45,6 +47,18 @@ def object_id_of_path(path: str) -> str | None:
     if len(parts) == 4 and "/".join(parts[:2]) == OBJECTS_DIR:
         return parts[2] + parts[3]
     return None
+
+
+@dataclass(frozen=True)
+class LfsLocation:
+    """Where a chunk kept in Git LFS is: ``size`` bytes at ``offset`` of the LFS object
+    ``pointer`` names, whose pointer blob is the object ``holder`` (the chunk itself, or the
+    model file it is a slice of)."""
+
+    pointer: lfs.Pointer
+    offset: int
+    size: int
+    holder: str
 
 
 def split_chunks(data: memoryview, chunk_size: int) -> list[memoryview]:
@@ -76,7 +90,7 @@ class ObjectStore:
         self._promisor: str | None = None
         self._mode: str | None = None
         self._media: Path | None = None
-        self._pointers: dict[str, lfs.Pointer | None] = {}  # object id -> its pointer
+        self._pointers: dict[str, LfsLocation | None] = {}  # object id -> where in LFS
 
     # -- lookup ------------------------------------------------------------------------------
     def known(self) -> dict[str, str]:
@@ -117,10 +131,15 @@ class ObjectStore:
 
     # -- writing -----------------------------------------------------------------------------
     def _put_one(
-        self, data: bytes | memoryview, object_id: str | None = None, *, chunk: bool = False
+        self,
+        data: bytes | memoryview,
+        object_id: str | None = None,
+        *,
+        chunk: bool = False,
+        origin: tuple[str, int] | None = None,
     ) -> tuple[str, bool]:
         sha256 = None
-        if chunk and object_id is None and self.storage_mode == "lfs":
+        if chunk and origin is None and object_id is None and self.storage_mode == "lfs":
             object_id, sha256 = _blake3_and_sha256(data)
         if object_id is None:
             object_id = blake3.blake3(data).hexdigest()
@@ -128,13 +147,19 @@ class ObjectStore:
             with self._lock:
                 self._touched.add(object_id)
             return object_id, False
-        if sha256 is not None:
+        if origin is not None and chunk and self.storage_mode == "lfs":
+            # the bytes are already an LFS object (a model file): the blob names the range
+            piece = lfs.Slice(origin[0], origin[1], len(data))
+            sha = gitops.write_loose_blob(self.objects_dir, piece.encode())
+            with self._lock:
+                self._pointers.pop(object_id, None)
+        elif sha256 is not None:
             # the chunk's bytes become an LFS object; the blob staged at its path is the pointer
             pointer = lfs.Pointer(sha256, len(data))
             lfs.write_object(self.media, data, pointer)
             sha = gitops.write_loose_blob(self.objects_dir, pointer.encode())
             with self._lock:
-                self._pointers[object_id] = pointer
+                self._pointers[object_id] = LfsLocation(pointer, 0, pointer.size, object_id)
         else:
             sha = gitops.write_loose_blob(self.objects_dir, data)
         with self._lock:
@@ -146,20 +171,61 @@ class ObjectStore:
         return self._put_one(data)[0]
 
     def put_chunks(
-        self, chunks: Sequence[memoryview], progress: Callable[[int, bool], None] | None = None
+        self,
+        chunks: Sequence[memoryview],
+        progress: Callable[[int, bool], None] | None = None,
+        origins: Sequence[tuple[str, int] | None] | None = None,
     ) -> list[str]:
-        """Store many objects in parallel (hashing and writing release the GIL)."""
+        """Store many objects in parallel (hashing and writing release the GIL).
 
-        def work(chunk: memoryview) -> str:
-            oid, new = self._put_one(chunk, chunk=True)
+        ``origins`` (lfs mode): for each chunk, (the id of an object from
+        :meth:`adopt_lfs_file`, the chunk's offset in it) where the chunk is that file's bytes
+        as they are, else None; such a chunk is stored as a slice, not a second copy."""
+        where = list(origins) if origins is not None else [None] * len(chunks)
+
+        def work(i: int) -> str:
+            oid, new = self._put_one(chunks[i], chunk=True, origin=where[i])
             if progress is not None:
-                progress(len(chunk), new)
+                progress(len(chunks[i]), new)
             return oid
 
         if len(chunks) <= 1 or self.workers <= 1:
-            return [work(c) for c in chunks]
+            return [work(i) for i in range(len(chunks))]
         with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(work, chunks))
+            return list(pool.map(work, range(len(chunks))))
+
+    def adopt_lfs_file(self, path: Path) -> str | None:
+        """In lfs mode, a model file whose bytes are already an LFS object here (the user's
+        ``git lfs track``ed model, fetched): stage that object's pointer as an object of ours
+        (named by the file's blake3) and return its id, so that chunks can be slices of it;
+        None otherwise.  Costs one pass over the file (sha256 and blake3 together), and only
+        when the LFS store holds an object of the file's exact size."""
+        if self.storage_mode != "lfs":
+            return None
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        if size == 0 or not lfs.find_object(self.media, size):
+            return None
+        with open(path, "rb") as fh:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    holder, sha256 = _blake3_and_sha256(view)
+                finally:
+                    view.release()
+        pointer = lfs.Pointer(sha256, size)
+        if not lfs.has_object(self.media, pointer):
+            return None  # another object of the same size
+        if not self.has(holder):
+            sha = gitops.write_loose_blob(self.objects_dir, pointer.encode())
+            with self._lock:
+                self._pending[holder] = sha
+        with self._lock:
+            self._touched.add(holder)
+            self._pointers[holder] = LfsLocation(pointer, 0, size, holder)
+        return holder
 
     def pending(self) -> dict[str, str]:
         return dict(self._pending)
@@ -217,41 +283,78 @@ class ObjectStore:
             size = self.db.blob_size(sha)
         except GitError as exc:
             raise StoreError(f"object {object_id[:16]} cannot be read: {exc}") from None
-        pointer = self.pointer_of(object_id)
-        return pointer.size if pointer is not None else size
+        where = self.pointer_of(object_id)
+        return where.size if where is not None else size
 
-    def pointer_of(self, object_id: str) -> lfs.Pointer | None:
-        """The LFS pointer the object's blob is (None: the blob holds the bytes themselves, or
-        is not here).  A blob whose blake3 is its name is the chunk, whatever it looks like;
-        any other blob small enough must parse as a canonical pointer to count as one."""
+    def pointer_of(self, object_id: str) -> LfsLocation | None:
+        """Where in Git LFS the object's bytes are (None: its blob holds the bytes themselves,
+        or is not here).  A blob whose blake3 is its name is the chunk, whatever it looks like;
+        any other blob small enough counts only as a canonical LFS pointer, or as a slice of
+        another object that is one (a model file that was already an LFS object)."""
         with self._lock:
             if object_id in self._pointers:
                 return self._pointers[object_id]
-        sha = self.sha_of(object_id)
-        pointer = None
-        if sha is not None:
-            try:
-                size = self.db.blob_size(sha)
-                if size is not None and size <= lfs.MAX_POINTER_BYTES:
-                    blob = self.db.read(sha, max_size=lfs.MAX_POINTER_BYTES)
-                    if blake3.blake3(blob).hexdigest() != object_id:
-                        pointer = lfs.parse_pointer(blob)
-            except GitError:
-                return None  # reading the object reports it
-            if pointer is not None and pointer.size > MAX_OBJECT_BYTES:
+        found = None
+        blob = self._small_blob(object_id)
+        if blob is not None and blake3.blake3(blob).hexdigest() != object_id:
+            pointer = lfs.parse_pointer(blob)
+            piece = lfs.parse_slice(blob) if pointer is None else None
+            if pointer is not None:
+                found = LfsLocation(pointer, 0, pointer.size, object_id)
+            elif piece is not None and piece.object != object_id:
+                parent = self._small_blob(piece.object)
+                holder = lfs.parse_pointer(parent) if parent is not None else None
+                if holder is None:
+                    raise StoreError(
+                        f"object {object_id[:16]} is a slice of {piece.object[:16]}, which is "
+                        "not an LFS pointer here"
+                    )
+                if piece.offset + piece.size > holder.size:
+                    raise StoreError(
+                        f"object {object_id[:16]}: its slice lies outside {piece.object[:16]}"
+                    )
+                found = LfsLocation(holder, piece.offset, piece.size, piece.object)
+            # a chunk is at most MAX_OBJECT_BYTES; a model file it is a slice of is only ever
+            # read through its slices (or bounded by the reader's limit)
+            if found is not None and (
+                found.pointer.size > lfs.MAX_SLICED_FILE_BYTES
+                or (piece is not None and found.size > MAX_OBJECT_BYTES)
+            ):
                 raise StoreError(
-                    f"object {object_id[:16]}: its LFS pointer claims {pointer.size} bytes"
+                    f"object {object_id[:16]}: its LFS pointer claims {found.size} bytes"
                 )
         with self._lock:
-            self._pointers[object_id] = pointer
-        return pointer
+            self._pointers[object_id] = found
+        return found
+
+    def _small_blob(self, object_id: str) -> bytes | None:
+        """The object's git blob if it is small enough to be a pointer or a slice, else None."""
+        sha = self.sha_of(object_id)
+        if sha is None:
+            return None
+        try:
+            size = self.db.blob_size(sha)
+            if size is None or size > lfs.MAX_POINTER_BYTES:
+                return None
+            return self.db.read(sha, max_size=lfs.MAX_POINTER_BYTES)
+        except GitError:
+            return None  # reading the object reports it
+
+    def slice_holders(self, object_ids: Iterable[str]) -> set[str]:
+        """The objects that hold the listed chunks kept as slices (whole model files)."""
+        out = set()
+        for oid in object_ids:
+            where = self.pointer_of(oid)
+            if where is not None and where.holder != oid:
+                out.add(where.holder)
+        return out
 
     def lfs_absent(self, object_ids: Iterable[str]) -> list[str]:
         """The ids stored as LFS pointers whose LFS object this clone does not hold, sorted."""
         out = []
         for oid in sorted(set(object_ids)):
-            pointer = self.pointer_of(oid)
-            if pointer is not None and not lfs.has_object(self.media, pointer):
+            where = self.pointer_of(oid)
+            if where is not None and not lfs.has_object(self.media, where.pointer):
                 out.append(oid)
         return out
 
@@ -261,7 +364,8 @@ class ObjectStore:
         ids = self.lfs_absent(object_ids)
         if not ids:
             return 0
-        gitops.lfs_fetch_paths(self.root, self.rev or "HEAD", [object_path(i) for i in ids])
+        holders = sorted({where.holder for i in ids if (where := self.pointer_of(i)) is not None})
+        gitops.lfs_fetch_paths(self.root, self.rev or "HEAD", [object_path(h) for h in holders])
         still = self.lfs_absent(ids)
         if still:
             raise StoreError(
@@ -310,12 +414,13 @@ class ObjectStore:
         """The object's bytes, checked against its blake3 name unless ``verify=False``;
         ``max_size`` refuses a larger object before reading it."""
         sha = self._sha_or_raise(object_id)
-        pointer = self.pointer_of(object_id)
-        if pointer is not None:
-            if max_size is not None and pointer.size > max_size:
-                raise StoreError(f"object {object_id[:16]} is larger than {max_size} bytes")
-            buf = bytearray(pointer.size)
-            lfs.read_object_into(self.media, pointer, memoryview(buf), f"object {object_id[:16]}")
+        where = self.pointer_of(object_id)
+        if where is not None:
+            limit = MAX_OBJECT_BYTES if max_size is None else max_size
+            if where.size > limit:
+                raise StoreError(f"object {object_id[:16]} is larger than {limit} bytes")
+            buf = bytearray(where.size)
+            self.read_chunk_into(object_id, memoryview(buf))
             data = bytes(buf)
         else:
             try:
@@ -356,9 +461,12 @@ class ObjectStore:
         """Fill ``dest`` (the object's size) with its bytes, from its git blob or its LFS object,
         unverified: the caller checks them against the blake3 name."""
         sha = self._sha_or_raise(object_id)
-        pointer = self.pointer_of(object_id)
-        if pointer is not None:
-            lfs.read_object_into(self.media, pointer, dest, f"object {object_id[:16]}")
+        where = self.pointer_of(object_id)
+        if where is not None:
+            if len(dest) != where.size:
+                raise StoreError(f"object {object_id[:16]} has {where.size} bytes")
+            what = f"object {object_id[:16]}"
+            lfs.read_object_into(self.media, where.pointer, dest, what, where.offset)
             return
         try:
             self.db.read_into(sha, dest)

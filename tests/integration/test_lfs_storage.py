@@ -275,3 +275,47 @@ def test_a_corrupt_lfs_object_is_refused(tmp_path: Path, models: list[Path]) -> 
     assert proc.returncode == 6 and "blake3" in proc.stderr
     proc = crdt(repo, "verify", "--full", check=False)
     assert proc.returncode != 0 and "does not match its blake3 name" in proc.stdout + proc.stderr
+
+
+def storage_bytes(repo: Path) -> int:
+    """Bytes of the LFS store plus git's object database."""
+    git(repo, "gc", "-q")
+    total = sum(lfs_files(repo / ".git").values())
+    objects = repo / ".git" / "objects"
+    return total + sum(p.stat().st_size for p in objects.rglob("*") if p.is_file())
+
+
+def test_a_model_already_tracked_in_lfs_is_not_stored_twice(
+    tmp_path: Path, models: list[Path]
+) -> None:
+    """The user's own LFS-tracked model becomes a contribution whose chunks are slices of
+    its LFS object: the repository grows by a few small blobs, not by the model."""
+    origin = bare(tmp_path / "origin.git")
+    repo = make_repo(tmp_path / "a", "lfs", origin)
+    git(repo, "lfs", "track", "models/*.safetensors")
+    (repo / "models").mkdir()
+    model = repo / "models" / "ft.safetensors"
+    model.write_bytes(models[0].read_bytes())
+    git(repo, "add", ".gitattributes", "models/ft.safetensors")
+    git(repo, "commit", "-q", "-m", "the fine-tune, in LFS")
+    assert len(lfs_files(repo / ".git")) == 1
+    before = storage_bytes(repo)
+    crdt(repo, "add-contribution", str(model), "--name", "ft")
+    git(repo, "commit", "-q", "-m", "contribution")
+    after = storage_bytes(repo)
+    size = model.stat().st_size
+    assert size > 400_000 and after - before < 0.05 * size, (before, after, size)
+    assert len(lfs_files(repo / ".git")) == 1  # no second copy of any byte in LFS
+    # the same contribution, the same merged bytes as git mode
+    plain = make_repo(tmp_path / "plain", "git")
+    crdt(plain, "add-contribution", str(models[0]), "--name", "ft")
+    git(plain, "commit", "-q", "-m", "ft")
+    assert contributions(plain) == contributions(repo)
+    assert merged(repo) == merged(plain)
+    crdt(repo, "verify", "--full")
+    # a clone downloads the model file once, through its pointer, and resolves the same
+    git(repo, "push", "-q", "origin", "main")
+    crdt(tmp_path, "clone", "-q", origin.as_uri(), "b")
+    b = tmp_path / "b"
+    assert (b / "merged" / "model.safetensors").read_bytes() == merged(plain)
+    crdt(b, "verify", "--full")
