@@ -12,7 +12,7 @@ add / commit / push / clone of the same two safetensors files (``--no-plain-git`
 plain ``git add`` deflates at ~16 MB/s).  With ``--storage lfs`` the repository keeps its
 chunks in Git LFS: the push uploads them through git-lfs's ``file://`` standalone transfer
 into the bare remote's ``lfs/objects``, and a separate step downloads the set's chunks in the
-clone (``git crdt verify --fetch``) before it resolves.
+clone (the ``git lfs fetch --include`` that resolve runs) before it resolves.
 
 Every step is a whole process started the way a user would, with ``sync`` (untimed) before
 it.  The baseline is ``cp`` of the two model files (2 x size) into a new folder on the same
@@ -215,8 +215,13 @@ def journey(work: Path, size: int, *, plain: bool, storage: str) -> list[dict[st
     r.run(["git", "config", "crdt.autoResolve", "false"], b)
     step("git crdt clone, file:// (install included)", t)
     if storage == "lfs":
-        t = r.timed([["git", "crdt", "verify", "-q", "--fetch"]], b)
-        step("download the set's LFS objects (git crdt verify --fetch)", t)
+        # what resolve runs first (git/commands.lfs_fetch_paths): every chunk is in the set here
+        listed = subprocess.run(
+            ["git", "ls-files", "--", ".crdt/objects/"], cwd=b, capture_output=True, text=True
+        ).stdout.split()
+        fetch = ["git", "lfs", "fetch", f"--include={','.join(listed)}", "--exclude=", "origin"]
+        t = r.timed([fetch + ["HEAD"]], b)
+        step("download the set's LFS objects (git lfs fetch --include, as resolve does)", t)
     step("resolve linear in the clone", r.timed([["git", "crdt", "resolve", "-q"]], b))
     step("resolve linear in the adding clone", r.timed([["git", "crdt", "resolve", "-q"]], a))
     step("git gc in the clone", r.timed([["git", "gc", "-q"]], b))
