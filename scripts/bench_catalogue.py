@@ -25,8 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resolve  # noqa: E402  (the same model and IO floor)
 
+# argv: strategy name, then optionally the device and an output folder whose files are hashed.
 WORKER = r"""
-import json, shutil, sys, time
+import hashlib, json, shutil, sys, time
+from pathlib import Path
 from git_crdt_merge.replicated import contributions
 from git_crdt_merge.resolution import resolve
 from git_crdt_merge.replicated.repo import Repo
@@ -34,6 +36,8 @@ from git_crdt_merge.strategies import REQUIRED, get_strategy
 
 repo = Repo.open(".")
 name = sys.argv[1]
+device = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+output = Path(sys.argv[3]) if len(sys.argv) > 3 else None
 strategy = get_strategy(name)
 params = {}
 for p in strategy.params:
@@ -44,9 +48,56 @@ for p in strategy.params:
 contributions.set_register(repo, "strategy", {"name": name, "params": params})
 shutil.rmtree(repo.state_dir / "cache", ignore_errors=True)
 t0 = time.perf_counter()
-resolve.resolve(repo)
-print(json.dumps({"seconds": time.perf_counter() - t0, "params": params}))
+resolve.resolve(repo, device=device, output=output)
+seconds = time.perf_counter() - t0
+row = {"seconds": seconds, "params": params}
+if output is not None:
+    h = hashlib.sha256()
+    for f in sorted(output.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    row["sha256"] = h.hexdigest()[:16]
+print(json.dumps(row))
 """
+
+
+def bench_env() -> dict[str, str]:
+    """The environment the benchmark's git and worker processes run in."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    for key, val in (
+        ("GIT_AUTHOR_NAME", "bench"),
+        ("GIT_AUTHOR_EMAIL", "bench@example"),
+        ("GIT_COMMITTER_NAME", "bench"),
+        ("GIT_COMMITTER_EMAIL", "bench@example"),
+    ):
+        env.setdefault(key, val)
+    return env
+
+
+def build_catalogue_repo(d: Path, env: dict[str, str], layers: int, dim: int) -> Path:
+    """The catalogue's repository under ``d``: base + 4 contributions with extra inputs on
+    ``main``, and branches ``k2`` / ``k1`` that keep 2 and 1 of them."""
+    repo = d / "repo"
+    repo.mkdir(parents=True)
+    bench_resolve.build(repo, env, layers, 4, dim, extras=True)
+    listed = json.loads(bench_resolve.sh(repo, env, "git", "crdt", "list", "--json"))
+    ids = [row["id"] for row in listed]
+    for branch, keep in (("k2", 2), ("k1", 1)):
+        bench_resolve.sh(repo, env, "git", "checkout", "-q", "-b", branch, "main")
+        for cid in ids[keep:]:
+            bench_resolve.sh(repo, env, "git", "crdt", "remove-contribution", cid)
+        bench_resolve.sh(repo, env, "git", "commit", "-q", "-m", f"keep {keep}")
+    bench_resolve.sh(repo, env, "git", "checkout", "-q", "main")
+    return repo
+
+
+def branch_for(name: str) -> tuple[str, int]:
+    """The branch a strategy runs on and its number of contributions (at most 4)."""
+    from git_crdt_merge.strategies import get_strategy
+
+    st = get_strategy(name)
+    k = 4 if st.max_inputs is None else min(4, st.max_inputs)
+    return {4: "main", 3: "main", 2: "k2", 1: "k1"}[k], k
 
 
 def main() -> None:
@@ -59,40 +110,19 @@ def main() -> None:
     from git_crdt_merge.strategies import all_strategies
 
     names = args.only or [s.name for s in all_strategies()]
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key, val in (
-        ("GIT_AUTHOR_NAME", "bench"),
-        ("GIT_AUTHOR_EMAIL", "bench@example"),
-        ("GIT_COMMITTER_NAME", "bench"),
-        ("GIT_COMMITTER_EMAIL", "bench@example"),
-    ):
-        env.setdefault(key, val)
+    env = bench_env()
     with tempfile.TemporaryDirectory(
         prefix="bench-catalogue-", dir=os.environ.get("BENCH_DIR")
     ) as d:
-        repo = Path(d) / "repo"
-        repo.mkdir()
-        bench_resolve.build(repo, env, args.layers, 4, args.dim, extras=True)
-        listed = json.loads(bench_resolve.sh(repo, env, "git", "crdt", "list", "--json"))
-        ids = [row["id"] for row in listed]
-        for branch, keep in (("k2", 2), ("k1", 1)):
-            bench_resolve.sh(repo, env, "git", "checkout", "-q", "-b", branch, "main")
-            for cid in ids[keep:]:
-                bench_resolve.sh(repo, env, "git", "crdt", "remove-contribution", cid)
-            bench_resolve.sh(repo, env, "git", "commit", "-q", "-m", f"keep {keep}")
-        bench_resolve.sh(repo, env, "git", "checkout", "-q", "main")
+        repo = build_catalogue_repo(Path(d), env, args.layers, args.dim)
         floor_worker = bench_resolve.WORKER
         timing = json.loads(
             bench_resolve.sh(repo, env, sys.executable, "-c", floor_worker, f"{d}/floor.out", "0.5")
         )
         floor = timing["floor"]
         print(json.dumps({"bench": "catalogue-floor", "seconds": round(floor, 3)}), flush=True)
-        by_name = {s.name: s for s in all_strategies()}
         for name in names:
-            st = by_name[name]
-            k = 4 if st.max_inputs is None else min(4, st.max_inputs)
-            branch = {4: "main", 3: "main", 2: "k2", 1: "k1"}[k]
+            branch, k = branch_for(name)
             bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)  # drop the register
             row: dict[str, object] = {"bench": "catalogue", "strategy": name, "k": k}
             try:

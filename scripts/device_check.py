@@ -1,94 +1,108 @@
-"""Device check: `git crdt resolve --device cuda` on a small model, for several strategies.
+"""Device check: every strategy on CUDA against the CPU's bytes, and the 100M benchmark timed.
 
-    python scripts/device_check.py [--strategies linear ties ...]
+    python scripts/device_check.py [--only NAME ...] [--layers 2 --dim 512] [--timing-layers 24]
 
-For each strategy: resolve twice on CUDA (cache cleared between) and once on the CPU; print one
-JSON line with the sha256 of each output and whether the two CUDA runs agree.  CUDA results are
-not promised to equal the CPU's (they are cached under their own key); two CUDA runs of the same
-set on the same GPU are expected to agree.  Needs a CUDA build of torch and a GPU.
+Equality: the catalogue's repository (``bench_catalogue.py``: a base and 4 contributions with
+Fisher diagonals and Gram matrices; strategies that take 1 or 2 contributions on branches that
+keep that many) at a small size.  Each strategy is resolved in a fresh process on CUDA twice and
+on the CPU once, the cache cleared before each; one JSON line per strategy with the sha256 of
+the output shards, whether the CUDA runs agree with each other, and whether they equal the CPU.
+
+Timing (``--timing-layers N``, 0 to skip): the 100M benchmark (N x 2048 x 2048 fp32) for
+``--timing`` strategies, seconds on CUDA against the CPU in the same run.  Needs a CUDA build of
+torch and a GPU; run it when the device tool lends one and record the result in
+``docs/performance.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-PARAMS = {"slerp": ["t=0.3"], "nearswap": ["t=0.01"], "ties": ["density=0.5"]}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_catalogue  # noqa: E402  (the same repository and worker)
+import bench_resolve  # noqa: E402
 
 
-def sh(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+def run_worker(
+    repo: Path, env: dict[str, str], name: str, device: str, out: Path, timeout: float
+) -> dict[str, object]:
+    """One cold resolve of ``name`` on ``device`` into ``out``, in a fresh process."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", bench_catalogue.WORKER, name, device, str(out)],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        return {"error": lines[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def check_all(
+    d: Path, env: dict[str, str], names: list[str], layers: int, dim: int, timeout: float
+) -> list[dict[str, object]]:
+    repo = bench_catalogue.build_catalogue_repo(d, env, layers, dim)
+    rows = []
+    for name in names:
+        branch, k = bench_catalogue.branch_for(name)
+        row: dict[str, object] = {"check": "equality", "strategy": name, "k": k}
+        for label, device in (("cuda_1", "cuda"), ("cuda_2", "cuda"), ("cpu", "cpu")):
+            bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)
+            result = run_worker(repo, env, name, device, d / f"{name}-{label}", timeout)
+            if "error" in result:
+                row[f"{label}_error"] = result["error"]
+            else:
+                row[label] = result["sha256"]
+                row[f"{label}_s"] = round(float(result["seconds"]), 3)  # type: ignore[arg-type]
+        hashes = [row.get(label) for label in ("cuda_1", "cuda_2", "cpu")]
+        row["cuda_runs_agree"] = hashes[0] is not None and hashes[0] == hashes[1]
+        row["cuda_equals_cpu"] = hashes[0] is not None and hashes[0] == hashes[2]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--strategies",
-        nargs="*",
-        default=["linear", "task_arithmetic", "ties", "dare_ties", "della", "model_stock"],
-    )
+    ap.add_argument("--only", nargs="*", help="strategy names (default: all registered)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--timing-layers", type=int, default=24)
+    ap.add_argument("--timing", nargs="*", default=["linear", "ties", "dare_ties", "della"])
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per resolve")
     args = ap.parse_args()
-    import numpy as np
-    from safetensors.numpy import save_file
+    from git_crdt_merge.strategies import all_strategies
 
-    env_keys = {
-        "GIT_AUTHOR_NAME": "dev",
-        "GIT_AUTHOR_EMAIL": "dev@example",
-        "GIT_COMMITTER_NAME": "dev",
-        "GIT_COMMITTER_EMAIL": "dev@example",
-    }
-    for key, val in env_keys.items():
-        os.environ.setdefault(key, val)
+    names = args.only or [s.name for s in all_strategies()]
+    env = bench_catalogue.bench_env()
     with tempfile.TemporaryDirectory(prefix="device-check-") as d:
-        repo = Path(d) / "repo"
-        repo.mkdir()
-        rng = np.random.default_rng(0)
-        shapes = {"a.weight": (512, 512), "b.weight": (300, 77), "c.bias": (512,)}
-        base = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
-        save_file(base, f"{d}/base.safetensors")
-        sh(repo, "git", "init", "-q", "-b", "main")
-        sh(repo, "git", "crdt", "init", "-q")
-        sh(repo, "git", "config", "crdt.autoResolve", "false")
-        sh(repo, "git", "crdt", "set-base", f"{d}/base.safetensors", "-q")
-        for j in range(3):
-            noisy = {
-                n: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
-                for n, v in base.items()
-            }
-            save_file(noisy, f"{d}/c{j}.safetensors")
-            sh(repo, "git", "crdt", "add-contribution", f"{d}/c{j}.safetensors", "-q")
-        sh(repo, "git", "commit", "-q", "-m", "models")
-        cache = repo / ".git" / "crdt" / "cache"
-        for name in args.strategies:
-            params = [x for p in PARAMS.get(name, []) for x in ("--param", p)]
-            sh(repo, "git", "crdt", "strategy", name, *params)
-            row: dict[str, object] = {"strategy": name}
-            for label, device in (("cuda_1", "cuda"), ("cuda_2", "cuda"), ("cpu", "cpu")):
-                shutil.rmtree(cache, ignore_errors=True)
-                out = Path(d) / f"{name}-{label}"
-                try:
-                    sh(repo, "git", "crdt", "resolve", "--device", device, "--output", str(out))
-                    row[label] = digest(out / "model.safetensors")
-                except RuntimeError as exc:
-                    row[label] = f"error: {exc}"
-            row["cuda_runs_agree"] = row["cuda_1"] == row["cuda_2"]
-            row["cuda_equals_cpu"] = row["cuda_1"] == row["cpu"]
-            print(json.dumps(row), flush=True)
-    sys.exit(0)
+        rows = check_all(Path(d) / "small", env, names, args.layers, args.dim, args.timeout)
+        equal = sum(bool(r["cuda_equals_cpu"]) for r in rows)
+        print(json.dumps({"check": "summary", "strategies": len(rows), "cuda_equals_cpu": equal}))
+    if args.timing_layers > 0:
+        with tempfile.TemporaryDirectory(prefix="device-timing-") as d:
+            repo = bench_catalogue.build_catalogue_repo(Path(d), env, args.timing_layers, 2048)
+            for name in args.timing:
+                branch, k = bench_catalogue.branch_for(name)
+                row: dict[str, object] = {"check": "timing", "strategy": name, "k": k}
+                for device in ("cuda", "cpu"):
+                    bench_resolve.sh(repo, env, "git", "checkout", "-q", "-f", branch)
+                    result = run_worker(repo, env, name, device, Path(d) / name, args.timeout)
+                    row[device] = result.get("seconds", result.get("error"))
+                if isinstance(row["cuda"], float) and isinstance(row["cpu"], float):
+                    row["speedup"] = round(row["cpu"] / row["cuda"], 2)
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
