@@ -56,7 +56,7 @@ def storage(
     stored before keep their form; both forms are read."""
     with handle_errors():
         if mode is None:
-            sys.stdout.write(installer.storage_mode_of(Path.cwd()) + "\n")
+            sys.stdout.write(installer.storage_mode(Path.cwd()) + "\n")
             return
         notes = installer.set_storage(Path.cwd(), mode)
     if not quiet:

@@ -414,6 +414,11 @@ def install(
     return notes
 
 
+def storage_mode(cwd: Path | str) -> str:
+    """The storage mode of the repository containing ``cwd``."""
+    return storage_mode_of(Repo.open(cwd).root)
+
+
 def storage_mode_of(root: Path) -> str:
     """The storage mode of the work tree's ``.crdt/storage``, else of HEAD's (a clone before
     its checkout), else ``git``."""
