@@ -749,3 +749,62 @@ def sparse_checkout(root: Path | str, *args: str) -> None:
 def lfs_update(root: Path | str) -> None:
     """Let git-lfs re-install its hooks (where it is set up); never fails."""
     run(["lfs", "update"], root, check=False)
+
+
+# -- git-lfs ---------------------------------------------------------------------------------
+# ``git lfs fetch --include`` takes one comma-separated argument; Linux allows 128 KiB per
+# argument, so the paths go in groups well under that.
+_LFS_INCLUDE_BYTES = 96 * 1024
+
+
+def lfs_fetch_paths(root: Path | str, rev: str, paths: Sequence[str]) -> None:
+    """Download the LFS objects of exactly ``paths`` as ``rev``'s tree has them, from the
+    remote git-lfs would use (the branch's remote, else origin): one ``git lfs fetch`` per
+    96 KiB of paths (about 1,800 chunks), ``--exclude=`` so that no ``lfs.fetchexclude``
+    drops them."""
+    remote = lfs_remote(root)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for p in paths:
+        if size + len(p) + 1 > _LFS_INCLUDE_BYTES and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += len(p) + 1
+    for group in groups:
+        if group:
+            args = ["lfs", "fetch", f"--include={','.join(group)}", "--exclude=", remote, rev]
+            _run_lfs(args, root)
+
+
+def _run_lfs(args: Sequence[str], root: Path | str) -> None:
+    """``git lfs ...``; a failure is a GitError with git-lfs's last message line (its first
+    lines are progress), and a missing git-lfs says so."""
+    if shutil.which("git-lfs") is None:
+        raise GitError("this repository keeps chunks in Git LFS, but 'git-lfs' is not installed")
+    proc = run(args, root, check=False)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        raise GitError(f"git lfs {args[1]} failed: {lines[-1] if lines else proc.returncode}")
+
+
+def lfs_remote(root: Path | str) -> str:
+    """The remote git-lfs fetches from: ``lfs.remote.default``... as git-lfs picks it: the
+    current branch's remote, else ``origin``."""
+    configured = config_get(root, "lfs.remote.default")
+    if configured:
+        return configured
+    branch = run(["symbolic-ref", "-q", "--short", "HEAD"], root, check=False)
+    name = branch.stdout.decode().strip()
+    if branch.returncode == 0 and name:
+        remote = config_get(root, f"branch.{name}.remote")
+        if remote and remote != ".":
+            return remote
+    return "origin"
+
+
+def lfs_install_local(root: Path | str) -> None:
+    """git-lfs's filters in this clone's config, without its hooks (``--skip-repo``): ours
+    run ``git lfs HOOK`` where git-lfs is set up."""
+    _run_lfs(["lfs", "install", "--local", "--skip-repo"], root)

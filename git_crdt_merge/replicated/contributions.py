@@ -150,16 +150,24 @@ def store_descriptor(
     spans: list[tuple[dict[str, Any], int, int]] = []
     chunks: list[memoryview] = []
     encoded: list[_EncodedTensor] = []
+    origins: list[tuple[str, int] | None] = []
+    holders: dict[Path, str | None] = {}  # lfs mode: model files already in LFS here
     for table, items, name in tables:
         for t in items:
-            if name == encoding.RAW:
-                pieces = split_chunks(t.data, chunk_size)
-                spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
-                chunks.extend(pieces)
-            else:
+            if name != encoding.RAW:
                 ref = _xor_base(base, t) if name == encoding.XOR else None
                 encoded.append(_EncodedTensor(table[t.name], t, ref, chunk_size))
-    ids = store.put_chunks(chunks, on_chunk)
+                continue
+            pieces = split_chunks(t.data, chunk_size)
+            spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
+            chunks.extend(pieces)
+            if t.file is not None and t.file not in holders:
+                holders[t.file] = store.adopt_lfs_file(t.file)
+            holder = holders.get(t.file) if t.file is not None else None
+            origins += [
+                (holder, t.offset + i * chunk_size) if holder else None for i in range(len(pieces))
+            ]
+    ids = store.put_chunks(chunks, on_chunk, origins)
     for entry, lo, hi in spans:
         entry["chunks"] = ids[lo:hi]
     _store_encoded(store, encoded, on_written, progress)
@@ -244,11 +252,10 @@ def _store_encoded(
 
 
 def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
-    """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
-    the descriptors in one batch, then every object they reference in one batch.  Returns the
-    number of objects fetched (0 in a full clone, with no git process started)."""
-    if not store.partial:
-        return 0
+    """Fetch what resolving the visible set reads and this clone lacks: in a partial clone the
+    descriptors in one batch, then every object they reference in one batch; then the LFS
+    objects of the chunks kept in Git LFS, in one ``git lfs fetch``.  Returns the number of
+    objects fetched (0, with no git process started, when nothing is absent)."""
     ids = [cid for cid, _ in manifest.visible_contributions()]
     base = manifest.base()
     if base is not None:
@@ -258,9 +265,14 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     refs: set[str] = set()
     for cid in ids:
         if store.has(manifest.descriptor_address(cid)):
-            desc = read_descriptor(store, manifest, cid)
+            try:
+                desc = read_descriptor(store, manifest, cid)
+            except CrdtError:
+                continue  # reading it again reports it
             refs |= {oid for oid, _ in checks.object_references(desc.raw)}
-    return fetched + store.fetch_absent(refs)
+    fetched += store.fetch_absent(refs)
+    # chunks kept in Git LFS: exactly this set's, in one 'git lfs fetch'
+    return fetched + store.fetch_lfs(refs)
 
 
 def _check_weight(weight: float | None) -> None:

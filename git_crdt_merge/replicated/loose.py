@@ -24,9 +24,17 @@ class LooseStore(ObjectStore):
         self.root = Path(".")
         self.rev = None
         self.workers = 1
+        self._mode = "git"
         self._objects: dict[str, memoryview] = {}
 
-    def _put_one(self, data: bytes | memoryview, object_id: str | None = None) -> tuple[str, bool]:
+    def _put_one(
+        self,
+        data: bytes | memoryview,
+        object_id: str | None = None,
+        *,
+        chunk: bool = False,
+        origin: tuple[str, int] | None = None,
+    ) -> tuple[str, bool]:
         view = memoryview(data).cast("B")
         if object_id is None:
             threads = blake3.blake3.AUTO if len(view) >= _PARALLEL_HASH_BYTES else 1
@@ -39,15 +47,21 @@ class LooseStore(ObjectStore):
         return self._put_one(data)[0]
 
     def put_chunks(
-        self, chunks: Sequence[memoryview], on_chunk: Callable[[int, bool], None] | None = None
+        self,
+        chunks: Sequence[memoryview],
+        progress: Callable[[int, bool], None] | None = None,
+        origins: Sequence[tuple[str, int] | None] | None = None,
     ) -> list[str]:
         ids = []
         for chunk in chunks:
             oid, new = self._put_one(chunk)
-            if on_chunk is not None:
-                on_chunk(len(chunk), new)
+            if progress is not None:
+                progress(len(chunk), new)
             ids.append(oid)
         return ids
+
+    def adopt_lfs_file(self, path: Path) -> str | None:
+        return None  # nothing is stored: there is no LFS object to reference
 
     def has(self, object_id: str) -> bool:
         return object_id in self._objects

@@ -3,11 +3,12 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output recipe merge list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
+__git_crdt_commands='init storage install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output recipe merge list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
-        init) echo '-q --quiet -h --help' ;;
+        init) echo '--storage -q --quiet -h --help' ;;
+        storage) echo '-q --quiet -h --help' ;;
         install) echo '--global -q --quiet -h --help' ;;
         clone) echo '-b --branch --depth --filter -o --origin --single-branch --no-tags --shallow-since --reference -c --config --no-resolve --json -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
