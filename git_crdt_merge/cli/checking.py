@@ -30,7 +30,9 @@ def verify(
     full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
     fetch: Annotated[
         bool,
-        typer.Option("--fetch", help="Partial clone: fetch absent objects first."),
+        typer.Option(
+            "--fetch", help="Partial clone or chunks in Git LFS: fetch absent objects first."
+        ),
     ] = False,
     fast: Annotated[
         bool, typer.Option("--fast", help="Hash nothing: presence and sizes only.")
@@ -44,7 +46,8 @@ def verify(
     By default every object that HEAD does not hold as the same git blob is re-hashed (what
     a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
     it); --full re-hashes every object, the cache and the published output too.  In a
-    partial clone, objects not fetched yet are named as absent (--fetch fetches them)."""
+    partial clone, and for chunks kept in Git LFS, objects not fetched yet are named as absent
+    (--fetch fetches them)."""
     from ..query.verify import verify as do_verify
 
     if staged and rev is not None:

@@ -24,6 +24,16 @@ from .app import (
 )
 from .render import human_bytes
 
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--encoding",
+        help="How chunks are stored: raw, planes-zstd (byte planes + zstd) or xor-planes-zstd "
+        "(XOR against the base's tensor, then planes + zstd); default: git config "
+        "crdt.encoding, else raw. Never changes the id.",
+    ),
+]
+
 
 @app.command("add-contribution")
 def add_contribution(
@@ -48,6 +58,7 @@ def add_contribution(
     extra: Annotated[
         list[str] | None, typer.Option("--extra", help="Extra input KIND=FILE.safetensors")
     ] = None,
+    encoding: EncodingOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
@@ -81,6 +92,7 @@ def add_contribution(
             progress=advance,
             extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
             allow_nonfinite=allow_nonfinite,
+            encoding_name=encoding,
         ),
         describe,
         json_=json_,
@@ -179,6 +191,7 @@ def set_base(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Store the base model and record it in the 'base' register."""
     run_reported(
@@ -190,6 +203,7 @@ def set_base(
             on_start=start,
             progress=advance,
             allow_nonfinite=allow_nonfinite,
+            encoding_name=encoding,
         ),
         lambda result: err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)"),
         json_=json_,

@@ -77,7 +77,7 @@ def merge_tensor(
         tensors,
         [cid for cid, _ in plan.contributions],
         plan.weights,
-        plan.params,
+        plan.tensor_params(spec.name),  # per-tensor values evaluated for this name
         rng,
         compute,
         owned=True,
@@ -125,21 +125,12 @@ def statistics_pass(
     for spec in plan.specs:
         base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots)
         tensors = _shared_rows(spec, base, tensors, compute)
-        summaries[spec.name] = registry.collect_statistics(
-            plan.strategy,
-            spec.name,
-            base,
-            tensors,
-            ids,
-            plan.weights,
-            plan.params,
-            rng,
-            compute,
-            owned=True,
-            extras=extras,
+        stored = registry.StoredInputs(
+            spec.name, base, tensors, ids, plan.weights, rng, compute, owned=True, extras=extras
         )
+        summaries[spec.name] = registry.collect_statistics(plan.strategy, stored, plan.params)
         numels[spec.name] = math.prod(spec.shape)
-        del base, tensors, extras
+        del base, tensors, extras, stored
     by_name = {spec.name: spec for spec in plan.specs}
 
     def read(name: str) -> registry.TensorInputs:
@@ -148,9 +139,10 @@ def statistics_pass(
             raise ResolveError(f"strategy {plan.strategy.name}: no tensor named {name!r}")
         base, tensors, extras = load_inputs(plan, by_name[name], store, device, slots, extra_slots)
         tensors = _shared_rows(by_name[name], base, tensors, compute)
-        inputs = registry.prepare_inputs(
-            plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
+        stored = registry.StoredInputs(
+            name, base, tensors, ids, plan.weights, rng, compute, extras=extras
         )
+        inputs = registry.prepare_inputs(plan.strategy, stored)
         if inputs is None:
             raise ResolveError(
                 f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"

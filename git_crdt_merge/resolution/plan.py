@@ -16,7 +16,7 @@ from ..replicated.manifest import Manifest
 from ..replicated.reader import read_descriptor
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
-from ..strategies import registry
+from ..strategies import layered, registry
 from ..vocabulary import OUTPUT_DTYPES
 from . import align
 
@@ -52,6 +52,14 @@ class Plan:
     # (input index, tensor name) -> the tensor that input gives for it (a tied head's
     # embedding); inputs are the contributions in canonical order, then the base
     stand_ins: dict[tuple[int, str], str] = field(default_factory=dict)
+    layers: int = 0  # layers in the model (1 + largest layer index): per-tensor parameters
+
+    def tensor_params(self, name: str) -> dict[str, Any]:
+        """The parameters of tensor ``name``: gradients and filters evaluated
+        (:mod:`..strategies.layered`); the plain parameters themselves when there are none."""
+        if not layered.has_per_tensor(self.params):
+            return self.params
+        return layered.for_tensor(self.params, name, self.layers)
 
     @property
     def weights(self) -> list[float]:
@@ -180,6 +188,7 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
         specs,
         files,
         stand_ins,
+        layered.layer_count(s.name for s in specs),
     )
     if strategy.extra_inputs:
         count = len(descriptors) + (base is not None)
