@@ -9,17 +9,19 @@ import typer
 
 from ..errors import UsageError
 from ..replicated import contributions
-from ..resolution.cache import DEFAULT_MAX_SHARD
 from .app import (
     JsonOpt,
     QuietOpt,
     app,
+    emit_json,
     err,
     fail,
     handle_errors,
     open_repo,
     run_reported,
+    size_arg,
 )
+from .render import print_plan
 
 
 @app.command()
@@ -30,17 +32,35 @@ def resolve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compute_dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
     max_shard_size: Annotated[
-        int, typer.Option(min=1, help="Largest output shard in bytes.")
-    ] = DEFAULT_MAX_SHARD,
+        str | None,
+        typer.Option(help="Largest output shard, e.g. 2GB (default: crdt.maxShardSize, else 5GB)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the plan (tensors, inputs, parameters, estimates).")
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compute the merged model of the visible set (a no-op on a cache hit)."""
-    from ..resolution.resolve import Outcome
+    """Compute the merged model of the visible set (a no-op on a cache hit).
+
+    --dry-run prints the plan instead: every tensor with its parameters after gradients and
+    filters, the inputs, and estimated memory and time; nothing is read or written."""
+    from ..resolution.resolve import Outcome, plan_only
     from ..resolution.resolve import resolve as do_resolve
 
+    max_shard = size_arg(max_shard_size, "--max-shard-size", 1)
     if device not in ("cpu", "cuda"):
         raise fail(UsageError(f"--device must be cpu or cuda, not {device!r}"))
+    if dry_run:
+        with handle_errors():
+            plan = plan_only(open_repo())
+        if json_:
+            emit_json(plan)
+        elif plan["empty"]:
+            err.print("no visible contributions: nothing to resolve (dry run)")
+        elif not quiet:
+            print_plan(err, plan)
+        return
 
     def describe(outcome: Outcome) -> None:
         if outcome.empty:
@@ -56,7 +76,7 @@ def resolve(
             output=output,
             device=device,
             compute_dtype=compute_dtype,
-            max_shard=max_shard_size,
+            max_shard=max_shard,
             on_start=start,
             progress=advance,
         ),

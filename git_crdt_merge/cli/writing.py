@@ -20,6 +20,7 @@ from .app import (
     handle_errors,
     open_repo,
     run_reported,
+    size_arg,
 )
 from .render import human_bytes
 
@@ -46,6 +47,17 @@ def note_skipped(result: contributions.IngestResult) -> None:
         )
 
 
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--encoding",
+        help="How chunks are stored: raw, planes-zstd (byte planes + zstd) or xor-planes-zstd "
+        "(XOR against the base's tensor, then planes + zstd); default: git config "
+        "crdt.encoding, else raw. Never changes the id.",
+    ),
+]
+
+
 @app.command("add-contribution")
 def add_contribution(
     path: Annotated[Path, typer.Argument(help="A .safetensors file or a Hugging Face directory.")],
@@ -54,12 +66,10 @@ def add_contribution(
     message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
     chunk_size: Annotated[
-        int | None,
+        str | None,
         typer.Option(
-            min=1,
-            max=MAX_OBJECT_BYTES,
-            help="Largest object in bytes, instead of the repository's (see 'chunk-size'); "
-            "never changes the id.",
+            help="Largest object (a size: 50MB, 64MiB, bytes), instead of the repository's "
+            "(see 'chunk-size'); never changes the id.",
         ),
     ] = None,
     fisher: Annotated[
@@ -71,6 +81,7 @@ def add_contribution(
     extra: Annotated[
         list[str] | None, typer.Option("--extra", help="Extra input KIND=FILE.safetensors")
     ] = None,
+    encoding: EncodingOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
@@ -83,6 +94,8 @@ def add_contribution(
     adapter (adapter_model.safetensors + adapter_config.json) is checked against the base and
     the other adapters.  Extra inputs that some strategies need (Fisher diagonals, Gram
     matrices) are stored with it and become part of its content."""
+
+    chunk_bytes = size_arg(chunk_size, "--chunk-size", 1, MAX_OBJECT_BYTES)
 
     def describe(result: contributions.IngestResult) -> None:
         what = "already present" if result.already_present else "added"
@@ -102,12 +115,13 @@ def add_contribution(
             weight=weight,
             message=message,
             allow_pickle=allow_pickle,
-            chunk_size=chunk_size,
+            chunk_size=chunk_bytes,
             on_start=start,
             progress=advance,
             extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
             allow_nonfinite=allow_nonfinite,
             include_code=include_code,
+            encoding_name=encoding,
         ),
         describe,
         json_=json_,
@@ -138,19 +152,20 @@ def set_weight(
 @app.command("chunk-size")
 def chunk_size(
     size: Annotated[
-        int | None,
-        typer.Argument(min=1, max=MAX_OBJECT_BYTES, help="Bytes per chunk (omit to show it)."),
+        str | None,
+        typer.Argument(help="Bytes per chunk, e.g. 64MiB or 50MB (omit to show it)."),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show or set the repository's chunk size (a replicated register; default 64 MiB).
 
     A storage choice: contributions are named by their content, so a model added with any
-    chunk size has the same id."""
+    chunk size has the same id.  Sizes: KB=1000, KiB=1024 (docs/cli.md, "Sizes")."""
+    bytes_ = size_arg(size, "chunk size", 1, MAX_OBJECT_BYTES)
     with handle_errors():
         repo = open_repo()
-        if size is not None:
-            contributions.set_chunk_size(repo, size)
+        if bytes_ is not None:
+            contributions.set_chunk_size(repo, bytes_)
         current = repo.read_manifest().chunk_size()
     value = current or DEFAULT_CHUNK_SIZE
     if json_:
@@ -158,6 +173,30 @@ def chunk_size(
     else:
         how = " (default)" if current is None else ""
         err.print(f"chunk size {value} bytes{how}", markup=False)
+
+
+@app.command("output-dtype")
+def output_dtype(
+    dtype: Annotated[
+        str | None,
+        typer.Argument(help="bf16, fp16, fp32, fp64 or keep (omit to show it)."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or set the merged model's float dtype (a replicated register; default keep).
+
+    keep: each tensor has its source's dtype (the base's, else the first contribution's).
+    Merging computes in float32 (resolve --compute-dtype float64 for float64) and rounds
+    once, to nearest even, to this dtype.  Integer tensors are never cast."""
+    with handle_errors():
+        repo = open_repo()
+        if dtype is not None:
+            contributions.set_output_dtype(repo, dtype)
+        current = repo.read_manifest().output_dtype()
+    if json_:
+        emit_json({"output_dtype": current})
+    else:
+        err.print(f"output dtype {current or 'keep'}", markup=False)
 
 
 @app.command("remove-contribution")
@@ -182,6 +221,7 @@ def set_base(
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
     include_code: IncludeCodeOpt = False,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Store the base model and record it in the 'base' register.
 
@@ -202,6 +242,7 @@ def set_base(
             progress=advance,
             allow_nonfinite=allow_nonfinite,
             include_code=include_code,
+            encoding_name=encoding,
         ),
         describe,
         json_=json_,
@@ -251,6 +292,7 @@ def strategies(json_: JsonOpt = False) -> None:
                 "max_inputs": st.max_inputs,
                 "stochastic": st.stochastic,
                 "uses_weights": st.uses_weights,
+                "weights_ignored": st.weights_ignored,
                 "extra_inputs": list(st.extra_inputs),
                 "statistics_pass": st.model_pass is not None,
                 "side_output": st.side_output,
@@ -281,7 +323,13 @@ def strategies(json_: JsonOpt = False) -> None:
             for p in r["params"]
         )
         names = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        weights = "yes" if r["uses_weights"] else "no (refused)"
+        weights = (
+            "yes"
+            if r["uses_weights"]
+            else "no (ignored)"
+            if r["weights_ignored"]
+            else "no (refused)"
+        )
         table.add_row(names, r["base"], inputs, weights, params, r["summary"])
     err.print(table)
     err.print("* per-contribution parameter", markup=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import lfs
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -67,6 +68,10 @@ class TensorData:
     dtype: str
     shape: list[int]
     data: memoryview  # raw little-endian bytes
+    # where ``data`` lies in a safetensors file (lfs storage stores a model that is already an
+    # LFS object as slices of it: store.py)
+    file: Path | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -176,6 +181,8 @@ def discover(path: Path, *, allow_pickle: bool = False, include_code: bool = Fal
                     f"{path}: is a safetensors file despite its {path.suffix} name; rename it "
                     "to .safetensors"
                 )
+            if lfs.is_pointer_file(path):
+                raise InputError(lfs_pointer_message(path))
             if not allow_pickle:
                 raise InputError(
                     f"{path}: pickled checkpoints can run code when loaded; convert it to "
@@ -226,6 +233,13 @@ def discover(path: Path, *, allow_pickle: bool = False, include_code: bool = Fal
     )
 
 
+def lfs_pointer_message(path: Path) -> str:
+    return (
+        f"{path}: is a Git LFS pointer file, not the model (its bytes were not downloaded): "
+        f"run 'git lfs pull --include={path.name}' (or 'git lfs pull'), then add it again"
+    )
+
+
 def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], int]:
     """Validate a safetensors header; return (header, offset of the data section)."""
     size = len(buf)
@@ -233,6 +247,8 @@ def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], in
         raise InputError(f"{path}: too short to be a safetensors file")
     (hlen,) = struct.unpack("<Q", buf[:8])
     if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        if bytes(buf[: len(lfs.POINTER_VERSION)]) == lfs.POINTER_VERSION:
+            raise InputError(lfs_pointer_message(path))
         if bytes(buf[:4]) == b"PK\x03\x04" or bytes(buf[:1]) == b"\x80":
             raise InputError(
                 f"{path}: is a pickled checkpoint (torch.save), not safetensors despite its name; "
@@ -312,7 +328,14 @@ def iter_safetensors(path: Path) -> Iterator[TensorData]:
     )
     for name, info in items:
         lo, hi = info["data_offsets"]
-        yield TensorData(name, info["dtype"], list(info["shape"]), view[start + lo : start + hi])
+        yield TensorData(
+            name,
+            info["dtype"],
+            list(info["shape"]),
+            view[start + lo : start + hi],
+            path,
+            start + lo,
+        )
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ from ..replicated.formats import MAX_AUX_BYTES
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH, TORCH_TO_NAME
 from ..strategies import registry
-from . import cache, card
+from . import align, cache, card
 from . import lowrank as lowrank_mod
 from .buffers import InputSlots, load_inputs
 from .cache import cache_key, seed_of
@@ -72,10 +72,18 @@ def merge_tensor(
     extra_slots = extra_slots or InputSlots(0, 0)
     storage = NAME_TO_TORCH[spec.dtype]
     if plan.lowrank is not None and plan.lowrank.untouched(spec.name):
-        return slots.load(len(plan.descriptors), store, plan.lowrank.base.tensors[spec.name])
+        kept = slots.load(len(plan.descriptors), store, plan.lowrank.base.tensors[spec.name])
+        return kept if kept.dtype == storage else from_compute(kept, storage)
     base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots, deltas)
     if keep_compute and base is not None:  # the result in the compute dtype, not the base's
         base = base.to(compute)
+    output_dtype = compute if keep_compute else storage
+    tail = None
+    if _resized(spec, base, tensors):  # a resized vocabulary (align): rows merged apart
+        weights = plan.weights if plan.strategy.uses_weights else [1.0] * len(tensors)
+        tensors, tail = align.split_rows(
+            base, tensors, weights, spec.shape[0], compute, output_dtype
+        )
     side_tensors: dict[str, torch.Tensor] | None = {} if side is not None else None
     out = registry.run_strategy(
         plan.strategy,
@@ -84,21 +92,37 @@ def merge_tensor(
         tensors,
         [cid for cid, _ in plan.contributions],
         plan.weights,
-        plan.params,
+        plan.tensor_params(spec.name),  # per-tensor values evaluated for this name
         rng,
         compute,
         owned=True,
         extras=extras,
         model=model,
         side=side_tensors,
+        output_dtype=output_dtype,
     )
+    if tail is not None:
+        out = torch.cat([out, tail.to(out.device)])
     if side is not None and side_tensors:
         for key, tensor in side_tensors.items():
             side.add(key, tensor.to("cpu"))
-    if out.dtype != storage and not keep_compute:
-        # adapters' inputs are in the compute dtype: one rounding to the tensor's dtype
-        out = from_compute(out, storage)
+    if out.dtype != output_dtype:  # one rounding to the tensor's dtype
+        out = from_compute(out, output_dtype)
     return out.to("cpu")
+
+
+def _resized(spec: TensorSpec, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> bool:
+    """Whether the inputs of ``spec`` differ in row count (a resized vocabulary)."""
+    return any(list(t.shape) != spec.shape for t in (base, *tensors) if t is not None)
+
+
+def _shared_rows(
+    spec: TensorSpec, base: torch.Tensor | None, tensors: list[torch.Tensor], compute: torch.dtype
+) -> list[torch.Tensor]:
+    """For the statistics pass: the rows of a resized vocabulary the strategy merges."""
+    if not _resized(spec, base, tensors):
+        return tensors
+    return align.split_rows(base, tensors, [1.0] * len(tensors), spec.shape[0], compute, compute)[0]
 
 
 def statistics_pass(
@@ -118,21 +142,13 @@ def statistics_pass(
     ids = [cid for cid, _ in plan.contributions]
     for spec in plan.specs:
         base, tensors, extras = load_inputs(plan, spec, store, device, slots, extra_slots, deltas)
-        summaries[spec.name] = registry.collect_statistics(
-            plan.strategy,
-            spec.name,
-            base,
-            tensors,
-            ids,
-            plan.weights,
-            plan.params,
-            rng,
-            compute,
-            owned=True,
-            extras=extras,
+        tensors = _shared_rows(spec, base, tensors, compute)
+        stored = registry.StoredInputs(
+            spec.name, base, tensors, ids, plan.weights, rng, compute, owned=True, extras=extras
         )
+        summaries[spec.name] = registry.collect_statistics(plan.strategy, stored, plan.params)
         numels[spec.name] = math.prod(spec.shape)
-        del base, tensors, extras
+        del base, tensors, extras, stored
     by_name = {spec.name: spec for spec in plan.specs}
 
     def read(name: str) -> registry.TensorInputs:
@@ -142,9 +158,11 @@ def statistics_pass(
         base, tensors, extras = load_inputs(
             plan, by_name[name], store, device, slots, extra_slots, deltas
         )
-        inputs = registry.prepare_inputs(
-            plan.strategy, name, base, tensors, ids, plan.weights, rng, compute, extras
+        tensors = _shared_rows(by_name[name], base, tensors, compute)
+        stored = registry.StoredInputs(
+            name, base, tensors, ids, plan.weights, rng, compute, extras=extras
         )
+        inputs = registry.prepare_inputs(plan.strategy, stored)
         if inputs is None:
             raise ResolveError(
                 f"strategy {plan.strategy.name}: tensor {name!r} is not a floating tensor"
@@ -228,10 +246,11 @@ def compute(
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
-    bound_heap(max((spec.nbytes for spec in plan.specs), default=0))
+    largest = plan.largest_input()
+    bound_heap(largest)
     rng = RandomStream.from_seed(seed_of(plan.root))
     metadata = {"format": "pt", "merkle_root": plan.root}
-    slots = InputSlots(len(plan.descriptors) + 1, max((s.nbytes for s in plan.specs), default=0))
+    slots = InputSlots(len(plan.descriptors) + 1, largest)
     extra_slots = InputSlots(
         len(plan.descriptors) * len(plan.strategy.extra_inputs), plan.largest_extra()
     )

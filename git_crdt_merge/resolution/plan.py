@@ -4,19 +4,21 @@ Part of the engine (:mod:`.engine`), split out by concern."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import ResolveError
-from ..replicated import adapters, formats
+from ..replicated import adapters, alignment, formats
 from ..replicated.descriptor import Descriptor, TensorEntry
 from ..replicated.manifest import Manifest
 from ..replicated.reader import read_descriptor
 from ..replicated.store import ObjectStore
 from ..replicated.tensorio import NAME_TO_TORCH
-from ..strategies import registry
+from ..strategies import layered, registry
+from ..vocabulary import OUTPUT_DTYPES
+from . import align
 from .lowrank import LowRank
 
 CARD = "README.md"  # the generated model card of the output
@@ -53,10 +55,42 @@ class Plan:
     left_out: list[str]  # the inputs' files the output does not get, one line each
     lowrank: LowRank | None = None  # the LoRA adapters of the set (None: full models only)
     config_from: str | None = None
+    # (input index, tensor name) -> the tensor that input gives for it (a tied head's
+    # embedding); inputs are the contributions in canonical order, then the base
+    stand_ins: dict[tuple[int, str], str] = field(default_factory=dict)
+    layers: int = 0  # layers in the model (1 + largest layer index): per-tensor parameters
+
+    def tensor_params(self, name: str) -> dict[str, Any]:
+        """The parameters of tensor ``name``: gradients and filters evaluated
+        (:mod:`..strategies.layered`); the plain parameters themselves when there are none."""
+        if not layered.has_per_tensor(self.params):
+            return self.params
+        return layered.for_tensor(self.params, name, self.layers)
 
     @property
     def weights(self) -> list[float]:
         return [d.weight for d in self.descriptors]
+
+    def entry(self, index: int, name: str) -> TensorEntry:
+        """Input ``index``'s tensor for output tensor ``name`` (contributions in canonical
+        order, then the base at ``len(descriptors)``)."""
+        desc = self.base if index == len(self.descriptors) else self.descriptors[index]
+        assert desc is not None
+        return desc.tensors[self.stand_ins.get((index, name), name)]
+
+    def largest_input(self) -> int:
+        """Bytes of the largest tensor any input gives or the output has: one slot's size."""
+        inputs = [*self.descriptors, *([self.base] if self.base is not None else [])]
+        full = [  # a LoRA adapter's input is made in its own buffers (lowrank.DeltaSlots)
+            i
+            for i in range(len(inputs))
+            if self.lowrank is None or i >= len(self.descriptors) or self.lowrank.modules[i] is None
+        ]
+        return max(
+            [s.nbytes for s in self.specs]
+            + [self.entry(i, s.name).nbytes for i in full for s in self.specs],
+            default=0,
+        )
 
     def extra_infos(self, name: str) -> dict[str, list[TensorEntry | None]]:
         """Per extra-input kind the strategy reads: each contribution's table entry for tensor
@@ -148,6 +182,47 @@ def output_files(
     return dict(sorted(files.items())), left_out
 
 
+def _output_specs(
+    store: ObjectStore,
+    source: Descriptor,
+    source_what: str,
+    inputs: list[tuple[Descriptor, str]],
+    output_dtype: str | None,
+) -> tuple[list[TensorSpec], dict[tuple[int, str], str]]:
+    """The output's tensor table (the source's names; shapes and dtypes by the rules of
+    :mod:`.align`) and the stand-ins: (input index, name) -> the tensor read instead (a tied
+    head's embedding).  Refuses, in one line naming the tensor, what no rule absorbs."""
+    names = set(source.tensors)
+    stand_ins: dict[tuple[int, str], str] = {}
+    for index, (desc, what) in enumerate(inputs):
+        align.refuse_extra_head(desc, names, what, source_what)
+        for name in sorted(names):
+            read = align.stand_in(store, desc, name, what)
+            if read != name:
+                stand_ins[index, name] = read
+    specs = []
+    for name in sorted(names):
+        src = source.tensors[name]
+        entries = [
+            desc.tensors[stand_ins.get((i, name), name)] for i, (desc, _) in enumerate(inputs)
+        ]
+        for entry, (_, what) in zip(entries, inputs, strict=True):
+            why = alignment.difference(
+                name, (src.dtype, src.shape), (entry.dtype, entry.shape), source_what, what
+            )
+            if why is not None:
+                raise ResolveError(why)
+        shape = align.output_shape([src.shape, *(e.shape for e in entries)])
+        floating = src.dtype in alignment.FLOAT_DTYPES
+        if len({src.shape, *(e.shape for e in entries)}) > 1 and not floating:
+            raise ResolveError(
+                f"tensor {name!r}: a resized vocabulary must be floating, not {src.dtype}"
+            )
+        dtype = OUTPUT_DTYPES[output_dtype] if output_dtype and floating else src.dtype
+        specs.append(TensorSpec(name, dtype, shape))
+    return specs, stand_ins
+
+
 def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
     contributions = manifest.visible_contributions()
     strategy_value = manifest.strategy()
@@ -182,13 +257,31 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
             adapter_rank,
         )
     base = None if strategy.base == "ignored" else base_desc
-    first_desc = (
-        base_desc if lowrank is not None else (base if base is not None else descriptors[0])
-    )
-    assert first_desc is not None
-    specs = {
-        name: TensorSpec(name, t.dtype, list(t.shape)) for name, t in first_desc.tensors.items()
-    }
+    stand_ins: dict[tuple[int, str], str] = {}
+    if lowrank is not None:  # the base's table: adapters.set_problems checked the adapters
+        assert base_desc is not None
+        output_dtype = manifest.output_dtype()
+        specs = [
+            TensorSpec(
+                name,
+                OUTPUT_DTYPES[output_dtype]
+                if output_dtype and t.dtype in alignment.FLOAT_DTYPES
+                else t.dtype,
+                list(t.shape),
+            )
+            for name, t in sorted(base_desc.tensors.items())
+        ]
+    else:
+        inputs = list(zip(descriptors, labels, strict=True))
+        if base is not None:
+            source, source_what = base, "the base"
+        else:
+            (source, source_what), inputs = inputs[0], inputs[1:]
+        specs, stand_ins = _output_specs(
+            store, source, source_what, inputs, manifest.output_dtype()
+        )
+        if base is None:  # the first contribution is the source: the others' indices shift
+            stand_ins = {(i + 1, n): r for (i, n), r in stand_ins.items()}
     registry.check_weights(strategy, [d.weight for d in descriptors], contributions)
     for kind in strategy.needed_extras(params):
         for (cid, cname), desc in zip(contributions, descriptors, strict=True):
@@ -209,7 +302,7 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
         adapter_rank is not None,
         base_id,
     )
-    return Plan(
+    plan = Plan(
         manifest.merkle_root(),
         strategy,
         params,
@@ -218,9 +311,20 @@ def make_plan(store: ObjectStore, manifest: Manifest) -> Plan:
         descriptors,
         base_id,
         base,
-        [specs[n] for n in sorted(specs)],
+        specs,
         files,
         left_out,
         lowrank,
         manifest.config_from(),
+        stand_ins,
+        layered.layer_count(s.name for s in specs),
     )
+    if strategy.extra_inputs and lowrank is None:
+        count = len(descriptors) + (base is not None)
+        for spec in specs:
+            if any(list(plan.entry(i, spec.name).shape) != spec.shape for i in range(count)):
+                raise ResolveError(
+                    f"strategy {strategy.name} reads extra inputs, which a resized tensor "
+                    f"({spec.name!r}) cannot have: merge it with a strategy without them"
+                )
+    return plan

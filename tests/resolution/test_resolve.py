@@ -214,14 +214,32 @@ def test_weighted_linear_matches_a_float64_reference(tmp_path: Path) -> None:
 
 def test_a_strategy_without_weights_refuses_a_weighted_contribution(tmp_path: Path) -> None:
     repo = fresh_repo(tmp_path / "repo")
-    set_base(repo, model(tmp_path, 0))
     add(repo, model(tmp_path, 1), "--weight", "2")
-    choose(repo, "slerp", t=0.5)
+    add(repo, model(tmp_path, 2))
+    choose(repo, "karcher")
     proc = crdt(repo, "resolve", check=False)
     assert proc.returncode == 9, proc.stderr
     assert proc.stderr.count("\n") == 1
-    assert "slerp takes no per-contribution weights" in proc.stderr
+    assert "karcher takes no per-contribution weights" in proc.stderr
     assert not (repo / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "k"), [("slerp", {"t": 0.3}, 1), ("model_stock", {}, 2)]
+)
+def test_slerp_and_model_stock_accept_and_ignore_weights_as_mergekit_does(
+    tmp_path: Path, strategy: str, params: dict, k: int
+) -> None:
+    outputs = []
+    for weight in ("1", "2.5"):
+        repo = fresh_repo(tmp_path / f"repo{weight}")
+        set_base(repo, model(tmp_path, 0))
+        for seed in range(1, k + 1):
+            add(repo, model(tmp_path, seed), "--weight", weight)
+        choose(repo, strategy, **params)
+        merged = tensors(resolve_here(repo) / "model.safetensors")
+        outputs.append({n: t.numpy().tobytes() for n, t in merged.items()})
+    assert outputs[0] == outputs[1]  # the same tensor bytes (the headers name other roots)
 
 
 def test_small_max_shard_size_gives_shards_and_an_index_covering_every_tensor_once(
