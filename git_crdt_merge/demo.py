@@ -105,13 +105,32 @@ class Digits:
     y_test: np.ndarray
 
 
+DEMO_INSTALL = "pip install 'git-crdt-merge[demo]'"
+"""How to get the demo's one extra dependency (the ``demo`` extra of pyproject.toml)."""
+
+
+def require_dependencies() -> None:
+    """Refuse, in one line that says how to get it, to start the demo without scikit-learn
+    (the ``demo`` extra): before any step or folder."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("sklearn.datasets") is not None
+    except ImportError:  # a broken or shadowed install
+        found = False
+    if not found:
+        raise UsageError(
+            f"the demo needs scikit-learn, which ships its digits data: {DEMO_INSTALL}"
+        )
+
+
 def load_data() -> Digits:
     """The 1797 8x8 digits bundled with scikit-learn, scaled to [0, 1], a fixed 70/30 split."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise UsageError(
-            "the demo needs scikit-learn (pip install scikit-learn); it ships the digits data"
+            f"the demo needs scikit-learn, which ships its digits data: {DEMO_INSTALL}"
         ) from None
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)

@@ -6,6 +6,16 @@ the exit code below.  The table in ``docs/errors.md`` lists the same codes.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``" (did you mean 'ties'?)"`` for the closest of ``known`` to a mistyped ``name``
+    (difflib's ratio >= 0.6), else ``""``: appended to a "no such name" message."""
+    close = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 class CrdtError(Exception):
     """Base class: a failure the user can act on.  ``exit_code`` is what the CLI returns."""

@@ -12,3 +12,25 @@ EXTRA_INPUT_KINDS: dict[str, str] = {
 
 COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 """The dtypes strategies compute in (``resolve --compute-dtype``); the default is the first."""
+
+OUTPUT_DTYPES: dict[str, str] = {
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
+}
+"""The output dtypes a repository may declare (register ``output_dtype``, ``git crdt
+output-dtype``), mergekit's names, with their safetensors names."""
+
+OUTPUT_DTYPE_ALIASES: dict[str, str | None] = {
+    **{name: name for name in OUTPUT_DTYPES},
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "keep": None,
+}
+"""What ``git crdt output-dtype`` accepts, and the register value it writes (None: keep)."""

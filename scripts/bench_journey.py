@@ -1,6 +1,7 @@
 """Benchmark: a contribution's whole journey, each step against `cp` of the same bytes.
 
     .venv/bin/python scripts/bench_journey.py [--size 1GiB] [--no-plain-git] [--keep DIR]
+        [--storage git|lfs]
 
 A base model and a fine-tune (bf16, random finite bits, one third of the words changed) of
 ``--size`` each travel: ``set-base`` + ``add-contribution``, ``git commit``, ``git push`` to a
@@ -8,7 +9,10 @@ bare remote over file:// (set up with ``git crdt install``), ``git crdt clone`` 
 (install included), ``git crdt resolve`` (strategy linear) in the clone and in the adding
 clone, and ``git gc`` in the clone, the remote and the adding clone.  Beside it, plain git's
 add / commit / push / clone of the same two safetensors files (``--no-plain-git`` skips it:
-plain ``git add`` deflates at ~16 MB/s).
+plain ``git add`` deflates at ~16 MB/s).  With ``--storage lfs`` the repository keeps its
+chunks in Git LFS: the push uploads them through git-lfs's ``file://`` standalone transfer
+into the bare remote's ``lfs/objects``, and a separate step downloads the set's chunks in the
+clone (the ``git lfs fetch --include`` that resolve runs) before it resolves.
 
 Every step is a whole process started the way a user would, with ``sync`` (untimed) before
 it.  The baseline is ``cp`` of the two model files (2 x size) into a new folder on the same
@@ -102,23 +106,33 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def du_lfs(repo: Path) -> int:
+    return du(repo / "lfs") if (repo / "lfs").is_dir() else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="per model")
     ap.add_argument("--no-plain-git", action="store_true", help="skip plain git's steps")
     ap.add_argument("--keep", type=Path, help="work in this (new) folder and leave it")
+    ap.add_argument(
+        "--storage",
+        choices=("git", "lfs"),
+        default="git",
+        help="the storage mode (lfs: chunks travel through git-lfs's file:// transfer)",
+    )
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-journey-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        rows = journey(work.resolve(), args.size, plain=not args.no_plain_git)
+        rows = journey(work.resolve(), args.size, plain=not args.no_plain_git, storage=args.storage)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     table(rows)
 
 
-def journey(work: Path, size: int, *, plain: bool) -> list[dict[str, object]]:
+def journey(work: Path, size: int, *, plain: bool, storage: str) -> list[dict[str, object]]:
     home = work / "home"
     home.mkdir()
     r = Runner(environment(home))
@@ -179,7 +193,7 @@ def journey(work: Path, size: int, *, plain: bool) -> list[dict[str, object]]:
     a.mkdir()
     for cmd in (
         ["git", "init", "-q"],
-        ["git", "crdt", "init", "-q"],
+        ["git", "crdt", "init", "-q", "--storage", storage],
         ["git", "config", "crdt.autoResolve", "false"],
         ["git", "crdt", "strategy", "linear"],
         ["git", "commit", "-q", "-m", "init"],
@@ -200,6 +214,14 @@ def journey(work: Path, size: int, *, plain: bool) -> list[dict[str, object]]:
     t = r.timed([["git", "crdt", "clone", "-q", "--no-resolve", f"file://{remote}", str(b)]], work)
     r.run(["git", "config", "crdt.autoResolve", "false"], b)
     step("git crdt clone, file:// (install included)", t)
+    if storage == "lfs":
+        # what resolve runs first (git/commands.lfs_fetch_paths): every chunk is in the set here
+        listed = subprocess.run(
+            ["git", "ls-files", "--", ".crdt/objects/"], cwd=b, capture_output=True, text=True
+        ).stdout.split()
+        fetch = ["git", "lfs", "fetch", f"--include={','.join(listed)}", "--exclude=", "origin"]
+        t = r.timed([fetch + ["HEAD"]], b)
+        step("download the set's LFS objects (git lfs fetch --include, as resolve does)", t)
     step("resolve linear in the clone", r.timed([["git", "crdt", "resolve", "-q"]], b))
     step("resolve linear in the adding clone", r.timed([["git", "crdt", "resolve", "-q"]], a))
     step("git gc in the clone", r.timed([["git", "gc", "-q"]], b))
@@ -210,7 +232,7 @@ def journey(work: Path, size: int, *, plain: bool) -> list[dict[str, object]]:
         "step": "remote objects on disk / payload",
         "ratio": None,
         "sha1_floor_ratio": None,
-        "note": f"{du(remote / 'objects') / payload:.4f}",
+        "note": f"{(du(remote / 'objects') + du_lfs(remote)) / payload:.4f}",
     }
     rows.append(sizes)
     print(json.dumps(sizes), flush=True)

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the demo's own dependency (scikit-learn, for its digits data) is the `demo` extra
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[demo]'
 export PATH="$PWD/.venv/bin:$PATH"
 exec git crdt demo "$@"

@@ -23,9 +23,10 @@ import typer
 from rich.console import Console
 
 from ..bounded import display
-from ..errors import CrdtError
+from ..errors import CrdtError, UsageError
 from ..integration import install as installer
 from ..replicated.repo import Repo
+from ..sizes import parse_size
 from . import render
 
 err = Console(stderr=True, highlight=False)
@@ -41,6 +42,20 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes.")]
+
+
+def size_arg(text: str | None, what: str, low: int = 0, high: int | None = None) -> int | None:
+    """A size option's value in bytes (``50MB``, ``2GiB``, ``500000000``: :mod:`..sizes`),
+    within ``[low, high]``; a bad one is a one-line usage error."""
+    if text is None:
+        return None
+    with handle_errors():
+        size = parse_size(text, what)
+        if size < low or (high is not None and size > high):
+            upper = f" to {high} bytes" if high is not None else " bytes or more"
+            raise UsageError(f"{what} must be {low}{upper}, got {text!r} ({size} bytes)")
+        return size
+    raise AssertionError  # pragma: no cover - handle_errors exits
 
 
 def emit_json(data: Any) -> None:

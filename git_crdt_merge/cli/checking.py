@@ -18,6 +18,7 @@ from .app import (
     fail,
     handle_errors,
     open_repo,
+    size_arg,
 )
 from .render import human_bytes
 
@@ -29,7 +30,9 @@ def verify(
     full: Annotated[bool, typer.Option("--full", help="Re-hash every object (blake3).")] = False,
     fetch: Annotated[
         bool,
-        typer.Option("--fetch", help="Partial clone: fetch absent objects first."),
+        typer.Option(
+            "--fetch", help="Partial clone or chunks in Git LFS: fetch absent objects first."
+        ),
     ] = False,
     fast: Annotated[
         bool, typer.Option("--fast", help="Hash nothing: presence and sizes only.")
@@ -43,7 +46,8 @@ def verify(
     By default every object that HEAD does not hold as the same git blob is re-hashed (what
     a fetch, merge or add brought in: '--rev FETCH_HEAD' checks a fetch before you merge
     it); --full re-hashes every object, the cache and the published output too.  In a
-    partial clone, objects not fetched yet are named as absent (--fetch fetches them)."""
+    partial clone, and for chunks kept in Git LFS, objects not fetched yet are named as absent
+    (--fetch fetches them)."""
     from ..query.verify import verify as do_verify
 
     if staged and rev is not None:
@@ -88,7 +92,7 @@ def gc(
     max_bytes: Annotated[
         str | None,
         typer.Option(
-            "--max-bytes", help="Cache size budget, e.g. 20g (default: crdt.cacheMaxBytes)."
+            "--max-bytes", help="Cache size budget, e.g. 10GB (default: crdt.cacheMaxBytes)."
         ),
     ] = None,
     json_: JsonOpt = False,
@@ -100,7 +104,8 @@ def gc(
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()
-        budget = cache.parse_size(max_bytes) if max_bytes is not None else cache.cache_budget(repo)
+        budget = size_arg(max_bytes, "--max-bytes") if max_bytes is not None else None
+        budget = budget if budget is not None else cache.cache_budget(repo)
         with repo.lock():
             result = cache.prune(repo, cache.reachable_roots(repo), budget)
     if json_:

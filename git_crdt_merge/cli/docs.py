@@ -125,6 +125,16 @@ def exit_codes() -> list[tuple[int, str]]:
     return sorted(rows)
 
 
+SIZES = """\
+Every size (`--chunk-size`, `chunk-size`, `--max-shard-size`, `gc --max-bytes`, and the
+settings `crdt.cacheMaxBytes` and `crdt.maxShardSize`) is read by one parser
+(`git_crdt_merge/sizes.py`): a whole number of bytes (`500000000`), or a number (`1.5`
+allowed) and a unit, case-insensitive: `B`; `KB`, `MB`, `GB`, `TB` = 1000, 1000², 1000³,
+1000⁴; `KiB`, `MiB`, `GiB`, `TiB` = 1024, 1024², 1024³, 1024⁴; `k`, `m`, `g`, `t` alone =
+powers of 1024, as `git config --type=int` reads them. The result is rounded down to a
+whole byte."""
+
+
 # -- markdown ----------------------------------------------------------------------------------
 def markdown(app: typer.Typer) -> str:
     """docs/cli.md."""
@@ -154,6 +164,7 @@ def markdown(app: typer.Typer) -> str:
             lines.append("")
         lines += ["| option | |", "| --- | --- |"]
         lines += [f"| `{o.names}` | {_md_cell(o.help)} |" for o in c.options]
+    lines += ["", "## Sizes", "", *SIZES.split("\n")]
     lines += ["", "## Exit status", "", "| code | meaning |", "| --- | --- |"]
     lines += [f"| {code} | {text} |" for code, text in exit_codes()]
     lines += ["", "Details and the messages of each error: [errors.md](errors.md).", ""]

@@ -66,6 +66,7 @@ def status(json_: JsonOpt = False) -> None:
             "strategy": m.strategy(),
             "base": m.base(),
             "output": m.output(),
+            "output_dtype": m.output_dtype(),
             "contributions": [{"name": n, "id": i} for i, n in m.visible_contributions()],
             "records": len(m.records),
         }
@@ -82,6 +83,7 @@ def status(json_: JsonOpt = False) -> None:
     )
     err.print(f"base         {data['base'] or '(none)'}")
     err.print(f"output       {display(data['output'])}/", markup=False)
+    err.print(f"output dtype {data['output_dtype'] or 'keep'}")
     table = Table("name", "id", title=f"{len(data['contributions'])} contributions")
     for c in data["contributions"]:
         table.add_row(cell(c["name"]), c["id"][:12])
@@ -93,7 +95,10 @@ def log(
     rev: Annotated[str, typer.Argument(help="Revision to start from.")] = "HEAD",
     json_: JsonOpt = False,
 ) -> None:
-    """Every manifest record with the commit that introduced it."""
+    """Every manifest record with the commit that introduced it.
+
+    --json: a list of {"commit", "subject", "record": the record as a JSON object, "line": its
+    canonical text in the manifest}; commit is null for a record not committed yet."""
     with handle_errors():
         repo = open_repo()
         repo.require_initialized()

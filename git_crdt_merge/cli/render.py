@@ -18,6 +18,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -42,6 +43,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _bar(console: Console, *columns: ProgressColumn) -> Progress:
+    """A progress bar on ``console`` that disappears when done (the result line follows)."""
+    return Progress(*columns, console=console, transient=True)
+
+
 @contextmanager
 def byte_progress(
     console: Console, label: str, enabled: bool
@@ -50,14 +56,13 @@ def byte_progress(
     if not enabled or not console.is_terminal:
         yield (lambda total: None), (lambda n: None)
         return
-    with Progress(
+    with _bar(
+        console,
         TextColumn(label),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=console,
-        transient=True,
     ) as bar:
         task = bar.add_task(label, total=None)
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
@@ -79,14 +84,13 @@ def step_progress(console: Console, total: int, enabled: bool) -> Iterator[Calla
 
         yield line
         return
-    with Progress(
+    with _bar(
+        console,
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
-        transient=True,
     ) as bar:
         task = bar.add_task("starting", total=total)
         started = [False]
@@ -227,7 +231,7 @@ def print_show(console: Console, data: dict[str, Any]) -> None:
 def log_table(entries: list[dict[str, Any]]) -> Table:
     """``git crdt log``: one row per record, summarised (``--json`` has the records as they
     are)."""
-    records = [json.loads(e["record"]) for e in entries]
+    records = [e["record"] or {"op": "?", "line": e["line"]} for e in entries]
     names = {r["tag"]: f"{r['name']} {r['id'][:12]}" for r in records if r.get("op") == "add"}
     table = Table("commit", "subject", "op", "record")
     for e, rec in zip(entries, records, strict=True):
@@ -246,3 +250,37 @@ def log_table(entries: list[dict[str, Any]]) -> Table:
             what = _value(rec)
         table.add_row(cell((e["commit"] or "-")[:10]), cell(e["subject"]), cell(op), cell(what))
     return table
+
+
+def print_plan(console: Console, plan: dict[str, Any]) -> None:
+    """A dry run's plan: the inputs, one row per tensor (with the parameters that vary by
+    tensor, after gradients and filters), then the estimates."""
+    console.print(
+        f"strategy {cell(plan['strategy'])} {cell(json.dumps(plan['params'], sort_keys=True))}, "
+        f"root {plan['merkle_root'][:12]}, {plan['layers']} layers",
+        soft_wrap=True,
+    )
+    inputs = Table("input", "name", "id", "weight")
+    if plan["base"] is not None:
+        inputs.add_row("base", "", plan["base"][:12], "")
+    for c in plan["contributions"]:
+        inputs.add_row("contribution", cell(c["name"]), c["id"][:12], f"{c['weight']:g}")
+    console.print(inputs)
+    varying = plan["per_tensor_params"]
+    table = Table("tensor", "dtype", "shape", "size", *varying)
+    for t in plan["tensors"]:
+        table.add_row(
+            cell(t["name"]),
+            t["dtype"],
+            "x".join(map(str, t["shape"])) or "scalar",
+            human_bytes(t["bytes"]),
+            *(cell(json.dumps(t["params"][k])) for k in varying),
+        )
+    console.print(table)
+    console.print(
+        f"{len(plan['tensors'])} tensors, {human_bytes(plan['output_bytes'])} out, "
+        f"{human_bytes(plan['input_bytes'])} read; estimated memory "
+        f"{human_bytes(plan['estimated_memory_bytes'])}, time about "
+        f"{plan['estimated_seconds']:.3g} s (dry run: nothing written)",
+        soft_wrap=True,
+    )

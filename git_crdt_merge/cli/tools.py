@@ -44,7 +44,7 @@ def demo(
     import signal
     import tempfile
 
-    from ..demo import STEPS, run_demo
+    from ..demo import STEPS, require_dependencies, run_demo
     from .render import demo_tables, step_progress
 
     def interrupted(signum: int, frame: object) -> None:
@@ -54,6 +54,7 @@ def demo(
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupted)
     with handle_errors():
+        require_dependencies()
         if keep is not None and keep.exists() and any(keep.iterdir()):
             raise UsageError(f"--keep {keep}: the folder exists and is not empty")
         work = keep if keep is not None else Path(tempfile.mkdtemp(prefix="git-crdt-demo-"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,16 +22,43 @@ from .app import (
     run_reported,
 )
 
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Where chunks are stored: git (blobs, any remote) or lfs (Git LFS objects, "
+        "for hosted remotes; docs/hosting.md).",
+    ),
+]
+
 
 @app.command()
-def init(quiet: QuietOpt = False) -> None:
+def init(storage: StorageOpt = None, quiet: QuietOpt = False) -> None:
     """Set up this repository: .crdt/, the .gitattributes binding, driver and hooks."""
     with handle_errors():
-        notes = installer.init(Path.cwd())
+        notes = installer.init(Path.cwd(), storage=storage)
+    _print_notes(notes, "initialised git-crdt in this repository", quiet)
+
+
+@app.command()
+def storage(
+    mode: Annotated[
+        str | None, typer.Argument(help="git or lfs; without it, show the current mode.")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show or switch where new chunks are stored (git blobs or Git LFS objects).
+
+    The mode is recorded in .crdt/storage (staged: commit it so every clone agrees). Chunks
+    stored before keep their form; both forms are read."""
+    with handle_errors():
+        if mode is None:
+            sys.stdout.write(installer.storage_mode(Path.cwd()) + "\n")
+            return
+        notes = installer.set_storage(Path.cwd(), mode)
     if not quiet:
         for note in notes:
             err.print(note, markup=False)
-        err.print("initialised git-crdt in this repository")
 
 
 @app.command()
@@ -46,10 +74,15 @@ def install(
     fetch, clone, gc); in a bare repository (a remote) it sets only that."""
     with handle_errors():
         notes = installer.install(Path.cwd(), global_=global_)
+    _print_notes(notes, "git-crdt installed", quiet)
+
+
+def _print_notes(notes: list[str], done: str, quiet: bool) -> None:
+    """The installer's notes, then ``done``; nothing with --quiet."""
     if not quiet:
         for note in notes:
             err.print(note, markup=False)
-        err.print("git-crdt installed")
+        err.print(done)
 
 
 @app.command()

@@ -20,8 +20,42 @@ from .app import (
     handle_errors,
     open_repo,
     run_reported,
+    size_arg,
 )
 from .render import human_bytes
+
+IncludeCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Keep program code files (*.py ...) of the folder; merged/ then holds them, and "
+        "from_pretrained(trust_remote_code=True) would run them (docs/security.md)."
+    ),
+]
+
+
+def note_skipped(result: contributions.IngestResult) -> None:
+    """One line naming the folder's files that were not kept (never dropped silently), and a
+    warning naming the program code that was (--include-code)."""
+    if result.skipped:
+        err.print(f"not kept: {'; '.join(result.skipped)}", markup=False, soft_wrap=True)
+    if result.code:
+        err.print(
+            f"git-crdt: warning: kept program code {', '.join(result.code)}: a merged model "
+            "holding it runs it under from_pretrained(trust_remote_code=True)",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+EncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--encoding",
+        help="How chunks are stored: raw, planes-zstd (byte planes + zstd) or xor-planes-zstd "
+        "(XOR against the base's tensor, then planes + zstd); default: git config "
+        "crdt.encoding, else raw. Never changes the id.",
+    ),
+]
 
 
 @app.command("add-contribution")
@@ -32,12 +66,10 @@ def add_contribution(
     message: Annotated[str | None, typer.Option("--message", "-m", help="A note.")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept .bin/.pt/.pth/.ckpt.")] = False,
     chunk_size: Annotated[
-        int | None,
+        str | None,
         typer.Option(
-            min=1,
-            max=MAX_OBJECT_BYTES,
-            help="Largest object in bytes, instead of the repository's (see 'chunk-size'); "
-            "never changes the id.",
+            help="Largest object (a size: 50MB, 64MiB, bytes), instead of the repository's "
+            "(see 'chunk-size'); never changes the id.",
         ),
     ] = None,
     fisher: Annotated[
@@ -49,14 +81,21 @@ def add_contribution(
     extra: Annotated[
         list[str] | None, typer.Option("--extra", help="Extra input KIND=FILE.safetensors")
     ] = None,
+    encoding: EncodingOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+    include_code: IncludeCodeOpt = False,
 ) -> None:
     """Store a fine-tuned model as a contribution (staged, like git add).
 
-    Extra inputs that some strategies need (Fisher diagonals, Gram matrices) are stored with
-    it and become part of its content."""
+    A folder's non-weight files (config, tokenizer, README.md, ...) are kept with it; program
+    code (*.py) only with --include-code, and what is left out is listed.  A PEFT LoRA
+    adapter (adapter_model.safetensors + adapter_config.json) is checked against the base and
+    the other adapters.  Extra inputs that some strategies need (Fisher diagonals, Gram
+    matrices) are stored with it and become part of its content."""
+
+    chunk_bytes = size_arg(chunk_size, "--chunk-size", 1, MAX_OBJECT_BYTES)
 
     def describe(result: contributions.IngestResult) -> None:
         what = "already present" if result.already_present else "added"
@@ -65,6 +104,7 @@ def add_contribution(
             f"{human_bytes(result.bytes)}, {human_bytes(result.new_bytes)} new)",
             markup=False,
         )
+        note_skipped(result)
 
     run_reported(
         "ingest",
@@ -75,11 +115,13 @@ def add_contribution(
             weight=weight,
             message=message,
             allow_pickle=allow_pickle,
-            chunk_size=chunk_size,
+            chunk_size=chunk_bytes,
             on_start=start,
             progress=advance,
             extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
             allow_nonfinite=allow_nonfinite,
+            include_code=include_code,
+            encoding_name=encoding,
         ),
         describe,
         json_=json_,
@@ -110,19 +152,20 @@ def set_weight(
 @app.command("chunk-size")
 def chunk_size(
     size: Annotated[
-        int | None,
-        typer.Argument(min=1, max=MAX_OBJECT_BYTES, help="Bytes per chunk (omit to show it)."),
+        str | None,
+        typer.Argument(help="Bytes per chunk, e.g. 64MiB or 50MB (omit to show it)."),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show or set the repository's chunk size (a replicated register; default 64 MiB).
 
     A storage choice: contributions are named by their content, so a model added with any
-    chunk size has the same id."""
+    chunk size has the same id.  Sizes: KB=1000, KiB=1024 (docs/cli.md, "Sizes")."""
+    bytes_ = size_arg(size, "chunk size", 1, MAX_OBJECT_BYTES)
     with handle_errors():
         repo = open_repo()
-        if size is not None:
-            contributions.set_chunk_size(repo, size)
+        if bytes_ is not None:
+            contributions.set_chunk_size(repo, bytes_)
         current = repo.read_manifest().chunk_size()
     value = current or DEFAULT_CHUNK_SIZE
     if json_:
@@ -130,6 +173,30 @@ def chunk_size(
     else:
         how = " (default)" if current is None else ""
         err.print(f"chunk size {value} bytes{how}", markup=False)
+
+
+@app.command("output-dtype")
+def output_dtype(
+    dtype: Annotated[
+        str | None,
+        typer.Argument(help="bf16, fp16, fp32, fp64 or keep (omit to show it)."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or set the merged model's float dtype (a replicated register; default keep).
+
+    keep: each tensor has its source's dtype (the base's, else the first contribution's).
+    Merging computes in float32 (resolve --compute-dtype float64 for float64) and rounds
+    once, to nearest even, to this dtype.  Integer tensors are never cast."""
+    with handle_errors():
+        repo = open_repo()
+        if dtype is not None:
+            contributions.set_output_dtype(repo, dtype)
+        current = repo.read_manifest().output_dtype()
+    if json_:
+        emit_json({"output_dtype": current})
+    else:
+        err.print(f"output dtype {current or 'keep'}", markup=False)
 
 
 @app.command("remove-contribution")
@@ -153,8 +220,18 @@ def set_base(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_nonfinite: Annotated[bool, typer.Option(help="Accept NaN or Inf values.")] = False,
+    include_code: IncludeCodeOpt = False,
+    encoding: EncodingOpt = None,
 ) -> None:
-    """Store the base model and record it in the 'base' register."""
+    """Store the base model and record it in the 'base' register.
+
+    Its non-weight files are copied into the merged model (see add-contribution for which
+    are kept)."""
+
+    def describe(result: contributions.IngestResult) -> None:
+        err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
+        note_skipped(result)
+
     run_reported(
         "ingest",
         lambda start, advance: contributions.set_base(
@@ -164,8 +241,10 @@ def set_base(
             on_start=start,
             progress=advance,
             allow_nonfinite=allow_nonfinite,
+            include_code=include_code,
+            encoding_name=encoding,
         ),
-        lambda result: err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)"),
+        describe,
         json_=json_,
         quiet=quiet,
     )
@@ -213,6 +292,7 @@ def strategies(json_: JsonOpt = False) -> None:
                 "max_inputs": st.max_inputs,
                 "stochastic": st.stochastic,
                 "uses_weights": st.uses_weights,
+                "weights_ignored": st.weights_ignored,
                 "extra_inputs": list(st.extra_inputs),
                 "statistics_pass": st.model_pass is not None,
                 "side_output": st.side_output,
@@ -243,7 +323,13 @@ def strategies(json_: JsonOpt = False) -> None:
             for p in r["params"]
         )
         names = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
-        weights = "yes" if r["uses_weights"] else "no (refused)"
+        weights = (
+            "yes"
+            if r["uses_weights"]
+            else "no (ignored)"
+            if r["weights_ignored"]
+            else "no (refused)"
+        )
         table.add_row(names, r["base"], inputs, weights, params, r["summary"])
     err.print(table)
     err.print("* per-contribution parameter", markup=False)

@@ -18,9 +18,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from .. import faults
 from ..errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
@@ -357,27 +358,26 @@ def index_transaction(
     if not index.is_absolute():
         index = (root / index).resolve()
     lock = index.with_name(index.name + ".lock")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            if _remove_our_stale_lock(lock):
-                continue
-            if time.monotonic() > deadline:
-                raise LockError(
-                    f"{lock} exists: another git process is running (if none is, remove it)"
-                ) from None
-            time.sleep(0.05)
+
+    def create_lock() -> int | None:
+        while True:
+            try:
+                return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _remove_our_stale_lock(lock):
+                    return None
+
+    fd = wait_for(
+        create_lock,
+        timeout,
+        f"{lock} exists: another git process is running (if none is, remove it)",
+    )
     # git never reads another process's lock file: ours names us, so that a git-crdt that
     # was killed while holding it (SIGKILL, power loss) does not block the clone for good
     os.write(fd, f"{_LOCK_OWNER} {os.getpid()}\n".encode())
     os.close(fd)
     for stale in index.parent.glob(f"{index.name}.crdt-*"):
-        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".lock")
-        if pid.isdigit() and not pid_alive(int(pid)):
-            stale.unlink(missing_ok=True)
+        remove_orphan(stale, stale.name.rsplit("-", 1)[-1].removesuffix(".lock"))
     tmp = index.with_name(f"{index.name}.crdt-{os.getpid()}")
     try:
         if index.exists():
@@ -406,6 +406,31 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+def remove_orphan(path: Path, pid: str) -> None:
+    """Remove ``path``, a temporary file named by the ``pid`` of its writer, if that process is
+    gone."""
+    if pid.isdigit() and not pid_alive(int(pid)):
+        path.unlink(missing_ok=True)
+
+
+_T = TypeVar("_T")
+_POLL_S = 0.05
+
+
+def wait_for(attempt: Callable[[], _T | None], timeout: float, busy: str) -> _T:
+    """Call ``attempt`` until it returns something other than None, every 50 ms; a
+    :class:`LockError` with message ``busy`` once ``timeout`` seconds have passed.  The wait of
+    the index lock and of the repository lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = attempt()
+        if got is not None:
+            return got
+        if time.monotonic() > deadline:
+            raise LockError(busy)
+        time.sleep(_POLL_S)
 
 
 def _remove_our_stale_lock(lock: Path) -> bool:
@@ -724,3 +749,62 @@ def sparse_checkout(root: Path | str, *args: str) -> None:
 def lfs_update(root: Path | str) -> None:
     """Let git-lfs re-install its hooks (where it is set up); never fails."""
     run(["lfs", "update"], root, check=False)
+
+
+# -- git-lfs ---------------------------------------------------------------------------------
+# ``git lfs fetch --include`` takes one comma-separated argument; Linux allows 128 KiB per
+# argument, so the paths go in groups well under that.
+_LFS_INCLUDE_BYTES = 96 * 1024
+
+
+def lfs_fetch_paths(root: Path | str, rev: str, paths: Sequence[str]) -> None:
+    """Download the LFS objects of exactly ``paths`` as ``rev``'s tree has them, from the
+    remote git-lfs would use (the branch's remote, else origin): one ``git lfs fetch`` per
+    96 KiB of paths (about 1,800 chunks), ``--exclude=`` so that no ``lfs.fetchexclude``
+    drops them."""
+    remote = lfs_remote(root)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for p in paths:
+        if size + len(p) + 1 > _LFS_INCLUDE_BYTES and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += len(p) + 1
+    for group in groups:
+        if group:
+            args = ["lfs", "fetch", f"--include={','.join(group)}", "--exclude=", remote, rev]
+            _run_lfs(args, root)
+
+
+def _run_lfs(args: Sequence[str], root: Path | str) -> None:
+    """``git lfs ...``; a failure is a GitError with git-lfs's last message line (its first
+    lines are progress), and a missing git-lfs says so."""
+    if shutil.which("git-lfs") is None:
+        raise GitError("this repository keeps chunks in Git LFS, but 'git-lfs' is not installed")
+    proc = run(args, root, check=False)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        raise GitError(f"git lfs {args[1]} failed: {lines[-1] if lines else proc.returncode}")
+
+
+def lfs_remote(root: Path | str) -> str:
+    """The remote git-lfs fetches from: ``lfs.remote.default``... as git-lfs picks it: the
+    current branch's remote, else ``origin``."""
+    configured = config_get(root, "lfs.remote.default")
+    if configured:
+        return configured
+    branch = run(["symbolic-ref", "-q", "--short", "HEAD"], root, check=False)
+    name = branch.stdout.decode().strip()
+    if branch.returncode == 0 and name:
+        remote = config_get(root, f"branch.{name}.remote")
+        if remote and remote != ".":
+            return remote
+    return "origin"
+
+
+def lfs_install_local(root: Path | str) -> None:
+    """git-lfs's filters in this clone's config, without its hooks (``--skip-repo``): ours
+    run ``git lfs HOOK`` where git-lfs is set up."""
+    _run_lfs(["lfs", "install", "--local", "--skip-repo"], root)

@@ -340,7 +340,13 @@ class ObjectDB:
         if kind in (OBJ_OFS_DELTA, OBJ_REF_DELTA):
             d = _fastzlib.decompressobj()
             try:
-                size = _delta_result_size(d.decompress(v[pos : pos + 64], 32))
+                # A dynamic-Huffman block's header can exceed 64 bytes before the first
+                # output byte: feed input until the two varints (at most 20 bytes) are out.
+                head, at = b"", pos
+                while len(head) < 20 and at < min(len(v), pos + 65536) and not d.eof:
+                    head += d.decompress(v[at : at + 256], 20 - len(head))
+                    at += 256 - len(d.unconsumed_tail)
+                size = _delta_result_size(head)
             except Exception:
                 raise GitError(f"git object {sha}: corrupt delta") from None
         return Entry(pack.path, offset, kind, size, pos, b"")

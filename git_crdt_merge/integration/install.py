@@ -28,6 +28,7 @@ from pathlib import Path
 from .. import bounded
 from ..errors import CrdtError, InputError, NotARepositoryError
 from ..git import commands as gitops
+from ..replicated import lfs
 from ..replicated.manifest import MANIFEST_PATH
 from ..replicated.repo import Repo, atomic_write
 from ..replicated.store import OBJECTS_DIR
@@ -409,7 +410,54 @@ def install(
         )
     if sparse:
         configure_sparse(repo.root)
+    notes += configure_storage(repo.root)
     return notes
+
+
+def storage_mode(cwd: Path | str) -> str:
+    """The storage mode of the repository containing ``cwd``."""
+    return storage_mode_of(Repo.open(cwd).root)
+
+
+def storage_mode_of(root: Path) -> str:
+    """The storage mode of the work tree's ``.crdt/storage``, else of HEAD's (a clone before
+    its checkout), else ``git``."""
+    if os.path.lexists(root / lfs.STORAGE_PATH):
+        return lfs.read_mode(root)
+    data = gitops.show_blob(root, f"HEAD:{lfs.STORAGE_PATH}", limit=64)
+    return lfs.parse_mode(data, f"HEAD:{lfs.STORAGE_PATH}") if data is not None else "git"
+
+
+def configure_storage(root: Path) -> list[str]:
+    """In ``lfs`` mode: git-lfs's filters in the local config (our hooks then run git-lfs's
+    pre-push, which uploads the chunks) and its storage folder."""
+    if storage_mode_of(root) != "lfs":
+        return []
+    if shutil.which("git-lfs") is None:
+        raise InputError(
+            "this repository keeps its chunks in Git LFS (.crdt/storage), but 'git-lfs' is not "
+            "installed: install it (Debian: apt-get install git-lfs), then 'git crdt install'"
+        )
+    notes = []
+    if not lfs_enabled(root):
+        gitops.lfs_install_local(root)
+        notes.append("git-lfs set up in this clone: pushes upload the chunks kept in LFS")
+    (lfs.media_dir(root) / "objects").mkdir(parents=True, exist_ok=True)
+    return notes
+
+
+def set_storage(cwd: Path | str, mode: str) -> list[str]:
+    """Record the storage mode of new chunks in ``.crdt/storage`` (staged: commit it, so every
+    clone agrees) and set up this clone for it.  Chunks stored before keep their form: readers
+    take each object as it is, so a repository may hold both."""
+    lfs.check_mode(mode)
+    repo = Repo.open(cwd)
+    repo.require_initialized()
+    with repo.lock():
+        atomic_write(repo.root / lfs.STORAGE_PATH, f"{mode}\n".encode(), tmp_dir=repo.state_dir)
+        gitops.add_paths(repo.root, [lfs.STORAGE_PATH])
+    notes = [f"new chunks are stored in {'Git LFS' if mode == 'lfs' else 'git blobs'}"]
+    return notes + configure_storage(repo.root)
 
 
 def uninstall(cwd: Path | str = ".", *, global_: bool = False) -> None:
@@ -423,8 +471,12 @@ def uninstall(cwd: Path | str = ".", *, global_: bool = False) -> None:
     uninstall_hooks(repo.root)
 
 
-def init(cwd: Path | str = ".") -> list[str]:
-    """Create ``.crdt/`` with an empty manifest, bind it to the driver, and install."""
+def init(cwd: Path | str = ".", *, storage: str | None = None) -> list[str]:
+    """Create ``.crdt/`` with an empty manifest, bind it to the driver, and install.
+    ``storage``: where chunks go (``git`` or ``lfs``, recorded in ``.crdt/storage``); None
+    keeps the recorded mode (``git`` in a new repository)."""
+    if storage is not None:
+        lfs.check_mode(storage)
     repo = Repo.open(cwd)
     notes = []
     if not os.path.lexists(repo.root / ".crdt"):
@@ -440,7 +492,12 @@ def init(cwd: Path | str = ".") -> list[str]:
     if "/merged/" not in text.splitlines():
         sep = "" if not text or text.endswith("\n") else "\n"
         atomic_write(ignore, (text + sep + "/merged/\n").encode())
-    gitops.add_paths(repo.root, [MANIFEST_PATH, ".gitattributes", ".gitignore"])
+    paths = [MANIFEST_PATH, ".gitattributes", ".gitignore"]
+    if storage is not None and (storage != "git" or storage_mode_of(repo.root) != "git"):
+        atomic_write(repo.root / lfs.STORAGE_PATH, f"{storage}\n".encode())
+        paths.append(lfs.STORAGE_PATH)
+        notes.append(f"chunks are stored in {'Git LFS' if storage == 'lfs' else 'git blobs'}")
+    gitops.add_paths(repo.root, paths)
     notes += install(repo.root)
     return notes
 
@@ -587,6 +644,46 @@ def diagnose_remote(cwd: Path | str, remote: str) -> Diagnosis:
     return transport_diagnosis(path, bare=bare, where=where)
 
 
+def storage_diagnosis(root: Path, d: Diagnosis) -> None:
+    """The storage mode's needs: in ``lfs`` mode git-lfs installed and set up (so that our
+    pre-push runs git-lfs's, which uploads the chunks); in ``git`` mode no LFS rule on the
+    chunks' paths (git-lfs's clean filter would never see our objects, and ``git lfs fsck``
+    would call each of them a file that should have been a pointer)."""
+    try:
+        mode = storage_mode_of(root)
+    except CrdtError as exc:
+        d.problems.append(str(exc))
+        return
+    capture = gitops.check_attr(root, "filter", SAMPLE_OBJECT_PATH) == "lfs"
+    if mode == "git":
+        if capture:
+            d.problems.append(
+                "a .gitattributes rule sets filter=lfs on .crdt/objects: git-crdt writes its "
+                "objects itself, so they would never be LFS objects ('git lfs fsck' reports "
+                "them); drop the rule, or keep chunks in LFS with 'git crdt storage lfs'"
+            )
+        if lfs_enabled(root):
+            d.ok.append("git-lfs is set up: our hooks run its hook commands")
+        return
+    if capture:
+        d.problems.append(
+            "a .gitattributes rule sets filter=lfs on .crdt/objects: descriptors are git "
+            "blobs ('git lfs fsck' reports them); drop the rule, git-crdt writes the pointers"
+        )
+    if shutil.which("git-lfs") is None:
+        d.problems.append(
+            "chunks are kept in Git LFS (.crdt/storage) but 'git-lfs' is not installed: pushes "
+            "would not upload them (Debian: apt-get install git-lfs)"
+        )
+    elif not lfs_enabled(root):
+        d.problems.append(
+            "chunks are kept in Git LFS but git-lfs is not set up in this clone: pushes would "
+            "not upload them (run 'git crdt install')"
+        )
+    else:
+        d.ok.append("chunks are kept in Git LFS; our pre-push runs git-lfs's, which uploads them")
+
+
 def doctor(cwd: Path | str = ".", *, remote: str | None = None) -> Diagnosis:
     """What is missing or broken in this clone's set-up (or a bare repository's, or a local
     remote's with ``remote``)."""
@@ -638,8 +735,7 @@ def doctor(cwd: Path | str = ".", *, remote: str | None = None) -> Diagnosis:
     framework = [h for h in HOOKS if hook_owner(hooks / h, h) == "pre-commit"]
     if framework and not missing:
         d.ok.append(f"the pre-commit framework's hooks run ours: {', '.join(framework)}")
-    if lfs_enabled(repo.root):
-        d.ok.append("git-lfs is set up: our hooks run its hook commands")
+    storage_diagnosis(repo.root, d)
     stale = [f"{h}.legacy.bak" for h in HOOKS if (hooks / f"{h}.legacy.bak").exists()]
     if stale:
         d.problems.append(

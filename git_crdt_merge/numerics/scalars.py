@@ -81,28 +81,26 @@ def _check_finite(name: str, x: float) -> None:
         raise ValueError(f"{name}({x!r}): argument must be finite")
 
 
-def sin(x: float) -> float:
-    """sin(x), correctly rounded except in astronomically rare near-ties; no libm."""
-    _check_finite("sin", x)
-    if x == 0.0:
-        return x
+def _sin_cos_float(name: str, x: float) -> tuple[Decimal, Decimal]:
+    """(sin x, cos x) of a finite float, at a precision that grows with its magnitude."""
+    _check_finite(name, x)
     dx = Decimal(x)
     extra = max(0, dx.adjusted())
     with localcontext() as ctx:
         ctx.prec = _DIGITS + extra + 20
-        s, _ = _sin_cos(dx, extra)
-    return float(s)
+        return _sin_cos(dx, extra)
+
+
+def sin(x: float) -> float:
+    """sin(x), correctly rounded except in astronomically rare near-ties; no libm."""
+    if x == 0.0:
+        return x
+    return float(_sin_cos_float("sin", x)[0])
 
 
 def cos(x: float) -> float:
     """cos(x), correctly rounded except in astronomically rare near-ties; no libm."""
-    _check_finite("cos", x)
-    dx = Decimal(x)
-    extra = max(0, dx.adjusted())
-    with localcontext() as ctx:
-        ctx.prec = _DIGITS + extra + 20
-        _, c = _sin_cos(dx, extra)
-    return float(c)
+    return float(_sin_cos_float("cos", x)[1])
 
 
 def acos(x: float) -> float:

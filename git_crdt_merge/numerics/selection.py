@@ -67,39 +67,46 @@ def _drop_last_ties(
 _TIE_WINDOW = 1 << 16
 
 
-def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
-    first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
+def _all_or_none(shape: torch.Size, count: int, n: int) -> torch.Tensor | None:
+    """The mask when ``count`` of ``n`` entries is none or all of them, else None."""
+    if count <= 0 or n == 0:
+        return torch.zeros(shape, dtype=torch.bool)
+    if count >= n:
+        return torch.ones(shape, dtype=torch.bool)
+    return None
+
+
+def _count_mask(values: torch.Tensor, count: int, *, largest: bool) -> torch.Tensor:
+    """Mask of exactly ``count`` entries, the largest or the smallest; among entries equal to
+    the threshold the lowest flat indices are kept.  Threshold by ``kthvalue``; no full sort."""
     flat = values.reshape(-1)
     n = flat.numel()
-    if count <= 0 or n == 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
-    if count >= n:
-        return torch.ones(values.shape, dtype=torch.bool)
-    threshold = kth_smallest(flat, count)
-    mask = flat <= threshold
+    trivial = _all_or_none(values.shape, count, n)
+    if trivial is not None:
+        return trivial
+    if largest:
+        threshold = kth_smallest(flat, n - count + 1)
+        mask = flat >= threshold
+    else:
+        threshold = kth_smallest(flat, count)
+        mask = flat <= threshold
     excess = int(torch.count_nonzero(mask)) - count
     if excess > 0:  # entries tied at the threshold: drop those with the highest indices
         _drop_last_ties(flat, threshold, mask, excess)
     return mask.reshape(values.shape)
 
 
+def bottom_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the ``count`` smallest entries (flat order), ties broken by lowest flat index: the
+    first ``count`` positions of a stable ascending sort.  Uses ``kthvalue``, not a sort."""
+    return _count_mask(values, count, largest=False)
+
+
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of exactly ``k`` largest entries of ``values`` (e.g. magnitudes); among entries equal
     to the threshold the lowest flat indices are kept (a stable descending sort's first ``k``).
     Threshold by ``kthvalue``; no full sort.  Values must not be nan."""
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if k <= 0 or n == 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(values.shape, dtype=torch.bool)
-    threshold = kth_smallest(flat, n - k + 1)
-    mask = flat >= threshold
-    excess = int(torch.count_nonzero(mask)) - k
-    if excess > 0:  # entries tied at the threshold: drop those with the highest indices
-        _drop_last_ties(flat, threshold, mask, excess)
-    return mask.reshape(values.shape)
+    return _count_mask(values, k, largest=True)
 
 
 def topk_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,10 +119,9 @@ def topk_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     besides the mask."""
     flat = x.reshape(-1)
     n = flat.numel()
-    if k <= 0 or n == 0:
-        return torch.zeros(x.shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(x.shape, dtype=torch.bool)
+    trivial = _all_or_none(x.shape, k, n)
+    if trivial is not None:
+        return trivial
     bits = flat.detach().cpu().contiguous().view(FLOAT_BITS[flat.dtype]).numpy()
     top = np.iinfo(bits.dtype).max  # clears the sign bit: the magnitude's key
     threshold, smaller = _kth_smallest_key(bits, top, n - k + 1)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from ..bounded import loads_json
+from ..errors import CrdtError
 from ..git import commands as gitops
 from ..replicated.manifest import MANIFEST_PATH
 from ..replicated.repo import Repo
@@ -16,7 +19,22 @@ class LogEntry:
     line: str
 
     def as_dict(self) -> dict[str, object]:
-        return {"commit": self.commit, "subject": self.subject, "record": self.line}
+        """``record`` is the record as a JSON object (None for a line of a commit that is not
+        one: history is shown as it is); ``line`` is its canonical text, as the manifest has
+        it (what a record's identity is)."""
+        return {
+            "commit": self.commit,
+            "subject": self.subject,
+            "record": self.record(),
+            "line": self.line,
+        }
+
+    def record(self) -> dict[str, Any] | None:
+        try:
+            value = loads_json(self.line, "record")
+        except CrdtError:
+            return None
+        return value if isinstance(value, dict) else None
 
 
 def _lines(data: bytes | None) -> set[str]:

@@ -75,6 +75,7 @@ def show(repo: Repo, name_or_id: str) -> dict[str, Any]:
             "shape": list(t.shape),
             "bytes": t.nbytes,
             "chunks": len(t.chunks),
+            "encoding": "raw" if t.encoding is None else t.encoding.name,
         }
         for tname, t in sorted(desc.tensors.items())
     ]

@@ -28,6 +28,7 @@ from ..errors import CrdtError, NotFoundError
 from ..git import commands as gitops
 from ..replicated import contributions, formats
 from ..replicated.descriptor import Descriptor, TensorEntry
+from ..replicated.encoding import read_tensor_into
 from ..replicated.reader import read_descriptor
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
@@ -50,7 +51,7 @@ def _descriptor_model(label: str, store: ObjectStore, desc: Descriptor) -> Model
         def load() -> torch.Tensor:
             buf = bytearray(info.nbytes)
             if buf:
-                store.read_into(info.chunks, memoryview(buf))
+                read_tensor_into(store, info, memoryview(buf))
             dtype = NAME_TO_TORCH[info.dtype]
             if not buf:
                 return torch.empty(list(info.shape), dtype=dtype)

@@ -24,17 +24,18 @@ merge in progress) and its fix.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
 
 from .. import bounded
-from ..errors import CrdtError, GitError, ManifestError, NotFoundError
+from ..errors import CrdtError, ManifestError, NotFoundError
 from ..git import commands as gitops
-from ..replicated import checks, descriptor, invariants
+from ..replicated import adapters, checks, descriptor, invariants
 from ..replicated.descriptor import Descriptor
+from ..replicated.encoding import layout_problem, read_tensor_into
 from ..replicated.manifest import MANIFEST_PATH, Manifest, parse_record
 from ..replicated.repo import Repo
 from ..replicated.store import MAX_OBJECT_BYTES, ObjectStore
@@ -243,7 +244,7 @@ def _check_objects(
     for cid in sorted(ids - set(required)):
         pairs += [(cid, a, False) for a in manifest.descriptors_of(cid)]
     known = store.known()
-    sizes = _object_sizes(store, known.values())
+    sizes = _object_sizes(store, known)
     descs: dict[str, Descriptor] = {}
     referenced: set[str] = set()
     for cid, address, must in pairs:
@@ -287,14 +288,21 @@ def _check_objects(
                 continue
             if osha is None or sizes.get(osha) is None:
                 _report_missing(report, store, osha, f"{what}: object {oid[:16]} ({path})")
+            elif store.lfs_absent([oid]):
+                report.add(
+                    "absent",
+                    f"{what}: object {oid[:16]} ({path}) is in Git LFS and not fetched yet "
+                    "('git crdt verify --fetch' or 'git crdt resolve' fetches it)",
+                )
             elif (sizes[osha] or 0) > MAX_OBJECT_BYTES:
                 report.add("descriptor", f"{what}: object {oid[:16]} ({path}) is too large")
         if must:
             _check_chunk_sizes(descs[cid], what, known, sizes, report)
+    referenced |= store.slice_holders(referenced)  # model files whose slices are chunks
     report.objects = len(referenced & set(known))
     if resolvable:
         compatible = [(cid, required[cid]) for cid, _ in visible if cid in descs]
-        _check_compatibility(compatible, base, descs, report)
+        _check_compatibility(store, manifest, compatible, base, descs, report)
         _check_registers(manifest, visible, descs, report)
     if store.rev is None:
         stray = sorted(set(known) - referenced)
@@ -305,15 +313,16 @@ def _check_objects(
             )
 
 
-def _object_sizes(store: ObjectStore, shas: Iterable[str]) -> dict[str, int | None]:
-    """SHA-1 -> blob size from the object headers, read directly (None: absent, or not a
-    readable blob).  No git process: ``cat-file --batch-check`` would fetch the absent objects
-    of a partial clone one at a time."""
+def _object_sizes(store: ObjectStore, known: Mapping[str, str]) -> dict[str, int | None]:
+    """SHA-1 -> the object's size (a chunk kept in Git LFS: its pointer's size) from the
+    object headers, read directly (None: absent, or not a readable blob).  No git process:
+    ``cat-file --batch-check`` would fetch the absent objects of a partial clone one at a
+    time."""
     sizes: dict[str, int | None] = {}
-    for sha in set(shas):
+    for oid, sha in known.items():
         try:
-            sizes[sha] = store.db.blob_size(sha)
-        except GitError:
+            sizes[sha] = store.size(oid)
+        except CrdtError:
             sizes[sha] = None
     return sizes
 
@@ -347,40 +356,53 @@ def _check_chunk_sizes(
     sizes: dict[str, int | None],
     report: Report,
 ) -> None:
+    def size_of(oid: str) -> int | None:
+        return sizes.get(known.get(oid, ""), None)  # None: reported as missing
+
     for path, entry in desc.entries():
-        got = [sizes.get(known.get(c, ""), None) for c in entry.chunks]
-        if any(g is None for g in got):
-            continue  # reported as missing
-        total = sum(g or 0 for g in got)
-        if total != entry.nbytes:
+        why = layout_problem(entry.nbytes, entry.chunks, entry.encoding, size_of, "")
+        if why is not None:
             report.add(
                 "corrupt-object",
-                f"{what}: tensor {entry.name!r} ({path}) has chunks of {total} bytes, "
-                f"expected {entry.nbytes} (truncated or substituted object)",
+                f"{what}: tensor {entry.name!r} ({path}){why} (truncated or substituted object)",
             )
 
 
 def _check_compatibility(
+    store: ObjectStore,
+    manifest: Manifest,
     visible: list[tuple[str, str]],
     base: str | None,
     descs: dict[str, Descriptor],
     report: Report,
 ) -> None:
-    kinds = {descs[cid].kind for cid, _ in visible}
-    if len(kinds) > 1:
-        report.add("incompatible", f"contributions mix kinds {sorted(kinds)}")
-        return
-    if base in descs and kinds <= {descriptor.DEFAULT_KIND}:
-        ref, ref_what = checks.tensor_table(descs[base].raw), "the base"
-    elif visible:
-        ref, ref_what = checks.tensor_table(descs[visible[0][0]].raw), visible[0][1]
-        visible = visible[1:]
-    else:
-        return
-    for cid, what in visible:
-        table = checks.tensor_table(descs[cid].raw)
-        for diff in checks.table_differences(table, ref, what, ref_what):
-            report.add("incompatible", diff)
+    """The rule resolve's plan applies (``adapters.set_problems``): full models against the
+    base (or each other), LoRA adapters against the base and each other, the adapter output
+    only for adapters; so verify passes exactly the sets that resolve."""
+    from ..strategies import registry  # imports torch: only the full CLI check comes here
+
+    try:
+        base_used = registry.get_strategy(manifest.strategy()["name"]).base != "ignored"
+    except CrdtError:
+        base_used = True  # the unknown strategy is reported by _check_registers
+    base_desc = descs.get(base) if base is not None else None
+    if base is not None and base_desc is None:
+        return  # a missing or broken base is reported already
+    members, problems = adapters.members(store, base_desc, [(w, descs[c]) for c, w in visible])
+    problems += adapters.set_problems(
+        base_desc,
+        members,
+        base_used=base_used,
+        adapter_output=manifest.adapter_rank() is not None,
+    )
+    config_from = manifest.config_from()
+    if config_from is not None and config_from not in {c for c, _ in visible} | {base}:
+        problems.append(
+            f"register config_from names {config_from[:12]}, which is not a visible "
+            "contribution; set it again with 'git crdt output --config-from NAME'"
+        )
+    for msg in problems:
+        report.add("incompatible", msg)
 
 
 def _check_registers(
@@ -441,6 +463,16 @@ def _check_content(store: ObjectStore, manifest: Manifest, report: Report, bad: 
             name = entry.name
             if bad.intersection(entry.chunks):
                 continue
+            if entry.encoding is not None:  # decoded, and checked against its content hash
+                if entry.encoding.base is not None and bad.intersection(entry.encoding.base.chunks):
+                    continue
+                try:
+                    read_tensor_into(store, entry, memoryview(bytearray(entry.nbytes)))
+                except CrdtError as exc:
+                    if "content hash" in str(exc):
+                        report.add("corrupt-object", f"contribution {cid[:12]}: {exc}")
+                    continue  # otherwise a missing or unreadable chunk, reported already
+                continue
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             try:
                 for chunk in entry.chunks:
@@ -483,8 +515,13 @@ def _rehash(
     known = store.known()
     if only is not None:
         known = {oid: sha for oid, sha in known.items() if oid in only}
-    sizes = _object_sizes(store, known.values())
-    items = sorted((oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None)
+    sizes = _object_sizes(store, known)
+    absent = set(store.lfs_absent(known))  # reported as absent by the fast checks
+    # a model file kept whole in LFS is checked through its slices (each a chunk)
+    absent |= store.slice_holders(known)
+    items = sorted(
+        (oid, sha) for oid, sha in known.items() if sizes.get(sha) is not None and oid not in absent
+    )
     if on_start is not None:
         on_start(sum(sizes[sha] or 0 for _, sha in items))
     buf = bytearray(max((sizes[sha] or 0 for _, sha in items), default=0))
@@ -492,7 +529,7 @@ def _rehash(
         n = sizes[sha] or 0
         view = memoryview(buf)[:n]
         try:
-            store.db.read_into(sha, view)
+            store.read_chunk_into(oid, view)
         except Exception as exc:  # corrupt zlib stream, truncated file, bad pack entry
             report.add("corrupt-object", f"object {oid[:16]} cannot be read ({exc})")
             bad.add(oid)

@@ -15,16 +15,24 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from . import alignment
 from .descriptor import DEFAULT_KIND, DEFAULT_WEIGHT
 from .extras import KINDS as EXTRA_KINDS
 from .formats import DTYPE_SIZES, ModelSource, check_tensor_name, iter_tensors
 from .manifest import ID_RE
+from .store import MAX_OBJECT_BYTES
 
 # A descriptor is read into memory whole: a sane limit (objects in general: store.py).
 MAX_DESCRIPTOR_BYTES = 64 * 1024**2
 DESCRIPTOR_KINDS = ("full", "lora")
 TENSOR_KEYS = {"bytes", "chunks", "dtype", "shape"}  # format 1
 TENSOR_KEYS_V2 = TENSOR_KEYS | {"blake3"}  # plus the blake3 of the tensor's whole content
+OPTIONAL_TENSOR_KEYS_V2 = {"encoding"}  # absent: raw chunks
+# The stored encodings (replicated/encoding.py, which imports zstandard: spelled here too so
+# that validation stays light; tests/replicated/test_encoding.py checks they agree).
+STORED_ENCODINGS = ("planes-zstd", "xor-planes-zstd")
+ENCODING_KEYS = {"planes-zstd": {"name", "sizes"}, "xor-planes-zstd": {"base", "name", "sizes"}}
+BASE_REF_KEYS = {"blake3", "chunks"}  # plus an optional non-XOR "encoding"
 DESCRIPTOR_FORMATS = (1, 2)
 MAX_FILE_NAME_BYTES = 255
 # The declared range of a contribution's weight: wide enough for any real use, small enough
@@ -75,18 +83,18 @@ def tensor_table(desc: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...
 
 
 def table_differences(a: TensorTable, b: TensorTable, what_a: str, what_b: str) -> list[str]:
-    """Every way tables ``a`` and ``b`` disagree (names, dtypes, shapes), one line each."""
+    """Every way tables ``a`` and ``b`` disagree (names, dtypes, shapes) that a merge does not
+    absorb, one line each.  Absorbed (:mod:`.alignment`): float dtypes, resized vocabularies
+    and a tied head."""
     out = []
-    for name in sorted(set(a) - set(b))[:5]:
+    for name in [n for n in sorted(set(a) - set(b)) if not alignment.missing_is_allowed(n)][:5]:
         out.append(f"{what_a} has tensor {name!r} that {what_b} lacks")
-    for name in sorted(set(b) - set(a))[:5]:
+    for name in [n for n in sorted(set(b) - set(a)) if not alignment.missing_is_allowed(n)][:5]:
         out.append(f"{what_a} lacks tensor {name!r} that {what_b} has")
     for name in sorted(set(a) & set(b)):
-        (da, sa), (db, sb) = a[name], b[name]
-        if sa != sb:
-            out.append(f"tensor {name!r} has shape {list(sa)} in {what_a}, {list(sb)} in {what_b}")
-        elif da != db:
-            out.append(f"tensor {name!r} has dtype {da} in {what_a}, {db} in {what_b}")
+        why = alignment.difference(name, a[name], b[name], what_a, what_b)
+        if why is not None:
+            out.append(why)
         if len(out) >= 10:
             break
     return out
@@ -111,13 +119,59 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
+def _is_size(v: Any, limit: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= limit
+
+
+def _encoding_problem(
+    enc: Any, chunks: list[Any], nbytes: int, itemsize: int, nested: bool
+) -> str | None:
+    """Why ``enc`` is not a valid encoding of ``chunks`` holding ``nbytes`` bytes (None: it
+    is): a known name, exactly its keys, one decoded size per chunk, each whole elements and
+    at most the object limit, adding up to the tensor; an XOR base reference names a content
+    hash and chunks, with a non-XOR encoding of its own."""
+    if not isinstance(enc, dict) or enc.get("name") not in STORED_ENCODINGS:
+        return f"unknown encoding (encodings: {', '.join(STORED_ENCODINGS)}; raw has none)"
+    name = enc["name"]
+    if set(enc) != ENCODING_KEYS[name]:
+        return f"encoding {name} must have exactly {sorted(ENCODING_KEYS[name])}"
+    if nested and name != "planes-zstd":
+        return "an XOR base must not itself be XOR-encoded"
+    sizes = enc["sizes"]
+    if not isinstance(sizes, list) or len(sizes) != len(chunks):
+        return f"encoding {name} must list one decoded size per chunk"
+    if not all(_is_size(v, MAX_OBJECT_BYTES) and v % itemsize == 0 for v in sizes):
+        return f"encoding {name} has a decoded size that is not whole elements up to the limit"
+    if sum(sizes) != nbytes:
+        return f"encoding {name} decodes to {sum(sizes)} bytes, the tensor has {nbytes}"
+    if name == "xor-planes-zstd":
+        ref = enc["base"]
+        if not isinstance(ref, dict) or not BASE_REF_KEYS <= set(ref) <= BASE_REF_KEYS | {
+            "encoding"
+        }:
+            keys = sorted(BASE_REF_KEYS)
+            return f"encoding {name}: 'base' must have {keys} and an optional encoding"
+        if not (isinstance(ref["blake3"], str) and ID_RE.match(ref["blake3"])):
+            return f"encoding {name}: 'base' has a malformed content hash"
+        ref_chunks = ref["chunks"]
+        if not isinstance(ref_chunks, list) or not ref_chunks:
+            return f"encoding {name}: 'base' has no chunk list"
+        if not all(isinstance(c, str) and ID_RE.match(c) for c in ref_chunks):
+            return f"encoding {name}: 'base' has a malformed chunk id"
+        if "encoding" in ref:
+            return _encoding_problem(ref["encoding"], ref_chunks, nbytes, itemsize, True)
+    return None
+
+
 def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> list[str]:
     try:
         check_tensor_name(name)
     except InputError as exc:
         return [f"{where}: {exc}"]
-    if not isinstance(info, dict) or set(info) != keys:
-        return [f"{where}: tensor {name!r} must have exactly {sorted(keys)}"]
+    optional = OPTIONAL_TENSOR_KEYS_V2 if "blake3" in keys else set()
+    if not isinstance(info, dict) or not keys <= set(info) <= keys | optional:
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        return [f"{where}: tensor {name!r} must have exactly {sorted(keys)}{extra}"]
     if "blake3" in keys and not (isinstance(info["blake3"], str) and ID_RE.match(info["blake3"])):
         return [f"{where}: tensor {name!r} has a malformed content hash"]
     dtype, shape, chunks, nbytes = info["dtype"], info["shape"], info["chunks"], info["bytes"]
@@ -134,6 +188,10 @@ def _tensor_entry_problems(name: str, info: Any, where: str, keys: set[str]) -> 
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes != expected:
         return [f"{where}: tensor {name!r} says {nbytes!r} bytes, dtype and shape give {expected}"]
+    if "encoding" in info:
+        why = _encoding_problem(info["encoding"], chunks, nbytes, DTYPE_SIZES[dtype], False)
+        if why:
+            return [f"{where}: tensor {name!r}: {why}"]
     return []
 
 
@@ -211,8 +269,9 @@ def object_references(desc: Any) -> Iterator[tuple[str, str]]:
     """(object id, JSON path) of every object the descriptor references, nested ones included.
 
     Every string that is a 64-hex blake3 id is a reference, wherever it sits, except under
-    ``metadata`` (free-form strings copied from the source files) and a tensor entry's
-    ``blake3`` (the hash of its whole content, which is not stored as one object)."""
+    ``metadata`` (free-form strings copied from the source files) and a tensor entry's or an
+    XOR base reference's ``blake3`` (the hash of a whole content, not stored as one object).
+    So the chunks of an XOR base are references of every contribution encoded against it."""
 
     def walk(node: Any, path: str) -> Iterator[tuple[str, str]]:
         if isinstance(node, str):
@@ -222,8 +281,8 @@ def object_references(desc: Any) -> Iterator[tuple[str, str]]:
             for key in sorted(node):
                 if path == "" and key == "metadata":
                     continue
-                if key == "blake3" and TENSOR_KEYS <= set(node):
-                    continue
+                if key == "blake3" and (TENSOR_KEYS <= set(node) or path.endswith("/base")):
+                    continue  # a content hash (of a tensor, or of an XOR base), not an object
                 yield from walk(node[key], f"{path}/{key}")
         elif isinstance(node, list):
             for i, item in enumerate(node):

@@ -10,16 +10,27 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import blake3
 
 from .. import faults
-from ..errors import CrdtError, InputError, ManifestError, NotFoundError, StoreError
+from ..errors import (
+    CrdtError,
+    InputError,
+    ManifestError,
+    NotFoundError,
+    StoreError,
+    UsageError,
+    did_you_mean,
+)
 from ..git import commands as gitops
-from . import checks, descriptor, extras, formats
+from ..vocabulary import OUTPUT_DTYPE_ALIASES
+from . import adapters, checks, descriptor, encoding, extras, formats
+from .descriptor import BaseRef, Descriptor, Encoding, TensorEntry
 from .manifest import MANIFEST_PATH, Manifest, add_record, check_name, remove_record
 from .reader import read_descriptor
 from .repo import Repo, new_tag
@@ -37,6 +48,8 @@ class IngestResult:
     new_bytes: int
     new_objects: int
     already_present: bool = False
+    skipped: list[str] = field(default_factory=list)  # files of the folder not kept, and why
+    code: list[str] = field(default_factory=list)  # program code kept (--include-code)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,47 +128,145 @@ def store_descriptor(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Progress | None = None,
+    encoding_name: str = encoding.RAW,
+    base: Descriptor | None = None,
 ) -> tuple[str, bytes, int]:
     """Store every chunk, auxiliary file and the descriptor of ``plan``; return (descriptor
     address, descriptor bytes, bytes newly written).  Chunks already stored are not written
-    again."""
+    again.  ``encoding_name`` (:mod:`.encoding`) says how chunks are encoded; ``xor-planes-zstd``
+    XORs each tensor with ``base``'s tensor of the same name and size, and falls back to
+    ``planes-zstd`` for a tensor without one (and for extra inputs)."""
     new = [0]
 
-    def on_chunk(n: int, is_new: bool) -> None:
+    def on_written(n: int, is_new: bool) -> None:
         if is_new:
             new[0] += n
+
+    def on_chunk(n: int, is_new: bool) -> None:
+        on_written(n, is_new)
         if progress is not None:
             progress(n)
 
     desc = json.loads(json.dumps(plan.desc))  # a deep copy; storage fields go in below
     desc["format"] = descriptor.FORMAT_V2
     desc["storage"] = {"chunk_size": chunk_size}
-    tables = [(desc["tensors"], plan.tensors)]
-    tables += [(desc["extras"][kind]["tensors"], items) for kind, items in plan.extras.items()]
+    tables = [(desc["tensors"], plan.tensors, encoding_name)]
+    extra_encoding = encoding.RAW if encoding_name == encoding.RAW else encoding.PLANES
+    tables += [
+        (desc["extras"][kind]["tensors"], items, extra_encoding)
+        for kind, items in plan.extras.items()
+    ]
     # All chunks of all tensors go to the store at once, so hashing and writing run in
     # parallel across tensors, not only within one.
     spans: list[tuple[dict[str, Any], int, int]] = []
     chunks: list[memoryview] = []
-    for table, items in tables:
+    encoded: list[_EncodedTensor] = []
+    origins: list[tuple[str, int] | None] = []
+    holders: dict[Path, str | None] = {}  # lfs mode: model files already in LFS here
+    for table, items, name in tables:
         for t in items:
+            if name != encoding.RAW:
+                ref = _xor_base(base, t) if name == encoding.XOR else None
+                encoded.append(_EncodedTensor(table[t.name], t, ref, chunk_size))
+                continue
             pieces = split_chunks(t.data, chunk_size)
             spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
             chunks.extend(pieces)
-    ids = store.put_chunks(chunks, on_chunk)
+            if t.file is not None and t.file not in holders:
+                holders[t.file] = store.adopt_lfs_file(t.file)
+            holder = holders.get(t.file) if t.file is not None else None
+            origins += [
+                (holder, t.offset + i * chunk_size) if holder else None for i in range(len(pieces))
+            ]
+    ids = store.put_chunks(chunks, on_chunk, origins)
     for entry, lo, hi in spans:
         entry["chunks"] = ids[lo:hi]
+    _store_encoded(store, encoded, on_written, progress)
     for data in plan.files.values():
         store.put(data)
     data = descriptor.encode(desc)
     return store.put(data), data, new[0]
 
 
+@dataclass
+class _EncodedTensor:
+    """A tensor to store encoded: its descriptor entry (filled in here), its bytes, the XOR
+    base's entry if any, and its pieces."""
+
+    entry: dict[str, Any]
+    data: formats.TensorData
+    base: TensorEntry | None
+    chunk_size: int
+
+    @property
+    def itemsize(self) -> int:
+        return formats.DTYPE_SIZES[self.data.dtype]
+
+    def pieces(self) -> list[tuple[int, int]]:
+        return encoding.pieces(len(self.data.data), self.chunk_size, self.itemsize)
+
+
+def _xor_base(base: Descriptor | None, t: formats.TensorData) -> TensorEntry | None:
+    """The base tensor to XOR ``t`` against: the base's tensor of the same name, dtype and
+    size, stored raw or as byte planes (None: there is none, and ``t`` is stored as planes)."""
+    if base is None:
+        return None
+    other = base.tensors.get(t.name)
+    if other is None or other.dtype != t.dtype or other.nbytes != len(t.data):
+        return None
+    if other.blake3 is None or (other.encoding is not None and other.encoding.base is not None):
+        return None  # a format-1 base, or one stored XOR-encoded itself
+    return other
+
+
+def _store_encoded(
+    store: ObjectStore,
+    tensors: list[_EncodedTensor],
+    on_written: Callable[[int, bool], None],
+    progress: Progress | None,
+) -> None:
+    """Encode and store the pieces of ``tensors``, in parallel across pieces (zstd, numpy and
+    the hashes release the GIL); fill in each entry's chunks and encoding.  ``on_written``
+    gets each stored object's size, ``progress`` the tensor bytes it holds."""
+    work = [(t, lo, hi) for t in tensors for lo, hi in t.pieces()]
+
+    def one(item: tuple[_EncodedTensor, int, int]) -> str:
+        t, lo, hi = item
+        base = None
+        if t.base is not None:
+            ref = t.base
+            base = encoding.read_range(store, ref.chunks, ref.encoding, t.itemsize, lo, hi)
+        frame = encoding.encode_piece(t.data.data[lo:hi], t.itemsize, base)
+        oid = store.put_chunks([memoryview(frame)], on_written)[0]
+        if progress is not None:
+            progress(hi - lo)
+        return oid
+
+    if len(work) > 1 and store.workers > 1:
+        with ThreadPoolExecutor(store.workers) as pool:
+            ids = list(pool.map(one, work))
+    else:
+        ids = [one(item) for item in work]
+    pos = 0
+    for t in tensors:
+        spans = t.pieces()
+        chunk_ids = ids[pos : pos + len(spans)]
+        pos += len(spans)
+        base_ref = None
+        if t.base is not None:
+            ref = t.base
+            base_ref = BaseRef(ref.blake3 or "", ref.chunks, ref.encoding)
+        name = encoding.PLANES if base_ref is None else encoding.XOR
+        enc = Encoding(name, tuple(hi - lo for lo, hi in spans), base_ref)
+        t.entry["chunks"] = chunk_ids
+        t.entry["encoding"] = enc.to_json()
+
+
 def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
-    """In a partial clone, fetch what resolving the visible set reads and this clone lacks:
-    the descriptors in one batch, then every object they reference in one batch.  Returns the
-    number of objects fetched (0 in a full clone, with no git process started)."""
-    if not store.partial:
-        return 0
+    """Fetch what resolving the visible set reads and this clone lacks: in a partial clone the
+    descriptors in one batch, then every object they reference in one batch; then the LFS
+    objects of the chunks kept in Git LFS, in one ``git lfs fetch``.  Returns the number of
+    objects fetched (0, with no git process started, when nothing is absent)."""
     ids = [cid for cid, _ in manifest.visible_contributions()]
     base = manifest.base()
     if base is not None:
@@ -165,9 +276,14 @@ def fetch_set(store: ObjectStore, manifest: Manifest) -> int:
     refs: set[str] = set()
     for cid in ids:
         if store.has(manifest.descriptor_address(cid)):
-            desc = read_descriptor(store, manifest, cid)
+            try:
+                desc = read_descriptor(store, manifest, cid)
+            except CrdtError:
+                continue  # reading it again reports it
             refs |= {oid for oid, _ in checks.object_references(desc.raw)}
-    return fetched + store.fetch_absent(refs)
+    fetched += store.fetch_absent(refs)
+    # chunks kept in Git LFS: exactly this set's, in one 'git lfs fetch'
+    return fetched + store.fetch_lfs(refs)
 
 
 def _check_weight(weight: float | None) -> None:
@@ -196,16 +312,20 @@ def add_contribution(
     progress: Progress | None = None,
     extra_inputs: Mapping[str, Path] | None = None,
     allow_nonfinite: bool = False,
+    include_code: bool = False,
+    encoding_name: str | None = None,
 ) -> IngestResult:
     """Store the model at ``path`` and record it in the manifest (both staged).
 
     ``extra_inputs`` maps an extra-input kind (``extras.KINDS``) to a safetensors file stored
     with the model and referenced from its descriptor.  ``chunk_size`` overrides the
-    repository's (``chunk_size`` register); it changes how the bytes are stored, never the id.
+    repository's (``chunk_size`` register); ``encoding_name`` overrides this clone's
+    ``crdt.encoding`` (default raw): both change how the bytes are stored, never the id.
     A model whose content is already a visible contribution is not stored again."""
     repo.require_initialized()
     _check_weight(weight)
-    source = formats.discover(path, allow_pickle=allow_pickle)
+    encoding_name = chosen_encoding(repo, encoding_name)
+    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
     name = name if name is not None else default_name(path)
     try:
         check_name(name, "contribution name")
@@ -217,7 +337,7 @@ def add_contribution(
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
-        check_fits(store, manifest, table, source.kind, f"model {name!r}")
+        check_fits(store, manifest, source, table, f"model {name!r}")
         if on_start is not None:
             on_start(source.total_bytes())
         plan = plan_descriptor(source, weight=weight, extra_inputs=extra_inputs)
@@ -233,7 +353,9 @@ def add_contribution(
             with repo.transaction() as env:
                 store.flush(env)
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)
-            return IngestResult(cid, dict(visible)[cid], n_tensors, total, 0, 0, True)
+            return IngestResult(
+                cid, dict(visible)[cid], n_tensors, total, 0, 0, True, source.skipped, source.code
+            )
         for other_id, other_name in visible:
             if other_name == name:  # nothing staged yet: refused before any index change
                 raise InputError(
@@ -241,7 +363,14 @@ def add_contribution(
                     "first or pass --name"
                 )
         size = repository_chunk_size(manifest, chunk_size)
-        address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
+        address, _, new_bytes = store_descriptor(
+            store,
+            plan,
+            chunk_size=size,
+            progress=progress,
+            encoding_name=encoding_name,
+            base=_xor_reference(store, manifest, encoding_name),
+        )
         faults.point("add:objects-written")
         # Objects first, in their own index transaction: a crash after it leaves staged
         # objects that no record names (harmless, a re-run reuses them), never a record
@@ -261,12 +390,39 @@ def add_contribution(
                     )
             if any(other_id == cid for other_id, _ in visible):
                 gitops.stage_file(repo.root, MANIFEST_PATH, env=env)  # completes an earlier add
-                return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects, True)
+                return IngestResult(
+                    cid,
+                    name,
+                    n_tensors,
+                    total,
+                    new_bytes,
+                    new_objects,
+                    True,
+                    source.skipped,
+                    source.code,
+                )
             manifest = manifest.with_records(
                 [add_record(new_tag(), cid, name, message, desc=address)]
             )
             repo.write_manifest(manifest, env)
-    return IngestResult(cid, name, n_tensors, total, new_bytes, new_objects)
+    return IngestResult(
+        cid, name, n_tensors, total, new_bytes, new_objects, False, source.skipped, source.code
+    )
+
+
+def chosen_encoding(repo: Repo, name: str | None) -> str:
+    """The encoding to store with: ``name``, else this clone's ``crdt.encoding``, else raw."""
+    if name is None:
+        name = gitops.config_get(repo.root, "crdt.encoding") or encoding.RAW
+    return encoding.check_name(name)
+
+
+def _xor_reference(store: ObjectStore, manifest: Manifest, name: str) -> Descriptor | None:
+    """The base an XOR encoding is taken against (None: not XOR, or no base is set)."""
+    base = manifest.base()
+    if name != encoding.XOR or base is None:
+        return None
+    return read_descriptor(store, manifest, base)
 
 
 def repository_chunk_size(manifest: Manifest, override: int | None = None) -> int:
@@ -297,34 +453,65 @@ def parse_extra_inputs(
 def check_fits(
     store: ObjectStore,
     manifest: Manifest,
+    source: formats.ModelSource,
     table: checks.TensorTable,
-    kind: str,
     what: str,
     *,
     as_base: bool = False,
 ) -> None:
-    """Refuse a model whose tensor names, dtypes or shapes differ from the base's (for a full
-    model) or the visible contributions', or whose kind differs from theirs.  One reference
-    is enough: the rest of the set was checked the same way when it was added."""
-    base = manifest.base()
-    refs = [(base, "the base")] if base and kind == "full" and not as_base else []
-    refs += [(c, f"contribution {n!r} ({c[:12]})") for c, n in manifest.visible_contributions()]
-    for ref, label in refs:
-        try:
-            desc = read_descriptor(store, manifest, ref)
-        except CrdtError:
+    """Refuse a model that cannot join the set: the rule of ``adapters.set_problems`` (which
+    resolve and verify apply) for the set with this model in it.  Full models match the base's
+    tensor table (or a visible full model's); a LoRA adapter reads its ``adapter_config.json``
+    (DoRA and other unmergeable forms refused), fits the base's tensors and targets the same
+    modules as the visible adapters.  One reference of each kind is enough: the rest of the
+    set was checked the same way when it was added."""
+    kind = source.kind
+    if kind == adapters.KIND_LORA and as_base:
+        raise InputError(f"{what} is a LoRA adapter: a base must be full weights")
+    new = Descriptor.from_json(
+        {
+            "format": descriptor.FORMAT_V2,
+            "kind": kind,
+            "tensors": {
+                n: {"bytes": 0, "chunks": [], "dtype": d, "shape": list(sh)}
+                for n, (d, sh) in table.items()
+            },
+        }
+    )
+    base_id = manifest.base()
+    base = None if as_base else _read_or_none(store, manifest, base_id)
+    if as_base:
+        base = new
+    names = None if base is None else set(base.tensors)
+    labelled: list[tuple[str, Descriptor]] = []
+    seen: set[str] = set()
+    for cid, name in manifest.visible_contributions():
+        desc = _read_or_none(store, manifest, cid)
+        if desc is None or desc.kind in seen:
             continue  # a missing descriptor is verify's to report
-        other_kind = desc.kind
-        if ref != base and other_kind != kind:
-            if as_base:
-                continue
-            raise InputError(
-                f"{what} is a {kind} model but {label} is {other_kind}: merge like with like"
-            )
-        diffs = checks.table_differences(table, checks.tensor_table(desc.raw), what, label)
-        if diffs:
-            raise InputError(f"{diffs[0]}: all contributions must match the base and each other")
-        return
+        seen.add(desc.kind)
+        labelled.append((f"contribution {name!r} ({cid[:12]})", desc))
+    members, problems = adapters.members(store, base, labelled)
+    if not as_base:
+        adapter = None
+        if kind == adapters.KIND_LORA:
+            data = source.aux[adapters.ADAPTER_CONFIG].read_bytes()
+            config = adapters.parse_config(data, what)
+            adapter = (config, adapters.modules(config, table, what, names))
+        members.append(adapters.Member(what, new, adapter))  # compared with the set
+    # No base yet: adapters are checked against it when it is set (and resolve needs one).
+    problems += adapters.set_problems(base, members, base_used=base is not None, require_base=False)
+    if problems:
+        raise InputError(problems[0])
+
+
+def _read_or_none(store: ObjectStore, manifest: Manifest, cid: str | None) -> Descriptor | None:
+    if cid is None:
+        return None
+    try:
+        return read_descriptor(store, manifest, cid)
+    except CrdtError:
+        return None
 
 
 def find_contribution(manifest: Manifest, name_or_id: str) -> str:
@@ -342,7 +529,10 @@ def find_contribution(manifest: Manifest, name_or_id: str) -> str:
             return by_id[0]
         if len(by_id) > 1:
             raise InputError(f"id prefix {name_or_id!r} is ambiguous")
-    raise NotFoundError(f"no visible contribution named {name_or_id!r} (see 'git crdt list')")
+    close = did_you_mean(name_or_id, [name for _, name in visible])
+    raise NotFoundError(
+        f"no visible contribution named {name_or_id!r}{close} (see 'git crdt list')"
+    )
 
 
 def remove_contribution(repo: Repo, name_or_id: str) -> str:
@@ -375,6 +565,16 @@ def set_register(repo: Repo, key: str, value: Any) -> None:
         repo.write_manifest(manifest, env)
 
 
+def set_config_from(repo: Repo, name_or_id: str) -> str | None:
+    """Point the ``config_from`` register at a visible contribution ('' clears it); returns
+    its id."""
+    cid = None
+    if name_or_id:
+        cid = find_contribution(repo.read_manifest(), name_or_id)
+    set_register(repo, "config_from", cid)
+    return cid
+
+
 def set_base(
     repo: Repo,
     path: Path,
@@ -384,27 +584,47 @@ def set_base(
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    include_code: bool = False,
+    encoding_name: str | None = None,
 ) -> IngestResult:
-    """Store the base model and point the ``base`` register at its id and descriptor."""
+    """Store the base model and point the ``base`` register at its id and descriptor.  An
+    XOR encoding stores the base as byte planes (a base has no base)."""
     repo.require_initialized()
-    source = formats.discover(path, allow_pickle=allow_pickle)
+    encoding_name = chosen_encoding(repo, encoding_name)
+    if encoding_name == encoding.XOR:
+        encoding_name = encoding.PLANES
+    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
     table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
     with repo.lock():
         store = ObjectStore(repo.root)
         manifest = repo.read_manifest()
-        check_fits(store, manifest, table, source.kind, "the base", as_base=True)
+        check_fits(store, manifest, source, table, "the base", as_base=True)
         if on_start is not None:
             on_start(source.total_bytes())
         plan = plan_descriptor(source, weight=None)
         cid, total, n_tensors = plan.id, plan.total_bytes(), len(plan.tensors)
         if manifest.base() == cid:
-            return IngestResult(cid, default_name(path), n_tensors, total, 0, 0, True)
+            return IngestResult(
+                cid, default_name(path), n_tensors, total, 0, 0, True, source.skipped, source.code
+            )
         size = repository_chunk_size(manifest, chunk_size)
-        address, _, new_bytes = store_descriptor(store, plan, chunk_size=size, progress=progress)
+        address, _, new_bytes = store_descriptor(
+            store, plan, chunk_size=size, progress=progress, encoding_name=encoding_name
+        )
         with repo.transaction() as env:
             new_objects = store.flush(env)
     set_register(repo, "base", {"desc": address, "id": cid})
-    return IngestResult(cid, default_name(path), n_tensors, total, new_bytes, new_objects)
+    return IngestResult(
+        cid,
+        default_name(path),
+        n_tensors,
+        total,
+        new_bytes,
+        new_objects,
+        False,
+        source.skipped,
+        source.code,
+    )
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -488,3 +708,18 @@ def set_chunk_size(repo: Repo, size: int) -> None:
     """Set the repository's chunk size (a replicated register every clone agrees on)."""
     repository_chunk_size(Manifest(), size)
     set_register(repo, "chunk_size", size)
+
+
+def set_output_dtype(repo: Repo, name: str) -> str | None:
+    """Declare the merged model's float dtype (``bf16``, ``fp16``, ``fp32``, ``fp64``, their
+    torch names, or ``keep``: each tensor keeps its source's dtype), a replicated register in
+    the Merkle root.  Returns the register value written (None for keep)."""
+    key = name.strip().lower()
+    if key not in OUTPUT_DTYPE_ALIASES:
+        raise UsageError(
+            f"unknown output dtype {name!r}{did_you_mean(key, OUTPUT_DTYPE_ALIASES)}; "
+            "choose one of bf16, fp16, fp32, fp64, keep"
+        )
+    value = OUTPUT_DTYPE_ALIASES[key]
+    set_register(repo, "output_dtype", value)
+    return value

@@ -6,8 +6,8 @@ A descriptor (docs/format.md) holds two kinds of fields:
   (named by the blake3 of their bytes), and for every tensor (main table and extra inputs) its
   dtype, shape, byte count and the blake3 of its whole content;
 - **storage fields**: how its bytes happen to be kept: the chunk list of each tensor
-  (``chunks``), a chunk's encoding (``encoding``, reserved for lossless encodings), and the
-  top-level ``format`` and ``storage`` objects.
+  (``chunks``), how those chunks are encoded (``encoding``: absent for raw bytes, else a
+  lossless encoding, :mod:`.encoding`), and the top-level ``format`` and ``storage`` objects.
 
 Descriptor format 2 names a contribution by its identity fields only::
 
@@ -100,6 +100,55 @@ def encode(desc: Mapping[str, Any]) -> bytes:
 
 
 @dataclass(frozen=True)
+class BaseRef:
+    """The bytes an XOR encoding is taken against: a stored tensor (the base's, when the
+    contribution was added) named by the blake3 of its content, with its own chunks and their
+    encoding (None: raw; never XOR itself).  Its byte count is the entry's."""
+
+    blake3: str
+    chunks: tuple[str, ...]
+    encoding: Encoding | None = None
+
+    @classmethod
+    def from_json(cls, node: Mapping[str, Any]) -> BaseRef:
+        enc = node.get("encoding")
+        return cls(
+            node["blake3"], tuple(node["chunks"]), None if enc is None else Encoding.from_json(enc)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"blake3": self.blake3, "chunks": list(self.chunks)}
+        if self.encoding is not None:
+            out["encoding"] = self.encoding.to_json()
+        return out
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A tensor entry's storage encoding (docs/format.md): ``name``, the decoded byte count of
+    each chunk (``sizes``, one per chunk) and, for XOR, the bytes it is taken against."""
+
+    name: str
+    sizes: tuple[int, ...]
+    base: BaseRef | None = None
+
+    @classmethod
+    def from_json(cls, node: Mapping[str, Any]) -> Encoding:
+        base = node.get("base")
+        return cls(
+            node["name"],
+            tuple(int(s) for s in node["sizes"]),
+            None if base is None else BaseRef.from_json(base),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "sizes": list(self.sizes)}
+        if self.base is not None:
+            out["base"] = self.base.to_json()
+        return out
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor of a descriptor (main table or extra input): what it is and where its bytes
     are.  ``encoding`` is the entry's storage encoding as recorded (None: raw)."""
@@ -110,7 +159,7 @@ class TensorEntry:
     nbytes: int
     chunks: tuple[str, ...]
     blake3: str | None = None
-    encoding: Any = None
+    encoding: Encoding | None = None
 
     @classmethod
     def from_json(cls, name: str, entry: Mapping[str, Any]) -> TensorEntry:
@@ -121,7 +170,7 @@ class TensorEntry:
             int(entry["bytes"]),
             tuple(entry["chunks"]),
             entry.get("blake3"),
-            entry.get("encoding"),
+            None if entry.get("encoding") is None else Encoding.from_json(entry["encoding"]),
         )
 
 

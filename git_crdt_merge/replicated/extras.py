@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, did_you_mean
 from ..vocabulary import EXTRA_INPUT_KINDS
 from . import formats
 
@@ -35,7 +35,9 @@ def parse_extra(text: str) -> tuple[str, Path]:
     if not sep or not kind or not path:
         raise InputError(f"--extra {text!r} must be KIND=PATH (kinds: {', '.join(KINDS)})")
     if kind not in KINDS:
-        raise InputError(f"--extra: unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise InputError(
+            f"--extra: unknown kind {kind!r}{did_you_mean(kind, KINDS)} (kinds: {', '.join(KINDS)})"
+        )
     return kind, Path(path)
 
 
@@ -89,7 +91,10 @@ def load_extra(
     """The tensors of extra input ``kind`` at ``path``, each checked against ``model``
     (tensor name -> shape).  Raises a one-line :class:`InputError` on the first problem."""
     if kind not in KINDS:
-        raise InputError(f"unknown extra-input kind {kind!r} (kinds: {', '.join(KINDS)})")
+        raise InputError(
+            f"unknown extra-input kind {kind!r}{did_you_mean(kind, KINDS)} "
+            f"(kinds: {', '.join(KINDS)})"
+        )
     if path.suffix != ".safetensors" or not path.is_file():
         raise InputError(f"--{kind} {path}: must be an existing .safetensors file")
     tensors = list(formats.iter_safetensors(path))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import lfs
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -38,10 +39,9 @@ DTYPE_SIZES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSOR_NAME = 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Files of a Hugging Face directory that travel with the weights (config, tokenizer).
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
+# Files of a Hugging Face directory that decide how the model loads (config, tokenizer).
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -50,9 +50,15 @@ AUX_FILES = (
     "vocab.txt",
     "merges.txt",
     "added_tokens.json",
-    "adapter_config.json",
     "chat_template.jinja",
 )
+AUX_FILES = (*CONFIG_FILES, *TOKENIZER_FILES, "adapter_config.json")
+# Files that are program code: stored only when the user asks (``--include-code``), because a
+# merged/ folder holding them runs them under ``from_pretrained(..., trust_remote_code=True)``.
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".dll", ".dylib", ".sh", ".exe", ".bat", ".js", ".ipynb")
+# Weight files are read as tensors, never kept as side files.
+WEIGHT_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", ".gguf", ".h5", ".msgpack", ".onnx")
+MAX_SIDE_FILES = 256
 MAX_AUX_BYTES = 64 * 1024 * 1024
 
 
@@ -62,6 +68,10 @@ class TensorData:
     dtype: str
     shape: list[int]
     data: memoryview  # raw little-endian bytes
+    # where ``data`` lies in a safetensors file (lfs storage stores a model that is already an
+    # LFS object as slices of it: store.py)
+    file: Path | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -73,6 +83,12 @@ class ModelSource:
     files: list[Path]
     aux: dict[str, Path] = field(default_factory=dict)
     pickled: bool = False
+    skipped: list[str] = field(default_factory=list)  # files of the folder not kept, and why
+
+    @property
+    def code(self) -> list[str]:
+        """The program code files kept (only with ``--include-code``)."""
+        return sorted(n for n in self.aux if is_code(n))
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
@@ -111,8 +127,50 @@ def _looks_like_safetensors(path: Path) -> bool:
         return False
 
 
-def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
-    """Find the weight files of PATH (a file or a Hugging Face / PEFT directory)."""
+def is_code(name: str) -> bool:
+    return name.casefold().endswith(CODE_SUFFIXES)
+
+
+def side_files(path: Path, *, include_code: bool = False) -> tuple[dict[str, Path], list[str]]:
+    """The non-weight files of a model folder kept with it (config, tokenizer, README.md,
+    preprocessor_config.json, ...: every regular top-level file up to ``MAX_AUX_BYTES``), and
+    one line for each entry left out: weights, sub-folders, links, hidden files, code files
+    (unless ``include_code``), files over the size limit."""
+    aux: dict[str, Path] = {}
+    skipped: list[str] = []
+    for f in sorted(path.iterdir()):
+        name = f.name
+        low = name.casefold()
+        if f.is_symlink():
+            skipped.append(f"{name} (a symbolic link)")
+        elif f.is_dir():
+            skipped.append(f"{name}/ (a folder)")
+        elif not f.is_file():
+            skipped.append(f"{name} (not a regular file)")
+        elif low.endswith(WEIGHT_SUFFIXES) or low.endswith(".safetensors.index.json"):
+            continue  # the weights themselves
+        elif low == "resolution.json":
+            skipped.append(f"{name} (the name of the merged model's own record)")
+        elif name.startswith(".") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            skipped.append(f"{name} (a hidden or oddly named file)")
+        elif is_code(name) and not include_code:
+            skipped.append(f"{name} (program code; pass --include-code to keep it)")
+        elif is_code(name) and f.stat().st_size <= MAX_AUX_BYTES and len(aux) < MAX_SIDE_FILES:
+            aux[name] = f  # asked for: kept, and said (ModelSource.code)
+        elif f.stat().st_size > MAX_AUX_BYTES:
+            if name in AUX_FILES:
+                raise InputError(f"{f}: larger than {MAX_AUX_BYTES} bytes")
+            skipped.append(f"{name} (larger than {MAX_AUX_BYTES} bytes)")
+        elif len(aux) >= MAX_SIDE_FILES:
+            skipped.append(f"{name} (more than {MAX_SIDE_FILES} side files)")
+        else:
+            aux[name] = f
+    return aux, skipped
+
+
+def discover(path: Path, *, allow_pickle: bool = False, include_code: bool = False) -> ModelSource:
+    """Find the weight files of PATH (a file or a Hugging Face / PEFT directory), and the
+    side files kept with them (:func:`side_files`)."""
     if not path.exists() and not path.is_symlink():
         raise InputError(f"{path}: no such file or directory")
     _no_symlink(path)
@@ -123,6 +181,8 @@ def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
                     f"{path}: is a safetensors file despite its {path.suffix} name; rename it "
                     "to .safetensors"
                 )
+            if lfs.is_pointer_file(path):
+                raise InputError(lfs_pointer_message(path))
             if not allow_pickle:
                 raise InputError(
                     f"{path}: pickled checkpoints can run code when loaded; convert it to "
@@ -134,13 +194,7 @@ def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
         return ModelSource(path, "full", [path])
     if not path.is_dir():
         raise InputError(f"{path}: not a regular file or directory")
-    aux = {}
-    for name in AUX_FILES:
-        f = path / name
-        if f.is_file() and not f.is_symlink():
-            if f.stat().st_size > MAX_AUX_BYTES:
-                raise InputError(f"{f}: larger than {MAX_AUX_BYTES} bytes")
-            aux[name] = f
+    aux, skipped = side_files(path, include_code=include_code)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         _no_symlink(index)
@@ -158,12 +212,14 @@ def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
                 raise InputError(f"{index}: shard {shard} is missing")
             _no_symlink(f)
             files.append(f)
-        return ModelSource(path, "full", files, aux)
+        return ModelSource(path, "full", files, aux, skipped=skipped)
     for name, kind in (("model.safetensors", "full"), ("adapter_model.safetensors", "lora")):
         f = path / name
         if f.is_file():
             _no_symlink(f)
-            return ModelSource(path, kind, [f], aux)
+            if kind == "lora" and "adapter_config.json" not in aux:
+                raise InputError(f"{path}: a LoRA adapter folder needs its adapter_config.json")
+            return ModelSource(path, kind, [f], aux, skipped=skipped)
     pickles = [p for p in sorted(path.iterdir()) if p.suffix in PICKLE_SUFFIXES and p.is_file()]
     if pickles:
         if not allow_pickle:
@@ -171,9 +227,16 @@ def discover(path: Path, *, allow_pickle: bool = False) -> ModelSource:
                 f"{path}: holds only pickled weights ({pickles[0].name}); convert to safetensors "
                 "or pass --allow-pickle (loads with weights_only=True)"
             )
-        return ModelSource(path, "full", pickles, aux, pickled=True)
+        return ModelSource(path, "full", pickles, aux, pickled=True, skipped=skipped)
     raise InputError(
         f"{path}: no model.safetensors, model.safetensors.index.json or adapter_model.safetensors"
+    )
+
+
+def lfs_pointer_message(path: Path) -> str:
+    return (
+        f"{path}: is a Git LFS pointer file, not the model (its bytes were not downloaded): "
+        f"run 'git lfs pull --include={path.name}' (or 'git lfs pull'), then add it again"
     )
 
 
@@ -184,6 +247,8 @@ def parse_header(buf: bytes | mmap.mmap, path: Path) -> tuple[dict[str, Any], in
         raise InputError(f"{path}: too short to be a safetensors file")
     (hlen,) = struct.unpack("<Q", buf[:8])
     if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        if bytes(buf[: len(lfs.POINTER_VERSION)]) == lfs.POINTER_VERSION:
+            raise InputError(lfs_pointer_message(path))
         if bytes(buf[:4]) == b"PK\x03\x04" or bytes(buf[:1]) == b"\x80":
             raise InputError(
                 f"{path}: is a pickled checkpoint (torch.save), not safetensors despite its name; "
@@ -263,7 +328,14 @@ def iter_safetensors(path: Path) -> Iterator[TensorData]:
     )
     for name, info in items:
         lo, hi = info["data_offsets"]
-        yield TensorData(name, info["dtype"], list(info["shape"]), view[start + lo : start + hi])
+        yield TensorData(
+            name,
+            info["dtype"],
+            list(info["shape"]),
+            view[start + lo : start + hi],
+            path,
+            start + lo,
+        )
 
 
 def file_metadata(path: Path) -> dict[str, str]:

@@ -8,16 +8,15 @@ import os
 import secrets
 import stat
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import bounded, faults
-from ..errors import LockError, ManifestError, NotARepositoryError, NotFoundError
+from ..errors import ManifestError, NotARepositoryError, NotFoundError
 from ..git import commands as gitops
-from ..git.commands import pid_alive
+from ..git.commands import pid_alive  # noqa: F401 (re-exported for the cache)
 from .manifest import MANIFEST_PATH, MAX_MANIFEST_BYTES, Manifest
 
 LOCK_TIMEOUT_S = 120.0
@@ -164,9 +163,7 @@ class Repo:
             for tmp in where.glob(".manifest.*.tmp"):
                 tmp.unlink(missing_ok=True)
         for tmp in self.state_dir.glob("merge-driver-*.tmp"):
-            pid = tmp.name[len("merge-driver-") : -len(".tmp")]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+            gitops.remove_orphan(tmp, tmp.name[len("merge-driver-") : -len(".tmp")])
 
     def replica_id(self) -> str:
         """This clone's replica id, kept in its local git config (created on first use)."""
@@ -181,20 +178,20 @@ class Repo:
         """Exclusive lock for writers of the manifest and objects (waits up to ``timeout``)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+        def take() -> bool | None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                return None
+
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise LockError(
-                            f"another git-crdt process holds {self.state_dir / 'lock'}"
-                        ) from None
-                    time.sleep(0.05)
+            gitops.wait_for(
+                take, timeout, f"another git-crdt process holds {self.state_dir / 'lock'}"
+            )
             self._remove_stale_temporaries()
             yield
         finally:

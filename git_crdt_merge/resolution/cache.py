@@ -46,6 +46,7 @@ from .. import bounded, faults
 from ..errors import CrdtError, ResolveError
 from ..git import commands as gitops
 from ..replicated.repo import Repo, atomic_write, pid_alive
+from ..sizes import parse_size
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -673,19 +674,22 @@ def entry_bytes(path: Path) -> int:
     return sum(f.lstat().st_size for f in path.iterdir() if f.is_file())
 
 
-def parse_size(text: str) -> int:
-    """A byte count as git config writes it: ``500000000``, ``512m``, ``2g`` (k/m/g: 1024)."""
-    t = text.strip().lower()
-    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(t[-1:], 1)
-    digits = t[:-1] if scale != 1 else t
-    if not digits.isdigit():
-        raise ResolveError(f"crdt.cacheMaxBytes {text!r} is not a byte count (e.g. 20g)")
-    return int(digits) * scale
-
-
 def cache_budget(repo: Repo) -> int | None:
+    """The ``crdt.cacheMaxBytes`` setting (a size: ``10GB``, ``20g``; see :mod:`..sizes`)."""
     value = gitops.config_get(repo.root, "crdt.cacheMaxBytes")
-    return None if value is None else parse_size(value)
+    return None if value is None else parse_size(value, "crdt.cacheMaxBytes", ResolveError)
+
+
+def max_shard_setting(repo: Repo) -> int:
+    """The ``crdt.maxShardSize`` setting (a size: ``2GB``), else :data:`DEFAULT_MAX_SHARD`: the
+    shard size of every resolution that names none (the hooks', a clone's)."""
+    value = gitops.config_get(repo.root, "crdt.maxShardSize")
+    if value is None:
+        return DEFAULT_MAX_SHARD
+    size = parse_size(value, "crdt.maxShardSize", ResolveError)
+    if size < 1:
+        raise ResolveError(f"crdt.maxShardSize must be at least 1 byte, not {value!r}")
+    return size
 
 
 def prune_to_budget(repo: Repo, keep: str) -> None:

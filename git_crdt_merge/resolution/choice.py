@@ -24,8 +24,10 @@ def choose_strategy(
     from ..strategies import registry
 
     repo.require_initialized()
-    params = dict(contributions.parse_param(p) for p in params_text)
     found = registry.get_strategy(name)
+    params = registry.canonical_params(
+        found, dict(contributions.parse_param(p) for p in params_text)
+    )
     manifest = repo.read_manifest()
     registry.resolve_params(found, params, manifest.visible_contributions())
     value = {"name": found.name, "params": params}

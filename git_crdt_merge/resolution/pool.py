@@ -113,7 +113,7 @@ class _Worker:
         self.compute = COMPUTE_DTYPES[job.compute_dtype]
         self.store = ObjectStore(job.repo_root, rev=job.rev, workers=1)
         self.rng = RandomStream.from_seed(seed_of(self.plan.root))
-        largest = max((s.nbytes for s in self.plan.specs), default=0)
+        largest = self.plan.largest_input()
         bound_heap(largest)
         self.slots = InputSlots(len(self.plan.descriptors) + 1, largest)
         self.extra_slots = InputSlots(

@@ -7,6 +7,7 @@ result into the cache under a temporary name, renames it into place and publishe
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from ..errors import ResolveError, StoreError
 from ..git import commands as gitops
 from ..replicated.contributions import fetch_set
 from ..replicated.descriptor import Descriptor
+from ..replicated.encoding import layout_problem
 from ..replicated.manifest import Manifest
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
@@ -67,18 +69,27 @@ def check_output_path(root: Path, out_dir: Path) -> None:
 def check_inputs(store: ObjectStore, descriptors: list[Descriptor]) -> None:
     """Refuse descriptors whose tensors contradict their chunks (sizes read from the object
     headers), before any buffer is sized from them: a hostile descriptor must give a one-line
-    error, not an allocation of its claimed size.  (Their fields were validated when they were
+    error, not an allocation of its claimed size.  Raw chunks must add up to the tensor; an
+    encoded chunk may be no larger than zstd's bound for the decoded size recorded for it
+    (which the descriptor's validation made add up to the tensor), and its frame is checked
+    against that size before it is decoded.  (Fields were validated when the descriptors were
     read: ``reader.read_descriptor``.)"""
     for desc in descriptors:
         for _, info in desc.entries():
-            sizes = [store.size(c) for c in info.chunks]
-            if None in sizes:
-                continue  # reading it reports the missing object
-            if sum(s or 0 for s in sizes) != info.nbytes:
-                raise StoreError(
-                    f"tensor {info.name!r}: its chunks hold {sum(s or 0 for s in sizes)} bytes, "
-                    f"the descriptor says {info.nbytes} (run 'git crdt verify --full')"
-                )
+            why = layout_problem(
+                info.nbytes, info.chunks, info.encoding, store.size, f"tensor {info.name!r}"
+            )
+            if why is not None:
+                raise StoreError(f"{why} (run 'git crdt verify --full')")
+
+
+def xor_scratch_needed(descriptors: list[Descriptor]) -> bool:
+    """Whether some input is XOR-encoded (resolution then may hold one more tensor)."""
+    return any(
+        info.encoding is not None and info.encoding.base is not None
+        for desc in descriptors
+        for _, info in desc.entries()
+    )
 
 
 def resolve(
@@ -87,17 +98,20 @@ def resolve(
     output: Path | None = None,
     device: str = "cpu",
     compute_dtype: str = "float32",
-    max_shard: int = cache.DEFAULT_MAX_SHARD,
+    max_shard: int | None = None,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
 ) -> Outcome:
-    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register).
+    """Resolve the work tree's manifest into ``output`` (default: the ``output`` register);
+    ``max_shard`` defaults to the ``crdt.maxShardSize`` setting.
 
     ``workers``: processes that resolve tensors side by side (default: ``crdt.workers``, else
     every core for compute-bound strategies and one for the others, see
     :func:`pool.choose_workers`); the bytes are the same for any number."""
     repo.require_initialized()
+    if max_shard is None:
+        max_shard = cache.max_shard_setting(repo)
     if compute_dtype not in COMPUTE_DTYPE_NAMES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     if max_shard < 1:
@@ -137,6 +151,23 @@ def resolve(
     return Outcome(root, out_dir, False)
 
 
+def plan_only(repo: Repo) -> dict[str, Any]:
+    """``resolve --dry-run``: the plan of the work tree's manifest
+    (:func:`.dryrun.describe_plan`), from the descriptors alone; nothing is computed or
+    written.  An empty set gives ``{"empty": True}``."""
+    repo.require_initialized()
+    manifest = repo.read_manifest()
+    if not manifest.visible_contributions():
+        return {"empty": True, "merkle_root": manifest.merkle_root()}
+    from . import engine
+    from .dryrun import describe_plan
+
+    store = ObjectStore(repo.root)
+    plan = engine.make_plan(store, manifest)
+    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
+    return {"empty": False, **describe_plan(plan)}
+
+
 def resolve_to_cache(
     repo: Repo,
     manifest: Manifest,
@@ -161,14 +192,22 @@ def resolve_to_cache(
         raise ResolveError("--device cuda: no CUDA device is available")
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
-    check_inputs(store, [*plan.descriptors, *([plan.base] if plan.base else [])])
-    check_memory(max((s.nbytes for s in plan.specs), default=0), len(plan.descriptors) + 1)
+    inputs = [*plan.descriptors, *([plan.base] if plan.base else [])]
+    check_inputs(store, inputs)
+    largest = max((math.prod(s.shape) for s in plan.specs), default=0)
+    check_memory(
+        plan.largest_input(),
+        len(plan.descriptors) + 1 + int(xor_scratch_needed(inputs)),
+        # LoRA: the float64 product B @ A and each adapter's materialised input
+        engine.lowrank_bytes(plan, largest, compute_dtype),
+    )
     if workers is None:
         workers = configured_workers(repo)
     processes = pool.choose_workers(plan.strategy, workers, len(plan.specs), device)
     if processes > 1:  # each worker holds its own input slots
         check_memory(
-            max((s.nbytes for s in plan.specs), default=0) * processes, len(plan.descriptors) + 1
+            plan.largest_input() * processes,
+            len(plan.descriptors) + 1 + int(xor_scratch_needed(inputs)),
         )
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
@@ -242,15 +281,23 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def check_memory(largest: int, inputs: int) -> None:
+def memory_needed(largest: int, inputs: int, extra: int = 0) -> int:
+    """Bytes a resolution's buffers take: one slot per input, plus the result and
+    temporaries, each the size of the largest tensor, plus ``extra`` (LoRA deltas)."""
+    return largest * (inputs + 3) + extra
+
+
+def check_memory(largest: int, inputs: int, extra: int = 0) -> None:
     """Refuse a resolution whose buffers alone (one slot per input, plus the result and
     temporaries, each the largest tensor) cannot fit: a descriptor that lists one small chunk
     many times claims a tensor far larger than its objects, and must be a one-line error, not
-    an out-of-memory kill."""
-    need = largest * (inputs + 3)
+    an out-of-memory kill.  ``extra``: further buffers of the plan (LoRA deltas)."""
+    need = memory_needed(largest, inputs, extra)
     have = available_memory()
     if have is not None and need > have:
         raise ResolveError(
             f"resolving needs about {need / 1e9:.1f} GB of memory (largest tensor "
-            f"{largest / 1e9:.2f} GB x {inputs + 3}), {have / 1e9:.1f} GB is available"
+            f"{largest / 1e9:.2f} GB x {inputs + 3}"
+            + (f", plus {extra / 1e9:.2f} GB for LoRA deltas" if extra else "")
+            + f"), {have / 1e9:.1f} GB is available"
         )

@@ -3,24 +3,28 @@
 #   source "$(git-crdt completion --path)"
 # git's completion calls _git_crdt for 'git crdt <TAB>'.
 
-__git_crdt_commands='init install clone uninstall doctor add-contribution set-weight chunk-size remove-contribution set-base strategy strategies resolve output list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
+__git_crdt_commands='init storage install clone uninstall doctor add-contribution set-weight chunk-size output-dtype remove-contribution set-base strategy strategies resolve output recipe merge list status log diff show repair restore-records revert verify gc merge-driver demo completion man version'
 
 __git_crdt_options() {
     case "$1" in
-        init) echo '-q --quiet -h --help' ;;
+        init) echo '--storage -q --quiet -h --help' ;;
+        storage) echo '-q --quiet -h --help' ;;
         install) echo '--global -q --quiet -h --help' ;;
         clone) echo '-b --branch --depth --filter -o --origin --single-branch --no-tags --shallow-since --reference -c --config --no-resolve --json -q --quiet -h --help' ;;
         uninstall) echo '--global -h --help' ;;
         doctor) echo '--remote --json -h --help' ;;
-        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
+        add-contribution) echo '-n --name -w --weight -m --message --allow-pickle --no-allow-pickle --chunk-size --fisher --gram --extra --encoding --json -q --quiet --allow-nonfinite --no-allow-nonfinite --include-code --no-include-code -h --help' ;;
         set-weight) echo '--json -h --help' ;;
         chunk-size) echo '--json -h --help' ;;
+        output-dtype) echo '--json -h --help' ;;
         remove-contribution) echo '--json -h --help' ;;
-        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite -h --help' ;;
+        set-base) echo '--allow-pickle --no-allow-pickle --json -q --quiet --allow-nonfinite --no-allow-nonfinite --include-code --no-include-code --encoding -h --help' ;;
         strategy) echo '-p --param -h --help' ;;
         strategies) echo '--json -h --help' ;;
-        resolve) echo '-o --output --device --compute-dtype --max-shard-size --workers --json -q --quiet -h --help' ;;
-        output) echo '-h --help' ;;
+        resolve) echo '-o --output --device --compute-dtype --max-shard-size --dry-run --no-dry-run --workers --json -q --quiet -h --help' ;;
+        output) echo '--config-from --adapter-rank -h --help' ;;
+        recipe) echo '--base-model --json -h --help' ;;
+        merge) echo '-o --output --dry-run --no-dry-run --force --no-force --device --compute-dtype --max-shard-size --allow-pickle --no-allow-pickle --json -q --quiet -h --help' ;;
         list) echo '--json -h --help' ;;
         status) echo '--json -h --help' ;;
         log) echo '--json -h --help' ;;

@@ -1,7 +1,8 @@
-"""Helpers shared by the strategy families that work on task vectors (consensus, spectral).
+"""Helpers shared by the strategy families (task vectors, weights, fractions, masks, Gram matrix).
 
 The base guard, task vectors tau_i = X_i - B computed in place, the weight total, fraction
-checks, an exact top-fraction mask and the shared ``lambda`` parameter.
+checks, an exact top-fraction mask, the exact Gram matrix of whole tensors (spherical, search)
+and the shared ``lambda`` parameter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .registry import Param, TensorInputs
 __all__ = [
     "LAMBDA",
     "check_fraction",
+    "gram",
     "require_base",
     "task_vectors",
     "top_fraction_mask",
@@ -57,6 +59,17 @@ def check_fraction(strategy: str, name: str, value: float, *, open_low: bool = F
         raise ResolveError(
             f"strategy {strategy}: parameter {name} must be in {interval}, got {value}"
         )
+
+
+def gram(vectors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """The K x K matrix of reproducible float64 dot products of whole tensors (symmetric; each
+    pair computed once)."""
+    k = len(vectors)
+    g = [[0.0] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            g[i][j] = g[j][i] = numerics.dot(vectors[i], vectors[j])
+    return g
 
 
 def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -196,6 +196,10 @@ class Strategy:
     # False for methods whose formula has no per-contribution weight: a contribution added with
     # a weight other than 1 is then refused (check_weights) instead of being silently ignored
     uses_weights: bool = True
+    # True for methods without a per-contribution weight whose recipes may still carry one
+    # (mergekit ignores ``weight`` for slerp and model_stock): a weight other than 1 is then
+    # accepted and has no effect (``uses_weights`` must be False)
+    weights_ignored: bool = False
     # kinds of extra inputs (EXTRA_KINDS) the merge function reads from each contribution
     extra_inputs: tuple[str, ...] = ()
     # which of ``extra_inputs`` the resolved parameters make mandatory (default: all of them),

@@ -83,5 +83,6 @@ register(
         merge=merge_slerp,
         summary="spherical interpolation between the base and one contribution",
         uses_weights=False,
+        weights_ignored=True,
     )
 )

@@ -66,5 +66,6 @@ register(
         merge=merge_model_stock,
         summary="Model Stock: move from the base toward the mean by the task vectors' angle",
         uses_weights=False,
+        weights_ignored=True,
     )
 )

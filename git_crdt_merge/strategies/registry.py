@@ -27,11 +27,18 @@ from .declarations import (  # noqa: F401
     Strategy,
     TensorInputs,
 )
-from .run import collect_statistics, finish_statistics, prepare_inputs, run_strategy  # noqa: F401
+from .run import (  # noqa: F401
+    StoredInputs,
+    collect_statistics,
+    finish_statistics,
+    prepare_inputs,
+    run_strategy,
+)
 from .validate import (  # noqa: F401
     _ALIASES,
     _REGISTRY,
     all_strategies,
+    canonical_params,
     check_contract,
     check_weights,
     get_strategy,
@@ -46,9 +53,11 @@ __all__ = [
     "ModelPass",
     "ModelValues",
     "Param",
+    "StoredInputs",
     "Strategy",
     "TensorInputs",
     "all_strategies",
+    "canonical_params",
     "check_contract",
     "check_weights",
     "collect_statistics",

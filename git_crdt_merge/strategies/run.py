@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from .. import numerics
 from ..errors import ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
+from . import layered
 from .declarations import ModelContext, ModelValues, Strategy, TensorInputs
 from .validate import check_contract
 
@@ -20,18 +21,27 @@ def _own(converted: torch.Tensor, original: torch.Tensor, owned: bool) -> torch.
     return converted if owned or converted is not original else converted.clone()
 
 
+@dataclass(frozen=True)
+class StoredInputs:
+    """One tensor name's inputs as read, before the checks and the conversion to compute dtype:
+    the arguments of :func:`run_strategy` that :func:`collect_statistics` and
+    :func:`prepare_inputs` take as one value (fields as there)."""
+
+    name: str
+    base: torch.Tensor | None
+    tensors: Sequence[torch.Tensor]
+    contribution_ids: Sequence[str]
+    weights: Sequence[float]
+    rng: RandomStream
+    compute_dtype: torch.dtype = torch.float32
+    owned: bool = False
+    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None
+
+
 def _prepare(
     strategy: Strategy,
-    name: str,
-    base: torch.Tensor | None,
-    tensors: Sequence[torch.Tensor],
-    contribution_ids: Sequence[str],
-    weights: Sequence[float],
-    rng: RandomStream,
-    compute_dtype: torch.dtype,
+    stored: StoredInputs,
     *,
-    owned: bool = False,
-    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     model: Any = None,
     side: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TensorInputs | None, torch.Tensor, torch.dtype]:
@@ -39,8 +49,9 @@ def _prepare(
     ignores it): (inputs or None when the tensor passes through unchanged, the source tensor
     (base, else first contribution), storage dtype).  The one input path of
     :func:`run_strategy`, :func:`collect_statistics` and :func:`prepare_inputs`."""
-    if strategy.base == "ignored":
-        base = None
+    name, tensors, compute_dtype = stored.name, stored.tensors, stored.compute_dtype
+    owned, contribution_ids, weights = stored.owned, stored.contribution_ids, stored.weights
+    base = None if strategy.base == "ignored" else stored.base
     if compute_dtype not in FLOAT_COMPUTE_DTYPES:
         raise ResolveError(
             f"strategy {strategy.name}: compute dtype must be float32 or float64, "
@@ -63,7 +74,7 @@ def _prepare(
     if not source.is_floating_point() or source.numel() == 0:
         return None, source, source.dtype
     converted_extras: dict[str, list[torch.Tensor | None]] = {}
-    for kind, items in (extras or {}).items():
+    for kind, items in (stored.extras or {}).items():
         if len(items) != len(tensors):
             raise ResolveError(
                 f"strategy {strategy.name}: tensor {name}: {len(items)} {kind} inputs for "
@@ -78,7 +89,7 @@ def _prepare(
         tensors=[_own(to_compute(t, compute_dtype), t, owned) for t in tensors],
         contribution_ids=list(contribution_ids),
         weights=[float(w) for w in weights],
-        rng=rng,
+        rng=stored.rng,
         extras=converted_extras,
         model=model,
         side=side,
@@ -101,11 +112,14 @@ def run_strategy(
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     model: ModelValues | None = None,
     side: dict[str, torch.Tensor] | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor: tensors in their storage dtype in, one tensor in storage dtype out.
 
-    ``params`` are the output of :func:`resolve_params`.  The output dtype is the base's when the
-    strategy uses a base, else the first contribution's (canonical order).  Non-floating tensors
+    ``params`` are the output of :func:`resolve_params`.  The output dtype of a floating tensor
+    is ``output_dtype`` when given, else the base's when the strategy uses a base, else the
+    first contribution's (canonical order); inputs of other float dtypes are cast on
+    conversion to ``compute_dtype``.  Non-floating tensors
     (position ids, masks, counters) are passed through unchanged from that same source: averaging
     integers has no meaning that every tool would agree on.  Inputs are converted to
     ``compute_dtype`` (float32 or float64) and the result is cast back with one rounding.
@@ -122,22 +136,21 @@ def run_strategy(
         raise ResolveError(
             f"strategy {strategy.name} needs its whole-model statistics pass before merging"
         )
+    if layered.has_per_tensor(params):  # the caller evaluates them: layered.for_tensor
+        raise ResolveError(f"strategy {strategy.name}: per-tensor parameters not evaluated")
+    stored = StoredInputs(
+        name, base, tensors, contribution_ids, weights, rng, compute_dtype, owned, extras
+    )
     inputs, source, storage_dtype = _prepare(
         strategy,
-        name,
-        base,
-        tensors,
-        contribution_ids,
-        weights,
-        rng,
-        compute_dtype,
-        owned=owned,
-        extras=extras,
+        stored,
         model=None if model is None else model.per_tensor.get(name),
         side={} if side is not None and strategy.side_output is not None else None,
     )
     if inputs is None:
         return source.clone()
+    if output_dtype is not None:
+        storage_dtype = output_dtype
     # factory calls inside strategies and numerics (zeros, empty, tensor ...) allocate on the
     # inputs' device, so that --device cuda runs the same code
     with numerics.on_device(source.device):
@@ -150,36 +163,12 @@ def run_strategy(
     return from_compute(merged.reshape(source.shape), storage_dtype)
 
 
-def collect_statistics(
-    strategy: Strategy,
-    name: str,
-    base: torch.Tensor | None,
-    tensors: Sequence[torch.Tensor],
-    contribution_ids: Sequence[str],
-    weights: Sequence[float],
-    params: Mapping[str, Any],
-    rng: RandomStream,
-    compute_dtype: torch.dtype = torch.float32,
-    *,
-    owned: bool = False,
-    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
-) -> Any:
+def collect_statistics(strategy: Strategy, stored: StoredInputs, params: Mapping[str, Any]) -> Any:
     """The statistics-pass summary of one tensor name (None for tensors that pass through
     unchanged: integers and empty tensors).  Same inputs and checks as :func:`run_strategy`."""
     if strategy.model_pass is None:
         raise ResolveError(f"strategy {strategy.name} has no statistics pass")
-    inputs, _, _ = _prepare(
-        strategy,
-        name,
-        base,
-        tensors,
-        contribution_ids,
-        weights,
-        rng,
-        compute_dtype,
-        owned=owned,
-        extras=extras,
-    )
+    inputs, _, _ = _prepare(strategy, stored)
     if inputs is None:
         return None
     with numerics.on_device(inputs.tensors[0].device if inputs.tensors else "cpu"):
@@ -216,30 +205,10 @@ def finish_statistics(
     return strategy.model_pass.finish(context, params)
 
 
-def prepare_inputs(
-    strategy: Strategy,
-    name: str,
-    base: torch.Tensor | None,
-    tensors: Sequence[torch.Tensor],
-    contribution_ids: Sequence[str],
-    weights: Sequence[float],
-    rng: RandomStream,
-    compute_dtype: torch.dtype = torch.float32,
-    extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
-) -> TensorInputs | None:
+def prepare_inputs(strategy: Strategy, stored: StoredInputs) -> TensorInputs | None:
     """The checked :class:`TensorInputs` of one tensor name, copies in compute dtype that the
     caller may keep (None for a tensor that passes through: integers, empty)."""
-    inputs, _, _ = _prepare(
-        strategy,
-        name,
-        base,
-        tensors,
-        contribution_ids,
-        weights,
-        rng,
-        compute_dtype,
-        extras=extras,
-    )
-    if inputs is not None and inputs.base is not None and inputs.base is base:
+    inputs, _, _ = _prepare(strategy, replace(stored, owned=False))
+    if inputs is not None and inputs.base is not None and inputs.base is stored.base:
         inputs = replace(inputs, base=inputs.base.clone())
     return inputs

@@ -28,15 +28,8 @@ import torch
 from .. import numerics
 from ..errors import ResolveError
 from ..plugins import FITNESS_GROUP, load_plugin, plugin_origin
-from .registry import (
-    ModelContext,
-    ModelPass,
-    ModelValues,
-    Param,
-    Strategy,
-    TensorInputs,
-    register,
-)
+from . import common
+from .registry import ModelContext, ModelPass, ModelValues, Param, Strategy, TensorInputs, register
 
 __all__ = ["Candidate", "merge_with_coefficients", "retention_loss"]
 
@@ -77,46 +70,71 @@ def collect_gram(inputs: TensorInputs, params: Mapping[str, Any]) -> list[list[f
     if inputs.base is not None:
         for t in vectors:
             t.sub_(inputs.base)  # owned by this call
-    k = len(vectors)
-    gram = [[0.0] * k for _ in range(k)]
-    for i in range(k):
-        for j in range(i, k):
-            gram[i][j] = gram[j][i] = numerics.dot(vectors[i], vectors[j])
-    return gram
+    return common.gram(vectors)
 
 
 # -- objectives ---------------------------------------------------------------------------------
+
+
+def _over_tasks(
+    gram: Sequence[Sequence[float]], w: Sequence[float], term: Callable[[int], float]
+) -> float:
+    """sum_i w_i term(i) / sum_i w_i over the i with G_ii > 0 (0 if none): the objectives'
+    weighted mean over the tasks whose vector is not zero."""
+    total = 0.0
+    wsum = 0.0
+    for i in range(len(gram)):
+        if gram[i][i] > 0:
+            total += w[i] * term(i)
+            wsum += w[i]
+    return total / wsum if wsum > 0 else 0.0
+
+
+def _gradient_over_tasks(
+    gram: Sequence[Sequence[float]],
+    w: Sequence[float],
+    term: Callable[[int, float], tuple[float, Sequence[float]]],
+) -> list[float]:
+    """sum_i f_i d_i over the i with G_ii > 0, where (f_i, d_i) = term(i, sum of those w_i):
+    the gradient of an :func:`_over_tasks` objective (0 where that sum is not positive)."""
+    k = len(gram)
+    grad = [0.0] * k
+    wsum = math.fsum(w[i] for i in range(k) if gram[i][i] > 0)
+    if wsum <= 0:
+        return grad
+    for i in range(k):
+        if gram[i][i] > 0:
+            f, d = term(i, wsum)
+            for j in range(k):
+                grad[j] += f * d[j]
+    return grad
+
+
+def _retention_residual(row: Sequence[float], lam: Sequence[float], i: int) -> float:
+    """(G lam)_i / G_ii - 1."""
+    return math.fsum(g * c for g, c in zip(row, lam, strict=True)) / row[i] - 1.0
 
 
 def retention_loss(
     gram: Sequence[Sequence[float]], lam: Sequence[float], w: Sequence[float]
 ) -> float:
     """sum_i w_i ((G lam)_i / G_ii - 1)^2 / sum_i w_i over the i with G_ii > 0 (0 if none)."""
-    total = 0.0
-    wsum = 0.0
-    for i, row in enumerate(gram):
-        if row[i] > 0:
-            r = math.fsum(g * c for g, c in zip(row, lam, strict=True)) / row[i] - 1.0
-            total += w[i] * (r * r)
-            wsum += w[i]
-    return total / wsum if wsum > 0 else 0.0
+
+    def term(i: int) -> float:
+        r = _retention_residual(gram[i], lam, i)
+        return r * r
+
+    return _over_tasks(gram, w, term)
 
 
 def _retention_grad(
     gram: Sequence[Sequence[float]], lam: Sequence[float], w: Sequence[float]
 ) -> list[float]:
-    k = len(lam)
-    grad = [0.0] * k
-    wsum = math.fsum(w[i] for i in range(k) if gram[i][i] > 0)
-    if wsum <= 0:
-        return grad
-    for i, row in enumerate(gram):
-        if row[i] > 0:
-            r = math.fsum(g * c for g, c in zip(row, lam, strict=True)) / row[i] - 1.0
-            f = 2.0 * w[i] * r / (row[i] * wsum)
-            for j in range(k):
-                grad[j] += f * row[j]
-    return grad
+    def term(i: int, wsum: float) -> tuple[float, Sequence[float]]:
+        row = gram[i]
+        return 2.0 * w[i] * _retention_residual(row, lam, i) / (row[i] * wsum), row
+
+    return _gradient_over_tasks(gram, w, term)
 
 
 def _distance_loss(
@@ -126,13 +144,7 @@ def _distance_loss(
     k = len(c)
     gc = [math.fsum(gram[i][j] * c[j] for j in range(k)) for i in range(k)]
     cgc = math.fsum(c[i] * gc[i] for i in range(k))
-    total = 0.0
-    wsum = 0.0
-    for i in range(k):
-        if gram[i][i] > 0:
-            total += w[i] * ((cgc - 2.0 * gc[i] + gram[i][i]) / gram[i][i])
-            wsum += w[i]
-    return total / wsum if wsum > 0 else 0.0
+    return _over_tasks(gram, w, lambda i: (cgc - 2.0 * gc[i] + gram[i][i]) / gram[i][i])
 
 
 def _distance_grad(
@@ -140,16 +152,11 @@ def _distance_grad(
 ) -> list[float]:
     k = len(c)
     gc = [math.fsum(gram[i][j] * c[j] for j in range(k)) for i in range(k)]
-    grad = [0.0] * k
-    wsum = math.fsum(w[i] for i in range(k) if gram[i][i] > 0)
-    if wsum <= 0:
-        return grad
-    for i in range(k):
-        if gram[i][i] > 0:
-            f = 2.0 * w[i] / (gram[i][i] * wsum)
-            for j in range(k):
-                grad[j] += f * (gc[j] - gram[i][j])
-    return grad
+
+    def term(i: int, wsum: float) -> tuple[float, Sequence[float]]:
+        return 2.0 * w[i] / (gram[i][i] * wsum), [gc[j] - gram[i][j] for j in range(k)]
+
+    return _gradient_over_tasks(gram, w, term)
 
 
 @dataclass
@@ -342,6 +349,36 @@ def merge_with_coefficients(inputs: TensorInputs, params: Mapping[str, Any]) -> 
 # -- AdaMerging ---------------------------------------------------------------------------------
 
 
+def _search_loss(problem: Problem) -> Callable[[list[float]], float]:
+    """The plugin's loss, or the data-free task-retention loss over the layers."""
+
+    def loss(x: list[float]) -> float:
+        if problem.plugin is not None:
+            return problem.plugin_loss(x)
+        return problem.per_layer(x, retention_loss)
+
+    return loss
+
+
+def _descent_settings(
+    name: str, context: ModelContext, params: Mapping[str, Any]
+) -> tuple[int, float]:
+    """(steps, lr) of a search by Adam (ada_merging, dam), checked after the weights."""
+    _positive_weights(name, context)
+    steps: int = params["steps"]
+    lr: float = params["lr"]
+    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
+    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
+    return steps, lr
+
+
+def _fd_step(name: str, params: Mapping[str, Any]) -> float:
+    """The step of the central differences through a plugin objective, checked."""
+    h: float = params["fd_step"]
+    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    return h
+
+
 def _granularity(strategy: str, params: Mapping[str, Any]) -> bool:
     value = params["granularity"]
     _check(
@@ -354,15 +391,10 @@ def _granularity(strategy: str, params: Mapping[str, Any]) -> bool:
 
 def finish_ada_merging(context: ModelContext, params: Mapping[str, Any]) -> ModelValues:
     name = "ada_merging"
-    _positive_weights(name, context)
-    steps: int = params["steps"]
-    lr: float = params["lr"]
+    steps, lr = _descent_settings(name, context, params)
     init: float = params["init"]
-    h: float = params["fd_step"]
-    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
-    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
     _check(name, 0 <= init <= 1, f"parameter init must be in [0, 1], got {init}")
-    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    h = _fd_step(name, params)
     problem = Problem(
         name,
         context,
@@ -370,11 +402,7 @@ def finish_ada_merging(context: ModelContext, params: Mapping[str, Any]) -> Mode
         _plugin_or_none(name, params["objective"]),
         params["objective"],
     )
-
-    def loss(x: list[float]) -> float:
-        if problem.plugin is not None:
-            return problem.plugin_loss(x)
-        return problem.per_layer(x, retention_loss)
+    loss = _search_loss(problem)
 
     def grad(x: list[float]) -> list[float]:
         if problem.plugin is None:
@@ -468,13 +496,8 @@ def _dam_regularisers(
 
 def finish_dam(context: ModelContext, params: Mapping[str, Any]) -> ModelValues:
     name = "dam"
-    _positive_weights(name, context)
-    steps: int = params["steps"]
-    lr: float = params["lr"]
-    h: float = params["fd_step"]
-    _check(name, steps >= 0, f"parameter steps must be >= 0, got {steps}")
-    _check(name, lr > 0, f"parameter lr must be > 0, got {lr}")
-    _check(name, h > 0, f"parameter fd_step must be > 0, got {h}")
+    steps, lr = _descent_settings(name, context, params)
+    h = _fd_step(name, params)
     for key in ("cosine_weight", "l1_weight", "l2_weight"):
         _check(name, params[key] >= 0, f"parameter {key} must be >= 0, got {params[key]}")
     problem = Problem(
@@ -566,17 +589,38 @@ def _center(context: ModelContext) -> list[float]:
     return [w / wsum for w in context.weights]
 
 
-def _search_loss(problem: Problem) -> Callable[[list[float]], float]:
-    def loss(x: list[float]) -> float:
-        if problem.plugin is not None:
-            return problem.plugin_loss(x)
-        return problem.per_layer(x, retention_loss)
-
-    return loss
-
-
 def _stream_name(strategy: str) -> str:
     return f"search:{strategy}"  # a stream of its own: contribution ids are hex, never this
+
+
+def _unit_noise(u: float) -> float:
+    """sqrt(3) (2u - 1): uniform noise of unit variance from u in [0, 1)."""
+    return _SQRT3 * (2.0 * u - 1.0)
+
+
+def _first_generation(
+    problem: Problem,
+    loss: Callable[[list[float]], float],
+    size: int,
+    spread: float,
+) -> tuple[list[list[float]], list[float]]:
+    """The centre and ``size - 1`` members centre + spread * noise (stream "init"), with their
+    losses: where the evolutionary and the genetic search start."""
+    k = problem.k
+    center = _center(problem.context)
+    u = problem.context.rng.uniform(_stream_name(problem.strategy), "init", size * k).tolist()
+    pop = [center] + [
+        [center[j] + spread * _unit_noise(u[p * k + j]) for j in range(k)] for p in range(1, size)
+    ]
+    return pop, [loss(x) for x in pop]
+
+
+def _fittest(
+    problem: Problem, pop: Sequence[list[float]], losses: Sequence[float], generations: int
+) -> ModelValues:
+    """The report of the member with the lowest loss (ties: lowest index)."""
+    best = min(range(len(pop)), key=lambda p: (losses[p], p))
+    return _report(problem, pop[best], losses[best], {"generations": generations})
 
 
 def finish_evolutionary(context: ModelContext, params: Mapping[str, Any]) -> ModelValues:
@@ -587,13 +631,7 @@ def finish_evolutionary(context: ModelContext, params: Mapping[str, Any]) -> Mod
     size: int = params["population_size"]
     loss = _search_loss(problem)
     k = problem.k
-    center = _center(context)
-    u = context.rng.uniform(_stream_name(name), "init", size * k).tolist()
-    pop = [center] + [
-        [center[j] + sigma * (_SQRT3 * (2.0 * u[p * k + j] - 1.0)) for j in range(k)]
-        for p in range(1, size)
-    ]
-    losses = [loss(x) for x in pop]
+    pop, losses = _first_generation(problem, loss, size, sigma)
     elite_n = (size + 1) // 2
     for gen in range(params["generations"]):
         order = sorted(range(size), key=lambda p: (losses[p], p))
@@ -603,16 +641,12 @@ def finish_evolutionary(context: ModelContext, params: Mapping[str, Any]) -> Mod
             _stream_name(name), f"generation:{gen}", (size - elite_n) * k
         ).tolist()
         children = [
-            [
-                elite[c % elite_n][j] + sigma * (_SQRT3 * (2.0 * noise[c * k + j] - 1.0))
-                for j in range(k)
-            ]
+            [elite[c % elite_n][j] + sigma * _unit_noise(noise[c * k + j]) for j in range(k)]
             for c in range(size - elite_n)
         ]
         pop = elite + children
         losses = elite_losses + [loss(x) for x in children]
-    best = min(range(size), key=lambda p: (losses[p], p))
-    return _report(problem, pop[best], losses[best], {"generations": params["generations"]})
+    return _fittest(problem, pop, losses, params["generations"])
 
 
 def merge_evolutionary(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
@@ -667,13 +701,7 @@ def finish_genetic(context: ModelContext, params: Mapping[str, Any]) -> ModelVal
     size: int = params["population_size"]
     loss = _search_loss(problem)
     k = problem.k
-    center = _center(context)
-    u = context.rng.uniform(_stream_name(name), "init", size * k).tolist()
-    pop = [center] + [
-        [center[j] + _INIT_SPREAD * (_SQRT3 * (2.0 * u[p * k + j] - 1.0)) for j in range(k)]
-        for p in range(1, size)
-    ]
-    losses = [loss(x) for x in pop]
+    pop, losses = _first_generation(problem, loss, size, _INIT_SPREAD)
     per_child = 6 + 3 * k
     for gen in range(params["generations"]):
         bits = context.rng.bits(_stream_name(name), f"generation:{gen}", (size - 1) * per_child)
@@ -691,13 +719,12 @@ def finish_genetic(context: ModelContext, params: Mapping[str, Any]) -> ModelVal
                 coin, hit, noise = d[6 + 3 * j], d[7 + 3 * j], d[8 + 3 * j]
                 gene = a[j] if coin < 2**31 else b[j]
                 if hit < numerics.threshold_u32(rate):
-                    gene = gene + rate * (_SQRT3 * (2.0 * (noise / 2**32) - 1.0))
+                    gene = gene + rate * _unit_noise(noise / 2**32)
                 child.append(gene)
             new_pop.append(child)
             new_losses.append(loss(child))
         pop, losses = new_pop, new_losses
-    best = min(range(size), key=lambda p: (losses[p], p))
-    return _report(problem, pop[best], losses[best], {"generations": params["generations"]})
+    return _fittest(problem, pop, losses, params["generations"])
 
 
 def merge_genetic(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:

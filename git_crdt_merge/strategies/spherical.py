@@ -18,20 +18,10 @@ import torch
 
 from .. import numerics
 from ..errors import ResolveError
+from .common import gram
 from .registry import Param, Strategy, TensorInputs, register
 
-__all__ = ["gram", "merge_karcher", "merge_multislerp", "merge_nuslerp"]
-
-
-def gram(vectors: Sequence[torch.Tensor]) -> list[list[float]]:
-    """The K x K matrix of reproducible float64 dot products of whole tensors (symmetric; each
-    pair computed once)."""
-    k = len(vectors)
-    g = [[0.0] * k for _ in range(k)]
-    for i in range(k):
-        for j in range(i, k):
-            g[i][j] = g[j][i] = numerics.dot(vectors[i], vectors[j])
-    return g
+__all__ = ["merge_karcher", "merge_multislerp", "merge_nuslerp"]
 
 
 def _quadratic(g: list[list[float]], a: Sequence[float], b: Sequence[float]) -> float:

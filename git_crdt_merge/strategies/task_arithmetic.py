@@ -283,7 +283,22 @@ def _params(variant: Variant) -> tuple[Param, ...]:
                 help="L1-norm rescale of each sparsified task vector",
             )
         )
+    else:  # mergekit's task_arithmetic takes them too, and its output does not depend on them
+        params.append(
+            Param(
+                "density",
+                float,
+                1.0,
+                per_contribution=True,
+                help=f"{IGNORED} (mergekit compatibility: {variant.name} does not sparsify)",
+            )
+        )
+        params.append(Param("rescale", bool, False, help=f"{IGNORED} (mergekit compatibility)"))
     return tuple(params)
+
+
+IGNORED = "accepted and ignored"
+"""How a parameter's help marks one that a mergekit recipe may give and the formula ignores."""
 
 
 VARIANTS: tuple[Variant, ...] = (

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import plugins
-from ..errors import ResolveError
+from ..errors import ResolveError, did_you_mean
+from . import layered
 from .declarations import REQUIRED, Param, Strategy
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -53,8 +54,11 @@ def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[key]
     except KeyError:
-        known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
-        raise ResolveError(f"unknown strategy {name!r}; known strategies: {known}") from None
+        names = sorted([*_REGISTRY, *_ALIASES])
+        raise ResolveError(
+            f"unknown strategy {name!r}{did_you_mean(name, names)}; known strategies: "
+            f"{', '.join(names)}"
+        ) from None
 
 
 def all_strategies() -> list[Strategy]:
@@ -110,13 +114,34 @@ def _check_range(param: Param, value: float, label: str) -> None:
     raise ResolveError(f"{label} must be {side}, got {shown}")
 
 
+def _value(strategy: Strategy, param: Param, value: Any, where: str = "") -> Any:
+    """A plain value (checked by :func:`_coerce`) or a per-tensor one (:mod:`.layered`),
+    whose every value and gradient anchor gets the same check."""
+    if not layered.is_per_tensor(value):
+        return _coerce(strategy, param, value, where)
+    label = f"strategy {strategy.name}: parameter {param.name}{where}"
+    if strategy.model_pass is not None or strategy.required_extras is not None:
+        raise ResolveError(
+            f"{label}: per-tensor values are not offered by strategies with a whole-model "
+            "pass or optional extra inputs; give one value"
+        )
+    return layered.parse(
+        value,
+        label=label,
+        param_type=param.type,
+        default=param.default,
+        required=param.default is REQUIRED,
+        coerce=lambda x, w: _coerce(strategy, param, x, where + w.removeprefix(label)),
+    )
+
+
 def _per_contribution(
     strategy: Strategy, param: Param, value: Any, contributions: Sequence[tuple[str, str]]
 ) -> list[Any]:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, Mapping) or layered.is_per_tensor(value):
         if param.default is REQUIRED and value is REQUIRED:
             raise ResolveError(f"strategy {strategy.name}: parameter {param.name} is required")
-        resolved = _coerce(strategy, param, value)
+        resolved = _value(strategy, param, value)
         return [resolved] * len(contributions)
     ids = [cid for cid, _ in contributions]
     by_name: dict[str, list[int]] = {}
@@ -147,7 +172,7 @@ def _per_contribution(
                 f"strategy {strategy.name}: parameter {param.name}: contribution {key!r} "
                 "is given twice (by id and by name)"
             )
-        values[index] = _coerce(strategy, param, item, f"[{key}]")
+        values[index] = _value(strategy, param, item, f"[{key}]")
     for index, item in enumerate(values):
         if item is REQUIRED:
             if param.default is REQUIRED:
@@ -160,6 +185,27 @@ def _per_contribution(
     return values
 
 
+def canonical_params(strategy: Strategy, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` as it is written to the ``strategy`` register: per-tensor values in their
+    canonical form (:func:`layered.canonical`; a bare list is a gradient), plain values
+    untouched, so a register of plain values keeps its exact bytes."""
+    types = {p.name: p for p in strategy.params}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        param = types.get(key)
+        if param is None:
+            out[key] = value  # resolve_params reports it
+        elif (
+            param.per_contribution
+            and isinstance(value, Mapping)
+            and not layered.is_per_tensor(value)
+        ):
+            out[key] = {k: layered.canonical(v, param.type) for k, v in value.items()}
+        else:
+            out[key] = layered.canonical(value, param.type)
+    return out
+
+
 def resolve_params(
     strategy: Strategy, raw: Mapping[str, Any], contributions: Sequence[tuple[str, str]]
 ) -> dict[str, Any]:
@@ -168,13 +214,16 @@ def resolve_params(
     ``contributions`` are (id, name) pairs in canonical order.  A per-contribution parameter may
     be given as one value for all, or as a mapping from contribution id or name to value (absent
     ones take the default); it resolves to a list aligned with ``contributions``.  An ``int`` is
-    accepted for a ``float`` parameter, a ``bool`` is not."""
+    accepted for a ``float`` parameter, a ``bool`` is not.  A per-tensor value
+    (``{"layers": [...]}``, :mod:`.layered`) resolves to a :class:`layered.PerTensor`, which
+    :func:`layered.for_tensor` evaluates for each tensor before the strategy runs."""
     known = {p.name for p in strategy.params}
     unknown = sorted(set(raw) - known)
     if unknown:
         accepted = ", ".join(sorted(known)) or "none"
         raise ResolveError(
-            f"strategy {strategy.name}: unknown parameter {unknown[0]!r} (accepted: {accepted})"
+            f"strategy {strategy.name}: unknown parameter {unknown[0]!r}"
+            f"{did_you_mean(unknown[0], known)} (accepted: {accepted})"
         )
     resolved: dict[str, Any] = {}
     for param in strategy.params:
@@ -182,7 +231,7 @@ def resolve_params(
             value = raw.get(param.name, param.default)
             resolved[param.name] = _per_contribution(strategy, param, value, contributions)
         elif param.name in raw:
-            resolved[param.name] = _coerce(strategy, param, raw[param.name])
+            resolved[param.name] = _value(strategy, param, raw[param.name])
         elif param.default is REQUIRED:
             raise ResolveError(f"strategy {strategy.name}: parameter {param.name} is required")
         else:
@@ -212,10 +261,11 @@ def check_contract(strategy: Strategy, n_contributions: int, has_base: bool) -> 
 def check_weights(
     strategy: Strategy, weights: Sequence[float], contributions: Sequence[tuple[str, str]]
 ) -> None:
-    """Raise :class:`ResolveError` if ``strategy`` takes no weights but a contribution has one.
+    """Raise :class:`ResolveError` if ``strategy`` takes no weights but a contribution has one
+    (unless the strategy accepts and ignores them: ``Strategy.weights_ignored``).
 
     ``weights`` and ``contributions`` ((id, name) pairs) are aligned, in canonical order."""
-    if strategy.uses_weights:
+    if strategy.uses_weights or strategy.weights_ignored:
         return
     for (cid, cname), weight in zip(contributions, weights, strict=True):
         if weight != 1.0:

@@ -104,7 +104,7 @@ def test_completion_of_git_crdt_tab_lists_the_commands(tmp_path: Path) -> None:
     st = _complete(
         tmp_path, 'COMP_WORDS=(git-crdt st); COMP_CWORD=1; _git_crdt_direct; echo "${COMPREPLY[@]}"'
     )
-    assert st == ["strategy", "strategies", "status"]
+    assert st == ["storage", "strategy", "strategies", "status"]
     opts = _complete(
         tmp_path,
         'COMP_WORDS=(git-crdt diff --t); COMP_CWORD=2; _git_crdt_direct; echo "${COMPREPLY[@]}"',

@@ -21,7 +21,7 @@ def _text(*renderables: object) -> str:
 
 def _entry(commit: str | None, subject: str, record: dict[str, object]) -> dict[str, object]:
     line = json.dumps(record, sort_keys=True, separators=(",", ":"))
-    return {"commit": commit, "subject": subject, "record": line}
+    return {"commit": commit, "subject": subject, "record": record, "line": line}
 
 
 def test_log_table_summarises_each_kind_of_record() -> None:

@@ -13,11 +13,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from helpers import BIN, crdt, git, make_model, new_repo
 
+from git_crdt_merge.errors import LockError
+from git_crdt_merge.git import commands as gitops
 from git_crdt_merge.query.verify import verify
 from git_crdt_merge.replicated import contributions, invariants
 from git_crdt_merge.replicated.manifest import Manifest
@@ -579,6 +582,33 @@ def test_a_git_crdt_killed_holding_the_index_lock_does_not_block_the_next(
     git(repo, "commit", "-q", "-m", "x")
     assert names(repo, "HEAD") == ["x"]
     assert_sound(repo)
+
+
+def test_a_running_gits_index_lock_is_waited_for_then_a_lock_error(repo: Path) -> None:
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")  # git's own lock (not named by a git-crdt): never removed
+    start = time.monotonic()
+    with pytest.raises(LockError) as caught:
+        with gitops.index_transaction(repo, timeout=0.2):
+            pass
+    assert time.monotonic() - start >= 0.2
+    assert str(caught.value) == (
+        f"{lock} exists: another git process is running (if none is, remove it)"
+    )
+    assert caught.value.exit_code == 7 and lock.read_text() == ""
+
+
+def test_a_held_repository_lock_is_waited_for_then_a_lock_error(repo: Path) -> None:
+    r = Repo.open(repo)
+    with r.lock():
+        start = time.monotonic()
+        with pytest.raises(LockError) as caught:
+            with r.lock(timeout=0.2):
+                pass
+        assert time.monotonic() - start >= 0.2
+    assert str(caught.value) == f"another git-crdt process holds {r.state_dir / 'lock'}"
+    with r.lock(timeout=0.0):  # released: taken at the first try
+        pass
 
 
 # -- merged/ is never silently stale ---------------------------------------------------------------

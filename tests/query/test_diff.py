@@ -178,6 +178,7 @@ def test_show_gives_descriptor_tensors_and_the_commit_that_added_it(two: Path) -
         "shape": [6, 5],
         "bytes": 120,
         "chunks": 1,
+        "encoding": "raw",
     }
     assert data["total_bytes"] == 144 and data["parameters"] == 36
     (added,) = data["added_by"]

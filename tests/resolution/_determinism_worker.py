@@ -110,7 +110,7 @@ def main(threads: int) -> None:
             tensors = {k: v for k, v in data.items() if k != "big.weight"}
             summaries = {
                 name: registry.collect_statistics(
-                    strategy, name, base, xs[:n], ids, weights, params, rng
+                    strategy, registry.StoredInputs(name, base, xs[:n], ids, weights, rng), params
                 )
                 for name, (base, xs) in tensors.items()
             }

@@ -163,7 +163,7 @@ def test_same_set_through_different_merge_orders_gives_identical_files(
             outcome = resolve(Repo.open(r))
             assert not outcome.cache_hit
             per_clone.append(digests(outcome.output))
-        assert sorted(per_clone[0]) == ["model.safetensors", "resolution.json"]
+        assert sorted(per_clone[0]) == ["README.md", "model.safetensors", "resolution.json"]
         for found in per_clone[1:]:
             assert found == per_clone[0], f"strategy {name}: clones disagree"
         results[name] = per_clone[0]
@@ -180,7 +180,11 @@ def test_two_unit_weight_contributions_give_the_exact_float32_average(tmp_path: 
     add(repo, m2)
     merged = resolve_here(repo)
     assert merged == repo / "merged"
-    assert sorted(p.name for p in merged.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     got = arrays(merged / "model.safetensors")
     a, b = arrays(m1), arrays(m2)
     assert sorted(got) == sorted(SHAPES)
@@ -211,14 +215,32 @@ def test_weighted_linear_matches_a_float64_reference(tmp_path: Path) -> None:
 
 def test_a_strategy_without_weights_refuses_a_weighted_contribution(tmp_path: Path) -> None:
     repo = fresh_repo(tmp_path / "repo")
-    set_base(repo, model(tmp_path, 0))
     add(repo, model(tmp_path, 1), "--weight", "2")
-    choose(repo, "slerp", t=0.5)
+    add(repo, model(tmp_path, 2))
+    choose(repo, "karcher")
     proc = crdt(repo, "resolve", check=False)
     assert proc.returncode == 9, proc.stderr
     assert proc.stderr.count("\n") == 1
-    assert "slerp takes no per-contribution weights" in proc.stderr
+    assert "karcher takes no per-contribution weights" in proc.stderr
     assert not (repo / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "k"), [("slerp", {"t": 0.3}, 1), ("model_stock", {}, 2)]
+)
+def test_slerp_and_model_stock_accept_and_ignore_weights_as_mergekit_does(
+    tmp_path: Path, strategy: str, params: dict, k: int
+) -> None:
+    outputs = []
+    for weight in ("1", "2.5"):
+        repo = fresh_repo(tmp_path / f"repo{weight}")
+        set_base(repo, model(tmp_path, 0))
+        for seed in range(1, k + 1):
+            add(repo, model(tmp_path, seed), "--weight", weight)
+        choose(repo, strategy, **params)
+        merged = tensors(resolve_here(repo) / "model.safetensors")
+        outputs.append({n: t.numpy().tobytes() for n, t in merged.items()})
+    assert outputs[0] == outputs[1]  # the same tensor bytes (the headers name other roots)
 
 
 def test_small_max_shard_size_gives_shards_and_an_index_covering_every_tensor_once(
@@ -232,7 +254,7 @@ def test_small_max_shard_size_gives_shards_and_an_index_covering_every_tensor_on
     merged = Path(resolve_cli(repo, "--max-shard-size", "20000")["output"])
     shards = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
     assert sorted(p.name for p in merged.iterdir()) == sorted(
-        [*shards, "model.safetensors.index.json", "resolution.json"]
+        ["README.md", *shards, "model.safetensors.index.json", "resolution.json"]
     )
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     weight_map = index["weight_map"]
@@ -288,8 +310,9 @@ def test_resolution_json_records_root_strategy_params_base_and_contributions(
     assert record["params"] == {"density": 0.5}
     assert record["base"] == base == st["base"]
     assert record["compute_dtype"] == "float32"
+    names = {cid: json.loads(crdt(repo, "show", cid, "--json").stdout)["name"] for cid in ids}
     assert record["contributions"] == [
-        {"id": cid, "weight": w}
+        {"id": cid, "kind": "full", "name": names[cid], "weight": w}
         for cid, w in sorted(zip(ids, (1.5, 0.5), strict=True))  # canonical order: by id
     ]
     with safe_open(str(merged / "model.safetensors"), framework="pt") as f:
@@ -313,6 +336,7 @@ def test_hf_base_directory_config_and_tokenizer_are_copied_to_the_output(tmp_pat
     choose(repo, "ties", density=0.5)
     merged = resolve_here(repo)
     assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "resolution.json",
@@ -386,7 +410,11 @@ def test_output_option_writes_into_the_given_folder(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere" / "model-out"
     out = resolve_cli(repo, "--output", str(target))
     assert Path(out["output"]) == target
-    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     assert not (repo / "merged").exists()
     # the output register moves the default folder
     crdt(repo, "output", "models/merged-here")
@@ -513,7 +541,11 @@ def test_republishing_replaces_the_output_folder_whole_without_stale_files(
     assert (merged / "model.safetensors.index.json").is_file()
     add(repo, model(tmp_path, 3))
     resolve_here(repo)
-    assert sorted(p.name for p in merged.iterdir()) == ["model.safetensors", "resolution.json"]
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md",
+        "model.safetensors",
+        "resolution.json",
+    ]
     assert leftovers(repo) == []
 
 

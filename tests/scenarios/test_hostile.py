@@ -526,6 +526,61 @@ def test_hostile_extra_inputs_are_checked_like_the_main_table(tmp_path: Path, or
         assert message in crdt_error(a, "show", "bad-extras", code=6)
 
 
+def test_encoded_chunks_claiming_huge_decoded_sizes_are_refused_with_bounded_memory(
+    tmp_path: Path, origin: Path
+) -> None:
+    """Compressed chunks (docs/format.md, "Chunk encodings"): a zstd bomb behind a claimed
+    4 GiB tensor is refused before any buffer is sized (memory, under the victim's 3 GiB
+    cap); a frame declaring more than the descriptor's size, or no size, is refused before
+    zstd allocates; a decoded size beyond the object limit is refused as malformed.  Each a
+    one-line error."""
+    import zstandard
+
+    a, v, c, before, head, model = start(origin, tmp_path)
+    store = ObjectStore(a)
+    bomb = store.put(zstandard.ZstdCompressor(level=19).compress(bytes(2**30)))  # 32 KiB
+    store.flush()
+    huge = {
+        "blake3": "0" * 64,
+        "bytes": 2**32,
+        "chunks": [bomb] * 4,
+        "dtype": "U8",
+        "encoding": {"name": "planes-zstd", "sizes": [2**30] * 4},
+        "shape": [2**32],
+    }
+    desc = {"format": 2, "kind": "full", "tensors": {"t": huge}, "weight": 1.0}
+    add_descriptor(a, canonical_json(desc).encode(), "bomb", remove_others=True)
+    push(a, "a 4 GiB tensor of zeros in 128 KiB")
+    proc, said = pull(v)
+    assert proc.returncode == 0
+    refused = crdt_error(v, "resolve", code=9)
+    assert "resolving needs about" in refused
+    # under a small claimed size: the 1 GiB bomb is larger than any encoding of 4096 bytes
+    # (refused from the object header), a 16 MiB one (under 1 KiB) from its frame header
+    cobj = zstandard.ZstdCompressor(level=1).compressobj()
+    sizeless = store.put(cobj.compress(bytes(4096)) + cobj.flush())
+    small_bomb = store.put(zstandard.ZstdCompressor(level=19).compress(bytes(2**24)))
+    store.flush()
+    for chunk, message in [
+        (bomb, "holds 32786 bytes, more than 4096 can encode to"),
+        (small_bomb, "the zstd frame declares 16777216 bytes, the descriptor 4096"),
+        (sizeless, "the zstd frame declares no size, the descriptor 4096"),
+    ]:
+        small = dict(huge, bytes=4096, shape=[4096], chunks=[chunk])
+        small["encoding"] = {"name": "planes-zstd", "sizes": [4096]}
+        add_descriptor(
+            a, canonical_json(dict(desc, tensors={"t": small})).encode(), "s", remove_others=True
+        )
+        assert message in crdt_error(a, "resolve", code=6)
+    over = dict(huge, bytes=2**31, shape=[2**31], chunks=[bomb])
+    over["encoding"] = {"name": "planes-zstd", "sizes": [2**31]}
+    add_descriptor(
+        a, canonical_json(dict(desc, tensors={"t": over})).encode(), "o", remove_others=True
+    )
+    assert "not whole elements up to the limit" in crdt_error(a, "resolve", code=6)
+    assert_untouched(v, before, head, c, model)
+
+
 # -- Bounded values ---------------------------------------------------------------------------
 def test_out_of_range_weights_and_parameters_are_refused_everywhere(
     tmp_path: Path, origin: Path

@@ -101,9 +101,8 @@ def run(
         summaries = {}
         for n in SHAPES:
             b, xs, ex = inputs(n)
-            summaries[n] = registry.collect_statistics(
-                strategy, n, b, xs, IDS, weights, params, rng, compute, extras=ex
-            )
+            stored = registry.StoredInputs(n, b, xs, IDS, weights, rng, compute, extras=ex)
+            summaries[n] = registry.collect_statistics(strategy, stored, params)
         numels = {n: math.prod(s) for n, s in SHAPES.items()}
         model = registry.finish_statistics(
             strategy, summaries, numels, IDS, weights, params, rng, base
@@ -445,13 +444,15 @@ def test_integer_and_empty_tensors_pass_through_the_statistics_pass() -> None:
     ints = torch.arange(5)
     assert (
         registry.collect_statistics(
-            strategy, "i", ints, [ints + 1] * 2, IDS[:2], [1, 1], params, rng
+            strategy, registry.StoredInputs("i", ints, [ints + 1] * 2, IDS[:2], [1, 1], rng), params
         )
         is None
     )
     empty = torch.zeros(0, 3)
     assert (
-        registry.collect_statistics(strategy, "e", empty, [empty] * 2, IDS[:2], [1, 1], params, rng)
+        registry.collect_statistics(
+            strategy, registry.StoredInputs("e", empty, [empty] * 2, IDS[:2], [1, 1], rng), params
+        )
         is None
     )
     model = registry.finish_statistics(
