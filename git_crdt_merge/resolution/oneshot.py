@@ -26,7 +26,14 @@ from ..replicated.repo import new_tag
 from ..replicated.store import DEFAULT_CHUNK_SIZE
 from ..vocabulary import COMPUTE_DTYPE_NAMES
 from . import cache
-from .recipe import check_dtype, contributions_of, load_yaml, parse_recipe, register_value
+from .recipe import (
+    FLOAT_NAMES,
+    contributions_of,
+    load_yaml,
+    output_dtype_for,
+    parse_recipe,
+    register_value,
+)
 from .resolve import check_memory
 
 _REPLICA = "0" * 16  # registers of a set that exists only here; the replica is not in the root
@@ -81,7 +88,7 @@ def loose_set(
         plan = plan_descriptor(source, weight=weight)
         address, _, _ = store_descriptor(store, plan, chunk_size=DEFAULT_CHUNK_SIZE)
         records.append(add_record(new_tag(), plan.id, name, desc=address))
-        dtypes |= {t.dtype for t in plan.tensors}
+        dtypes |= {FLOAT_NAMES[t.dtype] for t in plan.tensors if t.dtype in FLOAT_NAMES}
     manifest = manifest.with_records(records)
     manifest = manifest.write_register("strategy", value, _REPLICA)
     if recipe.base is not None:
@@ -90,8 +97,9 @@ def loose_set(
         plan = plan_descriptor(source, weight=None)
         address, _, _ = store_descriptor(store, plan, chunk_size=DEFAULT_CHUNK_SIZE)
         manifest = manifest.write_register("base", {"desc": address, "id": plan.id}, _REPLICA)
-    floating = dtypes & {"bfloat16", "float16", "float32", "float64"}
-    check_dtype(recipe, floating.pop() if len(floating) == 1 else None, where)
+    dtype = output_dtype_for(recipe, dtypes.pop() if len(dtypes) == 1 else None, None)
+    if dtype is not None:  # as 'recipe import' writes it in a repository: the same root
+        manifest = manifest.write_register("output_dtype", dtype, _REPLICA)
     return store, manifest
 
 

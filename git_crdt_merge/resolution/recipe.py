@@ -17,7 +17,10 @@ Mapping (docs/recipes.md):
   are the strategy's.  Gradients (lists) and ``filter``/``value`` lists become the per-tensor
   form of :mod:`..strategies.layered`.  ``int8_mask`` (only the dtype of mergekit's mask) is
   accepted and ignored.
-- ``dtype`` must be the models' dtype (this version writes the contributions' dtype).
+- ``dtype`` is the merged model's float dtype: the ``output_dtype`` register
+  (``git crdt output-dtype``), written only where it changes something (a recipe whose
+  ``dtype`` is already every model's dtype leaves the register, and the Merkle root, as they
+  are).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..replicated.reader import read_descriptor
 from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
 from ..strategies import layered
+from ..vocabulary import OUTPUT_DTYPES
 
 MAX_RECIPE_BYTES = 1024 * 1024
 MAX_RECIPE_DEPTH = 16
@@ -54,7 +58,8 @@ UNSUPPORTED_KEYS = {
 }
 # mergekit parameters with no effect on the merged values: accepted and dropped
 IGNORED_PARAMS = {"int8_mask": "only the dtype of mergekit's sign mask"}
-DTYPES = ("bfloat16", "float16", "float32", "float64")
+DTYPES = tuple(OUTPUT_DTYPES)  # bfloat16, float16, float32, float64
+FLOAT_NAMES = {st: name for name, st in OUTPUT_DTYPES.items()}  # "BF16" -> "bfloat16", ...
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 _CORE_TAGS = {
     f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")
@@ -288,16 +293,19 @@ def _models_dtype(store: ObjectStore, manifest: Manifest) -> str | None:
     dtypes: set[str] = set()
     for cid, _ in manifest.visible_contributions():
         desc = read_descriptor(store, manifest, cid)
-        dtypes |= {t.dtype for t in desc.tensors.values() if t.dtype in DTYPES}
+        dtypes |= {FLOAT_NAMES[t.dtype] for t in desc.tensors.values() if t.dtype in FLOAT_NAMES}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def check_dtype(recipe: Recipe, have: str | None, where: str) -> None:
-    if recipe.dtype is not None and have is not None and recipe.dtype != have:
-        raise InputError(
-            f"{where}: dtype {recipe.dtype} differs from the models' {have}; this version "
-            f"writes the models' dtype (use dtype: {have} or leave it out)"
-        )
+def output_dtype_for(recipe: Recipe, have: str | None, current: str | None) -> str | None:
+    """The ``output_dtype`` register value a recipe asks for, or None where nothing is to be
+    written: no ``dtype``, the register already holds it, or the register is unset and every
+    model already has that dtype (``have``: the models' one float dtype, None if mixed)."""
+    if recipe.dtype is None or recipe.dtype == current:
+        return None
+    if current is None and recipe.dtype == have:
+        return None
+    return recipe.dtype
 
 
 @dataclass
@@ -370,7 +378,9 @@ def import_recipe(repo: Repo, path: Path) -> ImportResult:
             registry.check_weights(strategy, weights, matched)
         except ResolveError as exc:
             raise InputError(f"{where}: {exc}") from None
-    check_dtype(recipe, _models_dtype(ObjectStore(repo.root), manifest), where)
+    dtype = output_dtype_for(
+        recipe, _models_dtype(ObjectStore(repo.root), manifest), manifest.output_dtype()
+    )
     changed: list[str] = []
     store = ObjectStore(repo.root)
     for (cid, name), weight in zip(matched, weights, strict=True):
@@ -380,6 +390,9 @@ def import_recipe(repo: Repo, path: Path) -> ImportResult:
     if repo.read_manifest().strategy() != value:
         contributions.set_register(repo, "strategy", value)
         changed.append("strategy")
+    if dtype is not None:
+        contributions.set_register(repo, "output_dtype", dtype)
+        changed.append("output dtype")
     return ImportResult(value, dict(zip(names, weights, strict=True)), changed, recipe.ignored)
 
 
@@ -439,10 +452,12 @@ def export_recipe(repo: Repo, *, base_model: str = "base") -> str:
     doc["models"] = models
     if top:
         doc["parameters"] = top
-    try:
-        dtype = _models_dtype(store, manifest)
-    except CrdtError:
-        dtype = None
+    dtype = manifest.output_dtype()
+    if dtype is None:
+        try:
+            dtype = _models_dtype(store, manifest)
+        except CrdtError:
+            dtype = None
     if dtype is not None:
         doc["dtype"] = dtype
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)

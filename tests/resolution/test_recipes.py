@@ -226,6 +226,30 @@ def test_one_shot_merge_equals_the_repository_resolve(models: Path, method: str)
     assert digests(models / "one-shot") == digests(models / "from-repo")
 
 
+def test_recipe_dtype_is_the_output_dtype_in_a_repository_and_in_a_one_shot_merge(
+    models: Path,
+) -> None:
+    """``dtype: bfloat16`` over float32 models sets the output_dtype register; a one-shot
+    merge of the same recipe writes the same bytes; ``dtype: float32`` (the models' own)
+    writes no register, so the root stays the one without it."""
+    repo = _repo_with(models, ["m1", "m2"])
+    (models / "same.yml").write_text(TIES)
+    crdt(repo, "recipe", "import", str(models / "same.yml"))
+    plain_root = Repo.open(repo).read_manifest().merkle_root()
+    assert Repo.open(repo).read_manifest().output_dtype() is None
+    (models / "recipe.yml").write_text(TIES.replace("dtype: float32", "dtype: bfloat16"))
+    crdt(repo, "recipe", "import", str(models / "recipe.yml"))
+    manifest = Repo.open(repo).read_manifest()
+    assert manifest.output_dtype() == "bfloat16"
+    assert manifest.merkle_root() != plain_root
+    assert "dtype: bfloat16" in crdt(repo, "recipe", "export").stdout
+    crdt(repo, "resolve", "-o", str(models / "from-repo"), "-q")
+    merged = load_file(str(models / "from-repo" / "model.safetensors"))
+    assert {t.dtype for t in merged.values() if t.is_floating_point()} == {torch.bfloat16}
+    crdt(models, "merge", "recipe.yml", "-o", "one-shot", "-q")
+    assert digests(models / "one-shot") == digests(models / "from-repo")
+
+
 def test_one_shot_dry_run_writes_nothing(models: Path) -> None:
     (models / "slerp.yml").write_text(SLERP)
     out = crdt(models, "merge", "slerp.yml", "--dry-run", "--json")
