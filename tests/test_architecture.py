@@ -49,7 +49,7 @@ def rules(pkg: str) -> list[Rule]:
     core = tuple(
         f"{pkg}.{n}"
         for n in ("replicated", "integration", "resolution", "query", "git", "strategies")
-    ) + under("numerics", "errors", "faults", "bounded", "plugins", "demo")
+    ) + under("numerics", "errors", "faults", "bounded", "atomic", "plugins", "demo")
     return [
         Rule(
             "Layer 1 and git's entry points never import Layer 2 or torch",

@@ -16,14 +16,13 @@ import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from .. import faults
+from .. import atomic, faults
 from ..errors import GitError, LockError, ManifestError, NotARepositoryError, NotFoundError
 
 # The largest manifest blob read from git (the work-tree file has the same bound: manifest.py).
@@ -244,8 +243,7 @@ def write_loose_blob(objects_dir: Path, data: bytes | memoryview, sha: str | Non
         return sha
     path.parent.mkdir(parents=True, exist_ok=True)
     pieces = _stored_zlib_pieces(b"blob %d\x00" % len(view), view)
-    fd, tmp = tempfile.mkstemp(prefix="tmp_obj_", dir=path.parent)
-    try:
+    with atomic.readonly_file(path, path.parent, "tmp_obj_", "object:tmp-written") as fd:
         for i in range(0, len(pieces), _IOV_BATCH):
             batch = pieces[i : i + _IOV_BATCH]
             want = sum(len(p) for p in batch)
@@ -254,16 +252,6 @@ def write_loose_blob(objects_dir: Path, data: bytes | memoryview, sha: str | Non
                 rest = b"".join(bytes(p) for p in batch)[done:]
                 while rest:
                     rest = rest[os.write(fd, rest) :]
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o444)
-        faults.point("object:tmp-written")
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return sha
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import bounded, faults
+from .. import atomic, bounded
 from ..errors import InputError, ManifestError, StoreError
 from ..git import commands as gitops
 
@@ -179,22 +178,11 @@ def write_object(media: Path, data: bytes | memoryview, pointer: Pointer) -> boo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = media / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="crdt-", dir=tmp_dir)
-    try:
+    with atomic.readonly_file(path, tmp_dir, "crdt-", "lfs:tmp-written") as fd:
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):
             done += os.write(fd, view[done : done + (1 << 30)])
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o444)
-        faults.point("lfs:tmp-written")
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return True
 
 

@@ -7,7 +7,7 @@ writing it to git: the engine then reads the same bytes through the same interfa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import blake3
@@ -45,20 +45,6 @@ class LooseStore(ObjectStore):
 
     def put(self, data: bytes | memoryview) -> str:
         return self._put_one(data)[0]
-
-    def put_chunks(
-        self,
-        chunks: Sequence[memoryview],
-        progress: Callable[[int, bool], None] | None = None,
-        origins: Sequence[tuple[str, int] | None] | None = None,
-    ) -> list[str]:
-        ids = []
-        for chunk in chunks:
-            oid, new = self._put_one(chunk)
-            if progress is not None:
-                progress(len(chunk), new)
-            ids.append(oid)
-        return ids
 
     def adopt_lfs_file(self, path: Path) -> str | None:
         return None  # nothing is stored: there is no LFS object to reference

@@ -92,13 +92,14 @@ def test_hf_directory_with_model_safetensors_round_trips(repo: Path, tmp_path: P
     config = b'{"architectures": ["Tiny"], "hidden_size": 16}\n'
     (d / "config.json").write_bytes(config)
     (d / "tokenizer.json").write_bytes(b'{"version": "1.0"}')
-    (d / "README.md").write_text("not stored")
+    (d / "README.md").write_text("kept: the folder's non-weight files travel with it")
+    (d / "modeling_tiny.py").write_text("raise SystemExit  # code: kept only with --include-code")
     res = add_json(repo, d)
     assert res["name"] == "hf-model"
     assert stored_tensors(repo, res["id"]) == file_tensors(src)
     store = ObjectStore(repo)
     files = json.loads(store.get(descriptor_address(repo, res["id"])))["files"]
-    assert sorted(files) == ["config.json", "tokenizer.json"]
+    assert sorted(files) == ["README.md", "config.json", "tokenizer.json"]
     assert store.get(files["config.json"], verify=True) == config
 
 
