@@ -88,12 +88,12 @@ def resolved_folder(repo: Repo, rev: str | None) -> Path:
     manifest = repo.manifest_at(rev, known=True)
     if not manifest.visible_contributions():
         raise NotFoundError(f"{state_label(rev)} has no visible contributions: no merged model")
-    key = cache.cache_key(manifest.merkle_root(), "float32", "cpu", cache.DEFAULT_MAX_SHARD)
-    hit = cache.cached(repo, key)
+    settings = cache.Settings()  # the default numerics and shards: the hooks' result
+    hit = cache.cached(repo, settings.key(manifest.merkle_root()))
     if hit is not None:
         return hit
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)
-    return resolve.resolve_to_cache(repo, manifest, store, key)
+    return resolve.resolve_to_cache(repo, manifest, store, settings)
 
 
 def open_model(repo: Repo, spec: str) -> Model:

@@ -59,6 +59,21 @@ def seed_of(root: str) -> bytes:
     return bytes.fromhex(root)[:8]
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How a set is resolved, beside what it is: the device, compute dtype and shard size name
+    the result (:func:`cache_key`); ``workers`` (processes, None: the default of
+    ``pool.choose_workers``) never does, since any number gives the same bytes."""
+
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+    max_shard: int = DEFAULT_MAX_SHARD
+    workers: int | None = None
+
+    def key(self, root: str) -> str:
+        return cache_key(root, self.compute_dtype, self.device, self.max_shard)
+
+
 def cache_key(root: str, compute_dtype: str, device: str, max_shard: int) -> str:
     """The Merkle root names the default result; other numerics or shard sizes get their own
     entry (``<root>.float64.cpu``, ``<root>.shard1000000``)."""

@@ -68,7 +68,12 @@ def merge_tensor(
     The inputs live in ``slots`` and are overwritten by the next call: the result is written
     out before that (a strategy may return a view of an input, e.g. integer pass-through).
     Side tensors the strategy computed for this name are appended to ``side``.  Where every
-    contribution is a LoRA adapter and none changes the tensor, it is the base's."""
+    contribution is a LoRA adapter and none changes the tensor, it is the base's.  A result
+    that is not finite from finite inputs is refused (:func:`_check_finite`).
+
+    This is the whole per-tensor computation, and it depends only on the plan entry (never on
+    what was resolved before it or where), so the serial loop of :func:`write_weights` and
+    the workers of :mod:`.pool` give the same bytes."""
     extra_slots = extra_slots or InputSlots(0, 0)
     storage = NAME_TO_TORCH[spec.dtype]
     if plan.lowrank is not None and plan.lowrank.untouched(spec.name):
@@ -108,28 +113,7 @@ def merge_tensor(
             side.add(key, tensor.to("cpu"))
     if out.dtype != output_dtype:  # one rounding to the tensor's dtype
         out = from_compute(out, output_dtype)
-    return out.to("cpu")
-
-
-def resolve_tensor(
-    plan: Plan,
-    spec: TensorSpec,
-    store: ObjectStore,
-    rng: RandomStream,
-    compute: torch.dtype,
-    device: str,
-    slots: InputSlots,
-    extra_slots: InputSlots,
-    model: registry.ModelValues | None = None,
-    side: SideFile | None = None,
-    deltas: DeltaSlots | None = None,
-) -> torch.Tensor:
-    """One tensor of the plan, merged and checked: the whole per-tensor computation, which
-    depends only on the plan entry (never on what was resolved before it or where), so the
-    serial loop of :func:`write_weights` and the workers of :mod:`.pool` give the same bytes."""
-    out = merge_tensor(
-        plan, spec, store, rng, compute, device, slots, extra_slots, model, side, deltas
-    )
+    out = out.to("cpu")
     _check_finite(plan, spec, out, store, device, slots, deltas)
     return out
 
@@ -257,20 +241,19 @@ def compute(
     plan: Plan,
     store: ObjectStore,
     work: Path,
-    *,
-    device: str = "cpu",
-    compute_dtype: str = "float32",
-    max_shard: int = cache.DEFAULT_MAX_SHARD,
+    settings: cache.Settings,
     progress: Callable[[int], None] | None = None,
-    workers: int = 1,
 ) -> None:
     """Write the merged model for ``plan`` into the empty folder ``work``: the weights (or,
     for LoRA adapters with an ``adapter_rank``, the adapter), the side files
     (:func:`copy_files`), the model card ``README.md`` and ``resolution.json``.
 
-    With ``workers`` > 1 the tensors are resolved by that many processes (:mod:`.pool`) after
-    the statistics pass (run here, once, and sent to every worker); a strategy with side
-    tensors, and a set with LoRA adapters, run in this process whatever ``workers`` says."""
+    With ``settings.workers`` > 1 the tensors are resolved by that many processes
+    (:mod:`.pool`) after the statistics pass (run here, once, and sent to every worker); a
+    strategy with side tensors, and a set with LoRA adapters, run in this process whatever
+    ``workers`` says."""
+    device, compute_dtype, max_shard = settings.device, settings.compute_dtype, settings.max_shard
+    workers = settings.workers or 1
     if compute_dtype not in COMPUTE_DTYPES:
         raise ResolveError(f"compute dtype must be float32 or float64, not {compute_dtype!r}")
     compute = COMPUTE_DTYPES[compute_dtype]
@@ -368,7 +351,6 @@ def write_weights(
             fh.write(safetensors_header(specs, metadata))
             for spec in specs:
                 out = merge(spec)
-                _check_finite(plan, spec, out, store, device, slots, deltas)
                 write_tensor(fh, out, spec)
                 del out
                 release_free_heap()

@@ -165,13 +165,7 @@ def merge(
     work.mkdir()
     try:
         engine.compute(
-            plan,
-            store,
-            work,
-            device=device,
-            compute_dtype=compute_dtype,
-            max_shard=max_shard,
-            progress=progress,
+            plan, store, work, cache.Settings(device, compute_dtype, max_shard, 1), progress
         )
         _replace_output(work, output, force)
     except BaseException:

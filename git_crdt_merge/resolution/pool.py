@@ -1,7 +1,7 @@
 """Parallel resolution across tensors: worker processes resolve whole tensors and write each at
 its fixed offset of the output shards.
 
-The per-tensor computation is :func:`engine.resolve_tensor`, unchanged: it reads one tensor
+The per-tensor computation is :func:`engine.merge_tensor`, unchanged: it reads one tensor
 name's inputs from the object store, runs the strategy and checks the result, and it depends
 only on the plan entry (the random stream is keyed by the root, the tensor name and the
 contribution, never by a counter that earlier tensors advanced).  So the bytes of a tensor do
@@ -128,7 +128,7 @@ class _Worker:
         from .writer import write_tensor_at
 
         spec = self.plan.specs[index]
-        out = engine.resolve_tensor(
+        out = engine.merge_tensor(
             self.plan,
             spec,
             self.store,

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,21 +130,12 @@ def resolve(
 
             remove_output(repo, out_dir)
         return Outcome(root, out_dir, False, empty=True)
-    key = cache.cache_key(root, compute_dtype, device, max_shard)
+    settings = cache.Settings(device, compute_dtype, max_shard, workers)
+    key = settings.key(root)
     if cache.try_publish(repo, key, out_dir):
         return Outcome(root, out_dir, True)
-
     resolve_to_cache(
-        repo,
-        manifest,
-        ObjectStore(repo.root),
-        key,
-        device=device,
-        compute_dtype=compute_dtype,
-        max_shard=max_shard,
-        on_start=on_start,
-        progress=progress,
-        workers=workers,
+        repo, manifest, ObjectStore(repo.root), settings, on_start=on_start, progress=progress
     )
     cache.publish_entry(repo, key, out_dir)
     cache.prune_to_budget(repo, key)
@@ -172,23 +163,21 @@ def resolve_to_cache(
     repo: Repo,
     manifest: Manifest,
     store: ObjectStore,
-    key: str,
+    settings: cache.Settings,
     *,
-    device: str = "cpu",
-    compute_dtype: str = "float32",
-    max_shard: int = cache.DEFAULT_MAX_SHARD,
     on_start: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
-    workers: int | None = None,
 ) -> Path:
-    """The one cache-miss path: compute the merged model of ``manifest``'s visible set into the
-    cache entry ``key`` and return its folder.  It fetches what a partial clone lacks, plans,
-    refuses hostile descriptors (:func:`check_inputs`) and what memory cannot hold before any
-    buffer is sized, computes into a work folder and commits it to the cache.  Every caller
-    (``resolve``, ``diff --tensors REV``) goes through here, so none runs unguarded."""
+    """The one cache-miss path: compute the merged model of ``manifest``'s visible set into its
+    cache entry (``settings.key``) and return its folder.  It fetches what a partial clone
+    lacks, plans, refuses hostile descriptors (:func:`check_inputs`) and what memory cannot
+    hold before any buffer is sized, computes into a work folder and commits it to the cache.
+    Every caller (``resolve``, ``diff --tensors REV``) goes through here, so none runs
+    unguarded."""
     from . import engine, pool  # torch is imported only when there is work to do
 
-    if device == "cuda" and not engine.torch.cuda.is_available():
+    key = settings.key(manifest.merkle_root())
+    if settings.device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches
     plan = engine.make_plan(store, manifest)
@@ -199,11 +188,10 @@ def resolve_to_cache(
         plan.largest_input(),
         len(plan.descriptors) + 1 + int(xor_scratch_needed(inputs)),
         # LoRA: the float64 product B @ A and each adapter's materialised input
-        engine.lowrank_bytes(plan, largest, compute_dtype),
+        engine.lowrank_bytes(plan, largest, settings.compute_dtype),
     )
-    if workers is None:
-        workers = configured_workers(repo)
-    processes = pool.choose_workers(plan.strategy, workers, len(plan.specs), device)
+    requested = settings.workers if settings.workers is not None else configured_workers(repo)
+    processes = pool.choose_workers(plan.strategy, requested, len(plan.specs), settings.device)
     if processes > 1:  # each worker holds its own input slots
         check_memory(
             plan.largest_input() * processes,
@@ -219,16 +207,7 @@ def resolve_to_cache(
             progress(n)
 
     try:
-        engine.compute(
-            plan,
-            store,
-            work,
-            device=device,
-            compute_dtype=compute_dtype,
-            max_shard=max_shard,
-            progress=advance,
-            workers=processes,
-        )
+        engine.compute(plan, store, work, replace(settings, workers=processes), advance)
         faults.point("resolve:computed")
         return cache.commit_to_cache(repo, key, work)
     except MemoryError:

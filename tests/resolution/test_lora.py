@@ -195,7 +195,7 @@ def test_adapter_output_loads_with_peft_and_equals_the_merged_delta(
 def test_adapter_output_is_reproducible(tmp_path: Path, llama: dict[str, Path]) -> None:
     from git_crdt_merge.replicated.repo import Repo
     from git_crdt_merge.replicated.store import ObjectStore
-    from git_crdt_merge.resolution import engine
+    from git_crdt_merge.resolution import cache, engine
 
     repo = _repo_with(tmp_path, llama, "a", "b")
     crdt(repo, "output", "--adapter-rank", "3")  # truncated: the SVD's choice matters
@@ -205,7 +205,7 @@ def test_adapter_output_is_reproducible(tmp_path: Path, llama: dict[str, Path]) 
         work = tmp_path / f"w{i}"
         work.mkdir()
         store = ObjectStore(repo)
-        engine.compute(engine.make_plan(store, r.read_manifest()), store, work)
+        engine.compute(engine.make_plan(store, r.read_manifest()), store, work, cache.Settings())
         outs.append({p.name: p.read_bytes() for p in sorted(work.iterdir())})
     assert outs[0] == outs[1]
     a = load_file(tmp_path / "w0" / "adapter_model.safetensors")
