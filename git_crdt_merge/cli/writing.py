@@ -95,7 +95,13 @@ def add_contribution(
     the other adapters.  Extra inputs that some strategies need (Fisher diagonals, Gram
     matrices) are stored with it and become part of its content."""
 
-    chunk_bytes = size_arg(chunk_size, "--chunk-size", 1, MAX_OBJECT_BYTES)
+    options = contributions.IngestOptions(
+        allow_pickle,
+        allow_nonfinite,
+        include_code,
+        size_arg(chunk_size, "--chunk-size", 1, MAX_OBJECT_BYTES),
+        encoding,
+    )
 
     def describe(result: contributions.IngestResult) -> None:
         what = "already present" if result.already_present else "added"
@@ -114,14 +120,10 @@ def add_contribution(
             name=name,
             weight=weight,
             message=message,
-            allow_pickle=allow_pickle,
-            chunk_size=chunk_bytes,
+            options=options,
             on_start=start,
             progress=advance,
             extra_inputs=contributions.parse_extra_inputs(fisher=fisher, gram=gram, extra=extra),
-            allow_nonfinite=allow_nonfinite,
-            include_code=include_code,
-            encoding_name=encoding,
         ),
         describe,
         json_=json_,
@@ -237,12 +239,11 @@ def set_base(
         lambda start, advance: contributions.set_base(
             open_repo(tidy=True),
             path,
-            allow_pickle=allow_pickle,
+            options=contributions.IngestOptions(
+                allow_pickle, allow_nonfinite, include_code, encoding=encoding
+            ),
             on_start=start,
             progress=advance,
-            allow_nonfinite=allow_nonfinite,
-            include_code=include_code,
-            encoding_name=encoding,
         ),
         describe,
         json_=json_,

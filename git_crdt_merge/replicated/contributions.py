@@ -39,6 +39,21 @@ from .store import DEFAULT_CHUNK_SIZE, ObjectStore, split_chunks
 Progress = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class IngestOptions:
+    """How a model is read and stored, never what it is (no option changes its id):
+    ``allow_pickle`` (read .bin/.pt/.pth/.ckpt), ``allow_nonfinite`` (accept NaN or Inf),
+    ``include_code`` (keep a folder's program files), ``chunk_size`` (instead of the
+    repository's ``chunk_size`` register), ``encoding`` (instead of this clone's
+    ``crdt.encoding``, default raw)."""
+
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    include_code: bool = False
+    chunk_size: int | None = None
+    encoding: str | None = None
+
+
 @dataclass
 class IngestResult:
     id: str
@@ -306,26 +321,23 @@ def add_contribution(
     name: str | None = None,
     weight: float | None = None,
     message: str | None = None,
-    allow_pickle: bool = False,
-    chunk_size: int | None = None,
+    options: IngestOptions = IngestOptions(),
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
     extra_inputs: Mapping[str, Path] | None = None,
-    allow_nonfinite: bool = False,
-    include_code: bool = False,
-    encoding_name: str | None = None,
 ) -> IngestResult:
     """Store the model at ``path`` and record it in the manifest (both staged).
 
     ``extra_inputs`` maps an extra-input kind (``extras.KINDS``) to a safetensors file stored
-    with the model and referenced from its descriptor.  ``chunk_size`` overrides the
-    repository's (``chunk_size`` register); ``encoding_name`` overrides this clone's
-    ``crdt.encoding`` (default raw): both change how the bytes are stored, never the id.
-    A model whose content is already a visible contribution is not stored again."""
+    with the model and referenced from its descriptor.  ``options`` say how the model is read
+    and stored (:class:`IngestOptions`).  A model whose content is already a visible
+    contribution is not stored again."""
     repo.require_initialized()
     _check_weight(weight)
-    encoding_name = chosen_encoding(repo, encoding_name)
-    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
+    encoding_name = chosen_encoding(repo, options.encoding)
+    source = formats.discover(
+        path, allow_pickle=options.allow_pickle, include_code=options.include_code
+    )
     name = name if name is not None else default_name(path)
     try:
         check_name(name, "contribution name")
@@ -333,7 +345,7 @@ def add_contribution(
         raise InputError(str(exc)) from None
     if message is not None and len(message) > 4096:
         raise InputError("--message is longer than 4096 characters")
-    table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
+    table = checks.scan_source(source, allow_nonfinite=options.allow_nonfinite)
     with repo.lock():
         manifest = repo.read_manifest()
         store = ObjectStore(repo.root)
@@ -362,7 +374,7 @@ def add_contribution(
                     f"name {name!r} is already used by contribution {other_id[:12]}; remove it "
                     "first or pass --name"
                 )
-        size = repository_chunk_size(manifest, chunk_size)
+        size = repository_chunk_size(manifest, options.chunk_size)
         address, _, new_bytes = store_descriptor(
             store,
             plan,
@@ -579,22 +591,20 @@ def set_base(
     repo: Repo,
     path: Path,
     *,
-    allow_pickle: bool = False,
-    chunk_size: int | None = None,
+    options: IngestOptions = IngestOptions(),
     on_start: Callable[[int], None] | None = None,
     progress: Progress | None = None,
-    allow_nonfinite: bool = False,
-    include_code: bool = False,
-    encoding_name: str | None = None,
 ) -> IngestResult:
     """Store the base model and point the ``base`` register at its id and descriptor.  An
     XOR encoding stores the base as byte planes (a base has no base)."""
     repo.require_initialized()
-    encoding_name = chosen_encoding(repo, encoding_name)
+    encoding_name = chosen_encoding(repo, options.encoding)
     if encoding_name == encoding.XOR:
         encoding_name = encoding.PLANES
-    source = formats.discover(path, allow_pickle=allow_pickle, include_code=include_code)
-    table = checks.scan_source(source, allow_nonfinite=allow_nonfinite)
+    source = formats.discover(
+        path, allow_pickle=options.allow_pickle, include_code=options.include_code
+    )
+    table = checks.scan_source(source, allow_nonfinite=options.allow_nonfinite)
     with repo.lock():
         store = ObjectStore(repo.root)
         manifest = repo.read_manifest()
@@ -607,7 +617,7 @@ def set_base(
             return IngestResult(
                 cid, default_name(path), n_tensors, total, 0, 0, True, source.skipped, source.code
             )
-        size = repository_chunk_size(manifest, chunk_size)
+        size = repository_chunk_size(manifest, options.chunk_size)
         address, _, new_bytes = store_descriptor(
             store, plan, chunk_size=size, progress=progress, encoding_name=encoding_name
         )

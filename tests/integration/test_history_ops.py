@@ -546,7 +546,10 @@ def test_add_contribution_during_a_pull_keeps_the_pulled_record(tmp_path: Path) 
                 pulled.append(git(a, "pull", "-q", "--no-rebase").returncode)
 
     contributions.add_contribution(
-        Repo.open(a), model(tmp_path, "local", 2), progress=pull_once, chunk_size=512
+        Repo.open(a),
+        model(tmp_path, "local", 2),
+        progress=pull_once,
+        options=contributions.IngestOptions(chunk_size=512),
     )
     assert pulled == [0]
     assert names(a) == ["local", "pulled"]
