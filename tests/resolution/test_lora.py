@@ -240,6 +240,14 @@ def test_incompatible_adapters_are_refused_at_add_time(
     dora = crdt(repo, "add-contribution", str(flipped), check=False)
     assert dora.returncode == 4 and "use_dora" in dora.stderr
     assert len(dora.stderr.strip().splitlines()) == 1
+    # the reverse: use_dora set, no magnitude vectors
+    plain = tmp_path / "plain"
+    shutil.copytree(llama["a"], plain)
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    missing = crdt(repo, "add-contribution", str(plain), check=False)
+    assert missing.returncode == 4 and "no lora_magnitude_vector" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
     other = crdt(repo, "add-contribution", str(llama["other_targets"]), check=False)
     assert other.returncode == 4 and "same modules" in other.stderr
     # an adapter of another model: its q_proj does not fit this base's
@@ -536,3 +544,30 @@ def test_dora_memory_estimate_counts_the_magnitudes(tmp_path: Path, llama: dict[
     lora = 8 * n + 2 * (4 * n + 2 * factor)
     dora = 2 * mag + 8 * mag + lowrank.DOT_ROWS_SCRATCH
     assert engine.lowrank_bytes(plan, n, "float32") == lora + dora
+
+
+def test_gpt2_fan_in_fan_out_dora_adapter_reproduces_merge_and_unload(tmp_path: Path) -> None:
+    """Conv1D stores (in, out): DoRA's norm is over each output, a column of the stored
+    weight."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, tie_word_embeddings=True
+    )
+    base = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(base)
+    adapter = _adapter(
+        base, tmp_path / "g", 12, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True
+    )
+    repo = fresh_repo(tmp_path / "repo")
+    set_base(repo, base)
+    crdt(repo, "add-contribution", str(adapter), "--name", "g")
+    crdt(repo, "resolve")
+    merged = load_file(repo / "merged" / "model.safetensors")
+    w = load_file(base / "model.safetensors")
+    peft_weights = _peft_merged(base, adapter)
+    changed = [n for n in merged if "c_attn.weight" in n]
+    assert len(changed) == 2
+    for name in changed:
+        assert merged[name].shape == w[name].shape == (32, 96)
+        assert _ulps(merged[name], peft_weights[name]) <= 4, name
+        assert not torch.allclose(merged[name], w[name])
