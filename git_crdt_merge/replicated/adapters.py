@@ -12,9 +12,18 @@ A PEFT LoRA adapter is a folder with ``adapter_model.safetensors`` (the factors)
 
 This module reads that description and checks it against the base's tensor table and
 against the other adapters of a set; Layer 2 (``resolution/lowrank.py``) computes the
-deltas.  What cannot be merged exactly is refused in one line: DoRA (``use_dora``: the
-magnitude vector rescales ``W + delta`` by its column norms), other PEFT methods, biases,
-``modules_to_save`` and per-module ``alpha_pattern``.
+deltas.
+
+DoRA (``use_dora``) adapters also hold a magnitude vector ``m`` per module
+(``<module>.lora_magnitude_vector``, one value per row of ``B``); the model they stand for is
+PEFT's merged weight: with ``V = W + delta`` taken in the adapter's orientation (rows are
+``B``'s rows: a linear layer's outputs, an embedding's dimensions)::
+
+    W' = (m / ||V||_row) * V           (the L2 norm of each row of V, over A's columns)
+
+What cannot be merged exactly is refused in one line: other PEFT methods, biases,
+``modules_to_save``, per-module ``alpha_pattern``, a magnitude vector without ``use_dora``
+(or the reverse) and DoRA on layers whose factors are not matrices (convolutions).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ _SUFFIXES = {
     ".lora_embedding_A": ("a", True),
     ".lora_embedding_B": ("b", True),
 }
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA: one vector per module
 KIND_FULL = "full"
 KIND_LORA = "lora"
 
@@ -57,6 +67,7 @@ class AdapterConfig:
     rank_pattern: bool  # per-module ranks (then each module's rank is its A's row count)
     base_model: str | None
     raw: Mapping[str, Any]
+    dora: bool = False  # use_dora: every module has a magnitude vector
 
     def scaling(self, rank: int) -> float:
         """PEFT's scaling of ``B @ A`` for a module of rank ``rank`` (the same Python float
@@ -77,6 +88,7 @@ class LoraModule:
     scaling: float
     transpose: bool
     shape: tuple[int, int]
+    magnitude: str | None = None  # DoRA: the magnitude vector's tensor (len = B's rows)
 
 
 def parse_config(data: bytes, where: str) -> AdapterConfig:
@@ -93,11 +105,6 @@ def parse_config(data: bytes, where: str) -> AdapterConfig:
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise InputError(f"{where}: PEFT type {peft_type!r} is not supported (only LORA)")
-    if raw.get("use_dora"):
-        raise InputError(
-            f"{where}: DoRA adapters (use_dora) are not supported: their weight is rescaled by "
-            "the column norms of W + BA, which a merge of deltas does not keep"
-        )
     if raw.get("bias", "none") != "none":
         raise InputError(f"{where}: LoRA with bias={raw['bias']!r} is not supported (only none)")
     if raw.get("alpha_pattern"):
@@ -114,7 +121,7 @@ def parse_config(data: bytes, where: str) -> AdapterConfig:
         or abs(alpha) > 1e9
     ):
         raise InputError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
-    for key in ("use_rslora", "fan_in_fan_out"):
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(raw.get(key, False), bool):
             raise InputError(f"{where}: {key} must be true or false")
     base = raw.get("base_model_name_or_path")
@@ -126,6 +133,7 @@ def parse_config(data: bytes, where: str) -> AdapterConfig:
         bool(raw.get("rank_pattern")),
         base if isinstance(base, str) and base else None,
         raw,
+        bool(raw.get("use_dora", False)),
     )
 
 
@@ -148,6 +156,7 @@ def modules(
 ) -> dict[str, LoraModule]:
     """target tensor name -> :class:`LoraModule` of an adapter whose tensors are ``table``."""
     pairs: dict[str, dict[str, tuple[str, bool]]] = {}
+    magnitudes: dict[str, str] = {}
     for name in sorted(table):
         for suffix, (factor, embedding) in _SUFFIXES.items():
             if name.startswith(PEFT_PREFIX) and name.endswith(suffix):
@@ -155,10 +164,14 @@ def modules(
                 pairs.setdefault(module, {})[factor] = (name, embedding)
                 break
         else:
-            if "lora_magnitude_vector" in name:
-                raise InputError(
-                    f"{where}: DoRA adapters (lora_magnitude_vector) are not supported"
-                )
+            if name.startswith(PEFT_PREFIX) and name.endswith(MAGNITUDE_SUFFIX):
+                if not config.dora:
+                    raise InputError(
+                        f"{where}: tensor {name!r} is a DoRA magnitude vector, but "
+                        f"{ADAPTER_CONFIG} does not set use_dora"
+                    )
+                magnitudes[name[len(PEFT_PREFIX) : -len(MAGNITUDE_SUFFIX)]] = name
+                continue
             raise InputError(
                 f"{where}: tensor {name!r} is not a LoRA factor (lora_A / lora_B); biases, "
                 "modules_to_save and other PEFT methods are not supported"
@@ -184,13 +197,44 @@ def modules(
             )
         transpose = embedding or config.fan_in_fan_out
         shape = (sa[1], sb[0]) if transpose else (sb[0], sa[1])
+        magnitude = _magnitude(config, magnitudes.pop(module, None), table, module, sb[0], where)
         target = _target(module, base_names)
         if target in out:
             raise InputError(f"{where}: two modules change base tensor {target!r}")
-        out[target] = LoraModule(target, module, a, b, rank, config.scaling(rank), transpose, shape)
+        scaling = config.scaling(rank)
+        out[target] = LoraModule(target, module, a, b, rank, scaling, transpose, shape, magnitude)
+    if magnitudes:
+        raise InputError(
+            f"{where}: DoRA magnitude vector {sorted(magnitudes.values())[0]!r} has no lora_A / "
+            "lora_B factors beside it (DoRA on a layer type that is not supported?)"
+        )
     if not out:
         raise InputError(f"{where}: holds no LoRA factors")
     return out
+
+
+def _magnitude(
+    config: AdapterConfig,
+    name: str | None,
+    table: TensorTable,
+    module: str,
+    rows: int,
+    where: str,
+) -> str | None:
+    """A DoRA module's magnitude vector (checked: one float per row of ``B``)."""
+    if not config.dora:
+        return None
+    if name is None:
+        raise InputError(
+            f"{where}: DoRA module {module!r} has no lora_magnitude_vector (use_dora is set)"
+        )
+    dtype, shape = table[name]
+    if dtype not in FLOAT_DTYPES or tuple(shape) != (rows,):
+        raise InputError(
+            f"{where}: DoRA module {module!r}: magnitude vector is {dtype} {list(shape)}, "
+            f"expected one float per row of lora_B ({rows})"
+        )
+    return name
 
 
 def base_problems(mods: Mapping[str, LoraModule], base: TensorTable, where: str) -> list[str]:

@@ -474,9 +474,9 @@ def check_fits(
     """Refuse a model that cannot join the set: the rule of ``adapters.set_problems`` (which
     resolve and verify apply) for the set with this model in it.  Full models match the base's
     tensor table (or a visible full model's); a LoRA adapter reads its ``adapter_config.json``
-    (DoRA and other unmergeable forms refused), fits the base's tensors and targets the same
-    modules as the visible adapters.  One reference of each kind is enough: the rest of the
-    set was checked the same way when it was added."""
+    (DoRA: a magnitude vector per module; unmergeable forms refused), fits the base's
+    tensors and targets the same modules as the visible adapters.  One reference of each kind
+    is enough: the rest of the set was checked the same way when it was added."""
     kind = source.kind
     if kind == adapters.KIND_LORA and as_base:
         raise InputError(f"{what} is a LoRA adapter: a base must be full weights")

@@ -8,6 +8,13 @@ deltas as task vectors over the base, never their factors; a tensor that no adap
 is the base's (all task vectors are zero there).  The product's buffers (one float64 tensor,
 one compute-dtype input per adapter, the factors) are counted by :func:`extra_bytes`.
 
+DoRA modules (:func:`dora_`): ``V = W + scaling * B @ A`` in float64, in the adapter's
+orientation; each row's norm is ``sqrt`` of its exact dot product with itself
+(``numerics.dot_rows``: float64 products, one correctly rounded sum, so the norm does not
+depend on threads or SIMD width); then ``V * (m / norm)`` row by row, every step one
+correctly rounded float64 operation, and one rounding to the compute dtype.  PEFT's
+``merge_and_unload`` computes the same weight in the adapter's dtype.
+
 Output as an adapter (the ``adapter_rank`` register): the merged delta of each target,
 ``merged - W`` in float64, is re-factorised by a truncated SVD (``numerics.svd``: float64,
 one thread, signs fixed), ``B = U_k sqrt(S_k)``, ``A = sqrt(S_k) Vh_k``, zero-padded to the
@@ -68,20 +75,51 @@ class LowRank:
             default=0,
         )
 
+    def largest_magnitude(self) -> int:
+        """Bytes of the largest DoRA magnitude vector (0: no DoRA module)."""
+        return max(
+            (
+                self._entry(i, m.magnitude).nbytes
+                for i, mods in enumerate(self.modules)
+                for m in (mods or {}).values()
+                if m.magnitude is not None
+            ),
+            default=0,
+        )
+
+    def dora_adapters(self) -> int:
+        """How many contributions have DoRA modules."""
+        return sum(
+            any(m.magnitude is not None for m in mods.values())
+            for mods in self.modules
+            if mods is not None
+        )
+
     def _entry(self, i: int, name: str) -> TensorEntry:
         return self.descriptors[i].tensors[name]
+
+
+# dot_rows' working set (a chunk of float64 products and its exact sum's copy), at most
+DOT_ROWS_SCRATCH = 2 * 8 * (1 << 18)
 
 
 def extra_bytes(lowrank: LowRank | None, largest: int, compute: torch.dtype) -> int:
     """Memory the deltas add beside the engine's slots, for the largest base tensor of
     ``largest`` elements: one float64 product, one compute-dtype input per adapter, two
-    factor buffers per adapter (and, for the adapter output, the SVD's float64 factors)."""
+    factor buffers per adapter (and, for the adapter output, the SVD's float64 factors);
+    with DoRA, a magnitude buffer per DoRA adapter, the float64 row norms and factors, and
+    ``dot_rows``' bounded scratch."""
     if lowrank is None:
         return 0
     adapters = sum(m is not None for m in lowrank.modules)
     size = torch.empty((), dtype=compute).element_size()
     svd = 3 * 8 * largest if lowrank.rank is not None else 0
-    return 8 * largest + adapters * (size * largest + 2 * lowrank.largest_factor()) + svd
+    dora = 0
+    if lowrank.dora_adapters():
+        mag = lowrank.largest_magnitude()
+        # the float64 norms and factors: 16 bytes a row, at most 8x the magnitude's bytes
+        dora = lowrank.dora_adapters() * mag + 8 * mag + DOT_ROWS_SCRATCH
+    return 8 * largest + adapters * (size * largest + 2 * lowrank.largest_factor()) + svd + dora
 
 
 class DeltaSlots:
@@ -93,11 +131,13 @@ class DeltaSlots:
         self.lowrank = lowrank
         self.compute = compute
         self.factors = InputSlots(2 * count, lowrank.largest_factor())
+        self.magnitudes = InputSlots(count, lowrank.largest_magnitude())  # filled if DoRA
         self.inputs = InputSlots(count, capacity * torch.empty((), dtype=compute).element_size())
 
     def model_of(self, i: int, store: ObjectStore, base: torch.Tensor, name: str) -> torch.Tensor:
-        """Contribution ``i``'s tensor ``name``: ``base + scaling * B @ A`` rounded once to
-        the compute dtype (the base alone where this adapter does not change ``name``)."""
+        """Contribution ``i``'s tensor ``name``: ``base + scaling * B @ A`` (DoRA: rescaled
+        row by row, :func:`dora_`) rounded once to the compute dtype (the base alone where
+        this adapter does not change ``name``)."""
         mods = self.lowrank.modules[i]
         assert mods is not None
         out = self.inputs.view(i, list(base.shape), self.compute)
@@ -108,6 +148,10 @@ class DeltaSlots:
         desc = self.lowrank.descriptors[i]
         a = self.factors.load(2 * i, store, desc.tensors[mod.a])
         b = self.factors.load(2 * i + 1, store, desc.tensors[mod.b])
+        if mod.magnitude is not None:
+            m = self.magnitudes.load(i, store, desc.tensors[mod.magnitude])
+            out.copy_(dora_(mod, a, b, m, base))  # one rounding to the compute dtype
+            return out
         d = delta(mod, a, b)
         d.add_(base)  # float64: the base exactly, one rounded sum
         out.copy_(d)  # one rounding to the compute dtype
@@ -119,6 +163,21 @@ def delta(mod: LoraModule, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     product = numerics.matmul(b, a)
     product.mul_(mod.scaling)
     return product.T if mod.transpose else product
+
+
+def dora_(
+    mod: LoraModule, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    """A DoRA module's weight in float64, in the orientation of the base tensor:
+    ``V = W + scaling * B @ A``, then each row of ``V`` (in the adapter's orientation, where
+    ``m`` has one value per row) times ``m / ||row||_2``."""
+    v = numerics.matmul(b, a)  # float64 (rows of B, columns of A), contiguous
+    v.mul_(mod.scaling)
+    v.add_(base.T if mod.transpose else base)  # the base exactly, one rounded sum
+    norms = torch.sqrt(numerics.dot_rows(v, v))  # exact sums, one rounding each
+    factor = m.to(torch.float64) / norms
+    v.mul_(factor.unsqueeze(1))
+    return v.T if mod.transpose else v
 
 
 # -- the adapter output ---------------------------------------------------------------------
@@ -160,6 +219,8 @@ def adapter_config(lowrank: LowRank, rank: int) -> bytes:
             "alpha_pattern": {},
         }
     )
+    if config.get("use_dora"):
+        config["use_dora"] = False  # the merged delta, factorised: no magnitude vectors
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 

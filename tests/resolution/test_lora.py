@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
+DORA_TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 
 
 def _tokenizer(folder: Path) -> None:
@@ -55,7 +57,8 @@ def _llama(seed: int) -> torch.nn.Module:
 
 
 def _adapter(base_dir: Path, out: Path, seed: int, **lora: object) -> Path:
-    """A saved PEFT LoRA adapter of the model in ``base_dir``, its lora_B made non-zero."""
+    """A saved PEFT LoRA adapter of the model in ``base_dir``, its lora_B made non-zero (and
+    DoRA's magnitude vectors moved off the base's row norms)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora})
     pm = peft.get_peft_model(model, config)
@@ -64,14 +67,17 @@ def _adapter(base_dir: Path, out: Path, seed: int, **lora: object) -> Path:
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    pm.save_pretrained(out)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+    pm.save_pretrained(out, save_embedding_layers=False)  # the factors only
     return out
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A base model folder (with tokenizer, README, preprocessor config and modelling code)
-    and three adapters: rank 4, rank 2 with rsLoRA, and DoRA."""
+    and adapters: rank 4, rank 2 with rsLoRA, two DoRA (the second rank 2 with rsLoRA,
+    both also on the embeddings) and one with other targets."""
     tmp = tmp_path_factory.mktemp("llama")
     base = tmp / "base"
     _llama(0).save_pretrained(base)
@@ -83,7 +89,17 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "base": base,
         "a": _adapter(base, tmp / "ada", 1),
         "b": _adapter(base, tmp / "adb", 2, r=2, lora_alpha=4, use_rslora=True),
-        "dora": _adapter(base, tmp / "dora", 3, use_dora=True),
+        "dora": _adapter(base, tmp / "dora", 3, use_dora=True, target_modules=DORA_TARGETS),
+        "dora2": _adapter(
+            base,
+            tmp / "dora2",
+            6,
+            r=2,
+            lora_alpha=4,
+            use_rslora=True,
+            use_dora=True,
+            target_modules=DORA_TARGETS,
+        ),
         "other_targets": _adapter(base, tmp / "kv", 4, target_modules=["k_proj", "v_proj"]),
     }
 
@@ -216,9 +232,22 @@ def test_incompatible_adapters_are_refused_at_add_time(
     tmp_path: Path, llama: dict[str, Path]
 ) -> None:
     repo = _repo_with(tmp_path, llama, "a")
-    dora = crdt(repo, "add-contribution", str(llama["dora"]), check=False)
-    assert dora.returncode == 4 and "DoRA" in dora.stderr
+    # magnitude vectors in an adapter whose config does not say use_dora: not a LoRA
+    flipped = tmp_path / "flipped"
+    shutil.copytree(llama["dora"], flipped)
+    config = json.loads((flipped / "adapter_config.json").read_text())
+    (flipped / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    dora = crdt(repo, "add-contribution", str(flipped), check=False)
+    assert dora.returncode == 4 and "use_dora" in dora.stderr
     assert len(dora.stderr.strip().splitlines()) == 1
+    # the reverse: use_dora set, no magnitude vectors
+    plain = tmp_path / "plain"
+    shutil.copytree(llama["a"], plain)
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    missing = crdt(repo, "add-contribution", str(plain), check=False)
+    assert missing.returncode == 4 and "no lora_magnitude_vector" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
     other = crdt(repo, "add-contribution", str(llama["other_targets"]), check=False)
     assert other.returncode == 4 and "same modules" in other.stderr
     # an adapter of another model: its q_proj does not fit this base's
@@ -397,3 +426,148 @@ def test_code_files_are_copied_only_when_asked_for(tmp_path: Path, llama: dict[s
     record = json.loads((out / "resolution.json").read_text())
     assert record["files"]["copied"]["modeling_custom.py"].startswith("the base")
     assert "`modeling_custom.py` from the base" in (out / "README.md").read_text()
+
+
+# -- DoRA -----------------------------------------------------------------------------------
+def _dora_formula(base: dict[str, torch.Tensor], adapter: Path) -> dict[str, torch.Tensor]:
+    """target -> PEFT's DoRA weight in float64, read independently of the tool: with
+    V = W + scaling * B @ A in the adapter's orientation (embeddings: transposed),
+    (m / ||V||_row) * V."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    out = {}
+    for key, m in tensors.items():
+        if not key.endswith(".lora_magnitude_vector"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+        embedding = f"base_model.model.{module}.lora_embedding_A" in tensors
+        prefix = f"base_model.model.{module}." + ("lora_embedding_" if embedding else "lora_")
+        suffix = "" if embedding else ".weight"
+        a, b = tensors[f"{prefix}A{suffix}"].double(), tensors[f"{prefix}B{suffix}"].double()
+        r = a.shape[0]
+        alpha = config["lora_alpha"]
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        w = base[f"{module}.weight"].double()
+        v = (w.T if embedding else w) + scaling * (b @ a)
+        v = v * (m.double() / torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)
+        out[f"{module}.weight"] = v.T if embedding else v
+    return out
+
+
+def _peft_merged(base_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """PEFT's own merge_and_unload() weights of an adapter."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| in float32 ulps of the tensor's largest magnitude."""
+    ulp = torch.finfo(torch.float32).eps * want.abs().max().item()
+    return (got.double() - want.double()).abs().max().item() / ulp
+
+
+def test_dora_adapters_merge_as_peft_merges_them(tmp_path: Path, llama: dict[str, Path]) -> None:
+    base = load_file(llama["base"] / "model.safetensors")
+    f1, f2 = _dora_formula(base, llama["dora"]), _dora_formula(base, llama["dora2"])
+    assert (
+        set(f1)
+        == set(f2)
+        == {
+            *(f"model.layers.{i}.self_attn.{t}.weight" for i in range(2) for t in TARGETS),
+            "model.embed_tokens.weight",
+        }
+    )
+    p1, p2 = _peft_merged(llama["base"], llama["dora"]), _peft_merged(llama["base"], llama["dora2"])
+    # the formula is PEFT's DoRA (its float32 merge within a few ulp)
+    for name in f1:
+        assert _ulps(p1[name], f1[name]) <= 4 and _ulps(p2[name], f2[name]) <= 4, name
+        assert not torch.allclose(p1[name], base[name])  # the adapters change the weights
+    repo = _repo_with(tmp_path, llama, "dora", "dora2")
+    crdt(repo, "verify")
+    crdt(repo, "resolve")
+    merged = load_file(repo / "merged" / "model.safetensors")
+    for name, w in base.items():
+        if name not in f1:
+            assert torch.equal(merged[name], w), name
+            continue
+        # each adapter's model rounded once to float32, then linear's mean (exact halving)
+        want = ((f1[name].float().double() + f2[name].float().double()) / 2).float()
+        assert torch.equal(merged[name], want), name
+        peft_mean = ((p1[name].double() + p2[name].double()) / 2).float()
+        assert _ulps(merged[name], peft_mean) <= 4, name
+    # deterministic: a second resolution elsewhere writes the same bytes
+    crdt(repo, "resolve", "-o", str(tmp_path / "again"))
+    first = (repo / "merged" / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == first
+    _loaded(repo / "merged")
+
+
+def test_one_dora_adapter_reproduces_merge_and_unload(
+    tmp_path: Path, llama: dict[str, Path]
+) -> None:
+    repo = _repo_with(tmp_path, llama, "dora")
+    crdt(repo, "strategy", "linear", "-p", "normalize=false")  # weight 1: the adapter's model
+    crdt(repo, "resolve")
+    merged = load_file(repo / "merged" / "model.safetensors")
+    base = load_file(llama["base"] / "model.safetensors")
+    formula = _dora_formula(base, llama["dora"])
+    peft_weights = _peft_merged(llama["base"], llama["dora"])
+    for name, w in merged.items():
+        if name in formula:
+            assert torch.equal(w, formula[name].float()), name  # float64, one rounding
+            assert _ulps(w, peft_weights[name]) <= 4, name
+        else:
+            assert torch.equal(w, peft_weights[name]), name
+    ids = torch.tensor([[1, 5, 6, 7]])
+    model = _loaded(repo / "merged")
+    peft_model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(llama["base"]), llama["dora"]
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_dora_memory_estimate_counts_the_magnitudes(tmp_path: Path, llama: dict[str, Path]) -> None:
+    from git_crdt_merge.replicated.repo import Repo
+    from git_crdt_merge.replicated.store import ObjectStore
+    from git_crdt_merge.resolution import engine, lowrank
+
+    repo = _repo_with(tmp_path, llama, "dora", "dora2")
+    plan = engine.make_plan(ObjectStore(repo), Repo.open(repo).read_manifest())
+    assert plan.lowrank is not None and plan.lowrank.dora_adapters() == 2
+    n = max(math.prod(s.shape) for s in plan.specs)
+    mag = plan.lowrank.largest_magnitude()
+    assert mag == 4 * 32  # 32 rows (q_proj, v_proj, the embedding's dimensions), float32
+    factor = plan.lowrank.largest_factor()
+    assert factor == 4 * 64 * 4  # the embedding's A: rank 4 x 64 rows, float32
+    lora = 8 * n + 2 * (4 * n + 2 * factor)
+    dora = 2 * mag + 8 * mag + lowrank.DOT_ROWS_SCRATCH
+    assert engine.lowrank_bytes(plan, n, "float32") == lora + dora
+
+
+def test_gpt2_fan_in_fan_out_dora_adapter_reproduces_merge_and_unload(tmp_path: Path) -> None:
+    """Conv1D stores (in, out): DoRA's norm is over each output, a column of the stored
+    weight."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, tie_word_embeddings=True
+    )
+    base = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(base)
+    adapter = _adapter(
+        base, tmp_path / "g", 12, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True
+    )
+    repo = fresh_repo(tmp_path / "repo")
+    set_base(repo, base)
+    crdt(repo, "add-contribution", str(adapter), "--name", "g")
+    crdt(repo, "resolve")
+    merged = load_file(repo / "merged" / "model.safetensors")
+    w = load_file(base / "model.safetensors")
+    peft_weights = _peft_merged(base, adapter)
+    changed = [n for n in merged if "c_attn.weight" in n]
+    assert len(changed) == 2
+    for name in changed:
+        assert merged[name].shape == w[name].shape == (32, 96)
+        assert _ulps(merged[name], peft_weights[name]) <= 4, name
+        assert not torch.allclose(merged[name], w[name])
