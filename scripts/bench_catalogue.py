@@ -119,18 +119,7 @@ print(json.dumps(row))
 """
 
 
-def bench_env() -> dict[str, str]:
-    """The environment the benchmark's git and worker processes run in."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key, val in (
-        ("GIT_AUTHOR_NAME", "bench"),
-        ("GIT_AUTHOR_EMAIL", "bench@example"),
-        ("GIT_COMMITTER_NAME", "bench"),
-        ("GIT_COMMITTER_EMAIL", "bench@example"),
-    ):
-        env.setdefault(key, val)
-    return env
+bench_env = bench_resolve.bench_env
 
 
 def build_catalogue_repo(d: Path, env: dict[str, str], layers: int, dim: int) -> Path:

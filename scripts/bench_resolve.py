@@ -97,6 +97,20 @@ print(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) * 1024)
 """
 
 
+def bench_env() -> dict[str, str]:
+    """The environment the benchmark's git and worker processes run in."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    for key, val in (
+        ("GIT_AUTHOR_NAME", "bench"),
+        ("GIT_AUTHOR_EMAIL", "bench@example"),
+        ("GIT_COMMITTER_NAME", "bench"),
+        ("GIT_COMMITTER_EMAIL", "bench@example"),
+    ):
+        env.setdefault(key, val)
+    return env
+
+
 def sh(cwd: Path, env: dict[str, str], *args: str) -> str:
     return subprocess.run(
         args, cwd=cwd, env=env, check=True, stdout=subprocess.PIPE, text=True
@@ -197,15 +211,7 @@ def main() -> None:
     ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key, val in (
-        ("GIT_AUTHOR_NAME", "bench"),
-        ("GIT_AUTHOR_EMAIL", "bench@example"),
-        ("GIT_COMMITTER_NAME", "bench"),
-        ("GIT_COMMITTER_EMAIL", "bench@example"),
-    ):
-        env.setdefault(key, val)
+    env = bench_env()
     if args.build_only is not None:
         build(args.build_only, env, args.layers, args.k, args.dim, args.extras)
         return

@@ -143,3 +143,23 @@ def choose(repo: Path, strategy: str, **params: object) -> None:
 def digests(folder: Path) -> dict[str, str]:
     """sha256 of every file in ``folder``."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def random_model(path: Path, seed: int, shared: bytes | None = None) -> Path:
+    """Random finite float32 bit patterns (no NaN or Inf): two tensors, several chunks each;
+    ``shared`` (bytes) becomes a third tensor that several models hold."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, n in (("a.weight", 60_000), ("b.weight", 20_000)):
+        bits = rng.integers(0, 1 << 32, n, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
+        tensors[name] = torch.from_numpy(bits.view(np.float32).copy())
+    if shared is not None:
+        arr = np.frombuffer(shared, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
+        tensors["frozen.weight"] = torch.from_numpy(arr.view(np.float32).copy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

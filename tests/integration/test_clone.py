@@ -8,27 +8,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import crdt, git, new_repo, origin_copy
+from helpers import crdt, git, new_repo, origin_copy, random_model
 
 from git_crdt_merge.integration.clone import default_directory
 
 CHUNK = 65536
-
-
-def random_model(path: Path, seed: int) -> Path:
-    """Random finite float32 bit patterns (no NaN or Inf): two tensors, several chunks each."""
-    import torch
-    from safetensors.torch import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, n in (("a.weight", 60_000), ("b.weight", 20_000)):
-        bits = rng.integers(0, 1 << 32, n, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
-        tensors[name] = torch.from_numpy(bits.view(np.float32).copy())
-    save_file(tensors, str(path))
-    return path
 
 
 def chunk_paths(repo: Path) -> list[str]:

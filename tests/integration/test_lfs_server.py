@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import crdt, git
+from helpers import crdt, git, random_model
 
 SERVER = Path(__file__).resolve().parent.parent / "lfs_server.py"
 CHUNK = 65536
@@ -82,19 +81,6 @@ def lfs_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LfsS
         yield server
     finally:
         server.stop()
-
-
-def random_model(path: Path, seed: int) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, n in (("a.weight", 60_000), ("b.weight", 20_000)):
-        bits = rng.integers(0, 1 << 32, n, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
-        tensors[name] = torch.from_numpy(bits.view(np.float32).copy())
-    save_file(tensors, str(path))
-    return path
 
 
 def make_repo(path: Path, storage: str, *, lfs_url: str | None = None) -> Path:

@@ -13,30 +13,11 @@ from pathlib import Path
 import blake3
 import numpy as np
 import pytest
-from helpers import crdt, git
+from helpers import crdt, git, random_model
 
 from git_crdt_merge.replicated import lfs
 
 CHUNK = 65536
-
-
-def random_model(path: Path, seed: int, shared: bytes | None = None) -> Path:
-    """Random finite float32 bit patterns (no NaN or Inf): two tensors, several chunks each;
-    ``shared`` (bytes) becomes a third tensor that several models hold."""
-    import torch
-    from safetensors.torch import save_file
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, n in (("a.weight", 60_000), ("b.weight", 20_000)):
-        bits = rng.integers(0, 1 << 32, n, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
-        tensors[name] = torch.from_numpy(bits.view(np.float32).copy())
-    if shared is not None:
-        arr = np.frombuffer(shared, dtype=np.uint32) & np.uint32(0xBFFFFFFF)
-        tensors["frozen.weight"] = torch.from_numpy(arr.view(np.float32).copy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return path
 
 
 def make_repo(path: Path, storage: str, remote: Path | None = None) -> Path:
