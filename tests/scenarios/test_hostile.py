@@ -812,13 +812,16 @@ def test_hostile_descriptors_give_one_line_errors_or_a_sound_model(
             # resolved: then verify found nothing wrong, unless the set's root was cached (a
             # descriptor whose storage fields were forged keeps its content id, and the cache
             # serves the verified model of that id without reading it); and only the model's
-            # files and the descriptor's own (config, tokenizer) files were written
+            # files, its generated card and the descriptor's own files were written
             if not outcome.cache_hit:
                 assert not report.problems, report.problems
             names = sorted(p.name for p in outcome.output.iterdir())
-            assert "resolution.json" in names
+            assert "resolution.json" in names and "README.md" in names
             files = desc.get("files", {}) if isinstance(desc, dict) else {}
-            assert all(n.endswith((".safetensors", ".json")) or n in files for n in names)
+            assert all(
+                n.endswith((".safetensors", ".json")) or n == "README.md" or n in files
+                for n in names
+            )
     finally:
         (honest_repo / ".crdt" / "manifest").write_bytes(saved)
         git(honest_repo, "add", ".crdt/manifest")
