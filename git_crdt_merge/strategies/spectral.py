@@ -19,6 +19,7 @@ import torch
 
 from .. import numerics
 from ..errors import ResolveError
+from ..numerics import spectral as lowrank
 from .common import LAMBDA, check_fraction, require_base, task_vectors, weight_total
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
@@ -55,29 +56,203 @@ def keep_count(values: list[float], fraction: float) -> int:
     return lo
 
 
-Truncation = Callable[[torch.Tensor], torch.Tensor]
+Truncation = Callable[[torch.Tensor, str], torch.Tensor]
+"""T(m, key): the float64 truncation of matrix ``m``; ``key`` names the (tensor, contribution)
+pair, the address of the range finder's test matrices."""
+
+_F64 = torch.float64
+_STAR_ANGLE = 2.0**-26
+"""STAR's subspace iteration is accepted when it certifies sin(angle) <= this to the exact
+leading eigenspace of the Gram (Davis-Kahan)."""
+_STAR_ITERATIONS = 20
+
+
+def _wide(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``m`` in float64 with no more rows than columns (transposed when tall), and whether it
+    was transposed."""
+    w = m.to(_F64)
+    return (w, False) if w.shape[0] <= w.shape[1] else (w.T, True)
+
+
+def _unwide(t: torch.Tensor, flipped: bool) -> torch.Tensor:
+    return t.T.contiguous() if flipped else t
+
+
+def _gram_projection(w: torch.Tensor, vectors: torch.Tensor, r: int) -> torch.Tensor:
+    """U_r U_r^T w for the Gram eigenvectors ``vectors`` (columns, descending eigenvalues):
+    through the kept r columns, or as w - U_rest U_rest^T w when fewer columns are dropped."""
+    m = w.shape[0]
+    if r >= m:
+        return w.clone()
+    if r <= m - r:
+        kept = vectors[:, :r]
+        return numerics.matmul(kept, numerics.matmul(kept.T, w))
+    rest = vectors[:, r:]
+    return w - numerics.matmul(rest, numerics.matmul(rest.T, w))
+
+
+def _grow(r: int, step: int, top: int) -> tuple[int, int]:
+    return min(top, r + step), step * 2
+
+
+def _energy_exact(w: torch.Tensor, target: float) -> torch.Tensor:
+    """AdaRank's exact path: eigh of the m x m Gram; r from its eigenvalues (squared singular
+    values), grown (by 1, 2, 4 ...) until the float64 result's exact energy reaches ``target``
+    (only rounding can make it fall short; at r = m the result is w itself)."""
+    m = w.shape[0]
+    values, vectors = numerics.eigh(numerics.matmul(w, w.T))
+    vectors = vectors.flip(1)
+    r = lowrank.prefix_rank(lowrank.gram_spectrum(values), target)
+    r = m if r is None else max(r, 1)
+    step = 1
+    while True:
+        t = _gram_projection(w, vectors, r)
+        if r >= m or lowrank.energy(t) >= target:
+            return t
+        r, step = _grow(r, step, m)
+
+
+def _energy_sketched(w: torch.Tensor, target: float, key: str) -> torch.Tensor | None:
+    """AdaRank's range-finder path, or None when the rank it needs exceeds a third of m.
+
+    Grows Q by blocks of :func:`lowrank.block_size` columns (:func:`lowrank.range_finder`);
+    after each block, B = Q^T w (kept as rows) and the eigenvalues of B B^T give the captured
+    energies; r = the smallest count whose leading captured energy reaches ``target``, accepted
+    once Q has at least one further block of columns (oversampling) and the projection of w on
+    the r leading directions has exact energy >= ``target``.  The work stops early (None) when
+    the energy still missing, spread over components no larger than the last captured one,
+    would need more than m / 3 columns."""
+    m = w.shape[0]
+    b = lowrank.block_size(m)
+    limit = m // 3
+    if 2 * b > limit:
+        return None
+    q = torch.zeros(m, 0, dtype=_F64)
+    rows = torch.zeros(0, w.shape[1], dtype=_F64)
+    bb = torch.zeros(0, 0, dtype=_F64)
+    block = 0
+    while q.shape[1] + b <= limit:
+        y = lowrank.range_finder(w, key, b, block, q)
+        new = numerics.matmul(y.T, w)
+        cross = numerics.matmul(new, rows.T)
+        bb = torch.cat(
+            [torch.cat([bb, cross.T], dim=1), torch.cat([cross, numerics.matmul(new, new.T)], 1)]
+        )
+        q = torch.cat([q, y], dim=1)
+        rows = torch.cat([rows, new])
+        k = q.shape[1]
+        values, vectors = numerics.eigh(bb)
+        sig2 = lowrank.gram_spectrum(values)
+        vectors = vectors.flip(1)
+        r = lowrank.prefix_rank(sig2, target)
+        if r is not None:
+            r, step = max(r, 1), 1
+            while r + b <= k:
+                t = lowrank.project(w, numerics.matmul(q, vectors[:, :r]))
+                if lowrank.energy(t) >= target:
+                    return t
+                r, step = _grow(r, step, k)
+        if r is None and sig2[k - 1] > 0:
+            r = k + math.ceil((target - math.fsum(sig2)) / sig2[k - 1])
+        if r is None or r + b > limit:
+            return None
+        block += 1
+    return None
 
 
 def _star_truncation(eta: float) -> Truncation:
-    def truncate(m: torch.Tensor) -> torch.Tensor:
-        u, s, vh = numerics.svd(m)
-        values = s.tolist()
-        r = keep_count(values, eta)
+    def truncate(m: torch.Tensor, key: str) -> torch.Tensor:
+        w, flipped = _wide(m)
+        gram = numerics.matmul(w, w.T)
+        vectors: torch.Tensor | None = None
+        if _flat(gram, key):  # the vectors will be needed: one eigh gives the values too
+            values, vectors = numerics.eigh(gram)
+        else:
+            values = lowrank.eigvalsh(gram)
+        lam = lowrank.gram_spectrum(values)
+        floor = lam[0] * len(lam) * 2.0**-52 if lam else 0.0  # the Gram's rounding: s = 0
+        sing = [math.sqrt(v) if v > floor else 0.0 for v in lam]
+        r = keep_count(sing, eta)
         if r == 0:
-            return torch.zeros(m.shape, dtype=torch.float64)
-        scale = math.fsum(values) / math.fsum(values[:r])  # nuclear norm kept unchanged
-        return numerics.matmul(u[:, :r] * (s[:r] * scale), vh[:r])
+            return torch.zeros(m.shape, dtype=_F64)
+        scale = math.fsum(sing) / math.fsum(sing[:r])  # nuclear norm kept unchanged
+        t = None if vectors is not None else _star_subspace(w, gram, lam, r, key)
+        if t is None:
+            if vectors is None:
+                _, vectors = numerics.eigh(gram)
+            t = _gram_projection(w, vectors.flip(1), r)
+        return _unwide(t * scale, flipped)
 
     return truncate
 
 
+def _flat(gram: torch.Tensor, key: str) -> bool:
+    """Whether the spectrum looks too flat for the subspace iteration to pay: stable rank
+    trace(G) / lambda_1 above m / 16, lambda_1 estimated by 8 power steps (a lower bound, so
+    the stable rank is over-estimated).  Only chooses between two exact-enough paths."""
+    m = gram.shape[0]
+    if m < 48:
+        return True
+    v = lowrank.sketch(key, 0, m, 1)
+    for _ in range(8):
+        v = numerics.matmul(gram, v)
+        v = v / math.sqrt(lowrank.energy(v)) if lowrank.energy(v) > 0 else v
+    top = lowrank.energy(numerics.matmul(gram, v))
+    trace = numerics.exact_sum(torch.diagonal(gram))
+    return top <= 0 or trace / math.sqrt(top) > m / 16
+
+
+def _star_subspace(
+    w: torch.Tensor, gram: torch.Tensor, lam: list[float], r: int, key: str
+) -> torch.Tensor | None:
+    """U_r U_r^T w by subspace iteration on the Gram G from a sketched start (k = r + block
+    columns), or None when k exceeds a third of m, the r-th and (r+1)-th Gram eigenvalues are
+    not separated, or :data:`_STAR_ITERATIONS` steps do not certify the subspace.
+
+    After each step, Rayleigh-Ritz gives Ritz pairs (theta_j, x_j); the r leading ones are
+    accepted when ||G X_r - X_r diag(theta_r)||_F <= :data:`_STAR_ANGLE` * (theta_r - l_{r+1}),
+    l_{r+1} the exact (r+1)-th Gram eigenvalue: by Davis-Kahan's sin-theta theorem the sine of
+    the largest angle between span X_r and the leading r-dimensional eigenspace of G is then at
+    most :data:`_STAR_ANGLE`."""
+    m = w.shape[0]
+    k = r + lowrank.block_size(m)
+    if k > m // 3:
+        return None
+    gap_below = lam[r] if r < len(lam) else 0.0
+    gap = lam[r - 1] - gap_below
+    rho = lam[k] / lam[r - 1] if k < len(lam) else 0.0  # the error's decrease per step
+    if gap <= 0 or rho >= 1:
+        return None
+    if rho > 0:  # steps to reach the certificate from an O(1) start; each costs ~2 m^2 k
+        steps = math.log(_STAR_ANGLE * gap / lam[0]) / math.log(rho)
+        if steps > _STAR_ITERATIONS or steps * (2 * m * k + 4 * k * k) > 4 * m * m:
+            return None
+    y = lowrank.orthonormal(numerics.matmul(gram, lowrank.sketch(key, 0, m, k)))
+    for _ in range(_STAR_ITERATIONS):
+        z = numerics.matmul(gram, y)
+        values, vectors = numerics.eigh(numerics.matmul(y.T, z))
+        theta = values.flip(0)[:r]
+        kept = vectors.flip(1)[:, :r]
+        x = numerics.matmul(y, kept)
+        residual = numerics.matmul(z, kept) - x * theta
+        gap = float(theta[-1]) - gap_below
+        if gap > 0 and math.sqrt(lowrank.energy(residual)) <= _STAR_ANGLE * gap:
+            return lowrank.project(w, x)
+        y = lowrank.orthonormal(z)
+    return None
+
+
 def _energy_truncation(energy: float) -> Truncation:
-    def truncate(m: torch.Tensor) -> torch.Tensor:
-        u, s, vh = numerics.svd(m)
-        r = keep_count((s * s).tolist(), energy)
-        if r == 0:
-            return torch.zeros(m.shape, dtype=torch.float64)
-        return numerics.matmul(u[:, :r] * s[:r], vh[:r])
+    def truncate(m: torch.Tensor, key: str) -> torch.Tensor:
+        w, flipped = _wide(m)
+        total = lowrank.energy(w)
+        if total <= 0:
+            return torch.zeros(m.shape, dtype=_F64)
+        target = energy * total
+        t = _energy_sketched(w, target, key)
+        if t is None:
+            t = _energy_exact(w, target)
+        return _unwide(t, flipped)
 
     return truncate
 
@@ -91,10 +266,12 @@ def _truncated_sum(
     lam: float = params["lambda"]
     total = weight_total(strategy, inputs.weights) if params["normalize"] else 1.0
     taus = task_vectors(inputs, strategy)
-    for tau in taus:
+    for tau, cid in zip(taus, inputs.contribution_ids, strict=True):
         m = matrix_view(tau)
         if m is not None:
-            tau.copy_(truncate(m).reshape(tau.shape))  # one rounding to the compute dtype
+            tau.copy_(
+                truncate(m, f"{inputs.name}\n{cid}").reshape(tau.shape)
+            )  # one rounding to the compute dtype
     coefficients = [lam * w / total for w in inputs.weights]
     return base + numerics.weighted_sum(taus, coefficients)
 
@@ -136,6 +313,36 @@ _KNOTS_METHODS = {"ties": "ties", "linear": "task_arithmetic"}
 _VARIANTS = {v.name: v for v in VARIANTS}
 
 
+def _knots_basis(
+    mats: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """U (m x r), s (r) and the blocks V_i (r x n) of [tau_1 .. tau_K] = U diag(s) [V_1 .. V_K],
+    r = min(m, Kn).
+
+    For m <= Kn: from eigh of the m x m Gram sum_i tau_i tau_i^T (the concatenation's, one
+    product), s = sqrt(eigenvalue) and V_i = diag(1/s) U^T tau_i.  A direction whose eigenvalue
+    is at most m * 2^-52 * s_1^2 (zero within the Gram's rounding) gets s = 0 and a zero V row:
+    it adds nothing to the output (U diag(s) V_merged), as a zero singular value of the full SVD
+    does, whose V row is an arbitrary unit vector of LAPACK's choosing.  For m > Kn (tall
+    updates, few contributions) the full SVD of the concatenation, as before."""
+    m = mats[0].shape[0]
+    n = mats[0].shape[1]
+    concatenated = torch.cat(mats, dim=1)
+    if m > concatenated.shape[1]:
+        u, s, vh = numerics.svd(concatenated)
+        return u, s, [vh[:, i * n : (i + 1) * n].contiguous() for i in range(len(mats))]
+    values, u = numerics.eigh(numerics.matmul(concatenated, concatenated.T))
+    del concatenated
+    values, u = values.flip(0).clamp(min=0.0), u.flip(1)
+    tol = float(values[0]) * m * 2.0**-52 if m else 0.0
+    kept = values > tol
+    s = torch.where(kept, values, 0.0).sqrt()
+    divisor = torch.where(kept, s, 1.0).unsqueeze(1)
+    zero = kept.logical_not().unsqueeze(1)
+    blocks = [torch.where(zero, 0.0, numerics.matmul(u.T, t) / divisor).contiguous() for t in mats]
+    return u, s, blocks
+
+
 def merge_svd_knot_tying(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
     """KnOTS (Stoica et al., ICLR 2025, "Model merging with SVD to tie the KnOTS").
 
@@ -170,11 +377,7 @@ def merge_svd_knot_tying(inputs: TensorInputs, params: Mapping[str, Any]) -> tor
     if base.dim() < 2:
         return generalized_task_arithmetic(variant, inputs, core)
     taus = task_vectors(inputs, "svd_knot_tying")
-    mats = [t.reshape(t.shape[0], -1) for t in taus]
-    n = mats[0].shape[1]
-    u, s, vh = numerics.svd(torch.cat(mats, dim=1))
-    del mats
-    blocks = [vh[:, i * n : (i + 1) * n].contiguous() for i in range(len(taus))]
+    u, s, blocks = _knots_basis([t.reshape(t.shape[0], -1) for t in taus])
     aligned = TensorInputs(
         name=inputs.name,
         base=torch.zeros(blocks[0].shape, dtype=torch.float64),
