@@ -25,6 +25,8 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "odd.bias": (1021,),
     "scalar": (),
     "cube": (3, 5, 7),
+    # a decaying spectrum: star's subspace iteration and adarank's range finder run on it
+    "lowrank.weight": (160, 224),
 }
 
 
@@ -37,7 +39,19 @@ def _values(
     return ((u - 0.5) * 2.0).to(torch.float32).reshape(shape)
 
 
-# a full SVD per 2048x2048 tensor takes seconds on one thread: these run on the smaller inputs
+def _low_rank(
+    stream: numerics.RandomStream, name: str, cid: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Rank 6 with singular values falling by 2 per component, plus noise of 1e-4."""
+    a = _values(stream, name, f"{cid}/left", (shape[0], 6)).to(torch.float64)
+    b = _values(stream, name, f"{cid}/right", (6, shape[1])).to(torch.float64)
+    scale = torch.tensor([2.0**-j for j in range(6)], dtype=torch.float64) * 0.01
+    noise = _values(stream, name, cid, shape).to(torch.float64) * 1e-4
+    return (numerics.matmul(a * scale, b) + noise).to(torch.float32)
+
+
+# an eigendecomposition of a 2048 x 2048 Gram per contribution takes seconds on one thread:
+# these run on the smaller inputs (lowrank.weight exercises their range-finder paths)
 SKIP_BIG = {"star", "adarank", "svd_knot_tying"}
 
 
@@ -46,7 +60,10 @@ def inputs() -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
     table: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for name, shape in SHAPES.items():
         base = _values(stream, name, "base", shape)
-        deltas = [_values(stream, name, cid, shape) * 0.01 for cid in CONTRIBUTIONS]
+        if name == "lowrank.weight":
+            deltas = [_low_rank(stream, name, cid, shape) for cid in CONTRIBUTIONS]
+        else:
+            deltas = [_values(stream, name, cid, shape) * 0.01 for cid in CONTRIBUTIONS]
         table[name] = (base, [(base + d) for d in deltas])
     base, xs = table["odd.weight"]
     table["half.weight"] = (base.to(torch.bfloat16), [x.to(torch.float16) for x in xs])
@@ -82,12 +99,14 @@ def _digest(t: torch.Tensor) -> str:
     ).hexdigest()
 
 
-def main(threads: int) -> None:
+def main(threads: int, only: list[str]) -> None:
     torch.set_num_threads(threads)
     rng = numerics.RandomStream(ROOT)
     data = inputs()
     extra = extra_inputs(numerics.RandomStream(b"\x43" * 32), data)
     for strategy in all_strategies():
+        if only and strategy.name not in only:  # a subset, when checking a few strategies
+            continue
         names = {p.name for p in strategy.params}
         raw: dict[str, object] = {}
         if "density" in names:
@@ -168,4 +187,4 @@ def main(threads: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2:])
