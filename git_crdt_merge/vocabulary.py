@@ -10,6 +10,13 @@ EXTRA_INPUT_KINDS: dict[str, str] = {
 }
 """The kinds of extra inputs a contribution can carry (``add-contribution --KIND FILE``)."""
 
+STRATEGY_REVISIONS: dict[str, int] = {"star": 2, "adarank": 2, "svd_knot_tying": 2, "knots": 2}
+"""Strategies (names and aliases) whose algorithm changed their output bytes since they were
+first released, with their current revision (``Strategy.revision``; absent means 1).  The
+revision is part of the cache key, so a clone never serves a result an earlier algorithm
+computed; read here, without torch, on the cache-hit path.  Every declared revision other than 1
+must be listed (tests/strategies/test_strategies.py checks it)."""
+
 COMPUTE_DTYPE_NAMES: tuple[str, ...] = ("float32", "float64")
 """The dtypes strategies compute in (``resolve --compute-dtype``); the default is the first."""
 

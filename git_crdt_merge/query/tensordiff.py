@@ -89,7 +89,9 @@ def resolved_folder(repo: Repo, rev: str | None) -> Path:
     if not manifest.visible_contributions():
         raise NotFoundError(f"{state_label(rev)} has no visible contributions: no merged model")
     settings = cache.Settings()  # the default numerics and shards: the hooks' result
-    hit = cache.cached(repo, settings.key(manifest.merkle_root()))
+    hit = cache.cached(
+        repo, settings.key(manifest.merkle_root(), cache.strategy_revision(manifest))
+    )
     if hit is not None:
         return hit
     store = ObjectStore(repo.root, rev=None if rev in (None, ":") else rev)

@@ -45,8 +45,10 @@ import blake3
 from .. import bounded, faults
 from ..errors import CrdtError, ResolveError
 from ..git import commands as gitops
+from ..replicated.manifest import Manifest
 from ..replicated.repo import Repo, atomic_write, pid_alive
 from ..sizes import parse_size
+from ..vocabulary import STRATEGY_REVISIONS
 
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
@@ -70,19 +72,29 @@ class Settings:
     max_shard: int = DEFAULT_MAX_SHARD
     workers: int | None = None
 
-    def key(self, root: str) -> str:
-        return cache_key(root, self.compute_dtype, self.device, self.max_shard)
+    def key(self, root: str, revision: int = 1) -> str:
+        return cache_key(root, self.compute_dtype, self.device, self.max_shard, revision)
 
 
-def cache_key(root: str, compute_dtype: str, device: str, max_shard: int) -> str:
-    """The Merkle root names the default result; other numerics or shard sizes get their own
-    entry (``<root>.float64.cpu``, ``<root>.shard1000000``)."""
+def cache_key(root: str, compute_dtype: str, device: str, max_shard: int, revision: int = 1) -> str:
+    """The Merkle root names the default result; other numerics, shard sizes or a strategy's
+    later algorithm get their own entry (``<root>.float64.cpu``, ``<root>.shard1000000``,
+    ``<root>.r2``: revision 2 of the strategy, :func:`strategy_revision`)."""
     key = root
     if (compute_dtype, device) != ("float32", "cpu"):
         key += f".{compute_dtype}.{device}"
     if max_shard != DEFAULT_MAX_SHARD:
         key += f".shard{max_shard}"
+    if revision != 1:
+        key += f".r{revision}"
     return key
+
+
+def strategy_revision(manifest: Manifest) -> int:
+    """The revision of the manifest's strategy (``Strategy.revision``, from the torch-free
+    mirror :data:`vocabulary.STRATEGY_REVISIONS`)."""
+    name = manifest.strategy().get("name")
+    return STRATEGY_REVISIONS.get(name, 1) if isinstance(name, str) else 1
 
 
 _KEY_RE = re.compile(r"[0-9a-f]{64}(?:\.[a-z0-9]+)*\Z")

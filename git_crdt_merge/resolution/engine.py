@@ -205,12 +205,13 @@ def resolution_record(
 ) -> dict[str, Any]:
     record = {
         "format": FORMAT_VERSION,
-        "cache_key": cache_key(plan.root, compute_dtype, device, max_shard),
+        "cache_key": cache_key(plan.root, compute_dtype, device, max_shard, plan.strategy.revision),
         "compute_dtype": compute_dtype,
         "device": device,
         "merkle_root": plan.root,
         "seed": seed_of(plan.root).hex(),
         "strategy": plan.strategy.name,
+        "strategy_revision": plan.strategy.revision,
         "params": plan.raw_params,
         "base": plan.base_id,
         "contributions": [

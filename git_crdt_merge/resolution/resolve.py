@@ -131,7 +131,7 @@ def resolve(
             remove_output(repo, out_dir)
         return Outcome(root, out_dir, False, empty=True)
     settings = cache.Settings(device, compute_dtype, max_shard, workers)
-    key = settings.key(root)
+    key = settings.key(root, cache.strategy_revision(manifest))
     if cache.try_publish(repo, key, out_dir):
         return Outcome(root, out_dir, True)
     resolve_to_cache(
@@ -176,7 +176,7 @@ def resolve_to_cache(
     unguarded."""
     from . import engine, pool  # torch is imported only when there is work to do
 
-    key = settings.key(manifest.merkle_root())
+    key = settings.key(manifest.merkle_root(), cache.strategy_revision(manifest))
     if settings.device == "cuda" and not engine.torch.cuda.is_available():
         raise ResolveError("--device cuda: no CUDA device is available")
     fetch_set(store, manifest)  # a partial clone: what this set needs, in two batches

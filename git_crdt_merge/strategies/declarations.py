@@ -215,6 +215,9 @@ class Strategy:
     # ratio to the IO floor above about 10, docs/performance.md): resolve then uses every core
     # by default (one worker process per core, resolution/pool.py); False keeps one process
     compute_bound: bool = False
+    # bumped where a new algorithm changes the output bytes (part of the cache key, recorded in
+    # resolution.json); every value other than 1 is mirrored in vocabulary.STRATEGY_REVISIONS
+    revision: int = 1
 
     def needed_extras(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The extra-input kinds every contribution must carry under ``params``."""

@@ -446,6 +446,7 @@ register(
         merge=merge_star,
         summary="STAR: spectral truncation of each task matrix, nuclear-norm rescale, average",
         compute_bound=True,
+        revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )
 
@@ -462,6 +463,7 @@ register(
         merge=merge_adarank,
         summary="AdaRank (data-free): per-task, per-layer rank by spectral energy, then sum",
         compute_bound=True,
+        revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )
 
@@ -486,6 +488,7 @@ register(
         merge=merge_svd_knot_tying,
         summary="KnOTS: one SVD of the concatenated updates, merge in the shared basis",
         compute_bound=True,
+        revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )
 

@@ -380,6 +380,41 @@ def test_half_precision_contributions_give_output_of_the_same_dtype(
         assert torch.equal(got[name], want), name
 
 
+def test_a_strategy_revision_names_its_own_cache_entry(tmp_path: Path) -> None:
+    """star's revision 2 (Gram / subspace-iteration algorithm) resolves under ``<root>.r2``: an
+    entry the previous algorithm left under the bare root (a clone's older cache) is not
+    served, and resolution.json records the revision."""
+    repo = fresh_repo(tmp_path / "repo")
+    set_base(repo, model(tmp_path, 0))
+    for s in (1, 2):
+        add(repo, model(tmp_path, s))
+    choose(repo, "star")
+    git(repo, "commit", "-q", "-am", "strategy")
+    root = status(repo)["merkle_root"]
+    first = resolve_here(repo)
+    fresh = digests(first)
+    record = json.loads((first / "resolution.json").read_text())
+    assert record["cache_key"] == f"{root}.r2"
+    assert record["strategy_revision"] == 2
+    assert not cache_dir(repo, root).exists()
+    # what revision 1 would have cached: other bytes under the old key
+    old = cache_dir(repo, root)
+    shutil.copytree(cache_dir(repo, f"{root}.r2"), old)
+    planted = old / "model.safetensors"
+    planted.write_bytes(planted.read_bytes()[:-4] + b"\0\0\0\0")
+    old_record = json.loads((old / "resolution.json").read_text())
+    old_record["cache_key"] = root
+    del old_record["strategy_revision"]
+    (old / "resolution.json").write_text(json.dumps(old_record))
+    shutil.rmtree(cache_dir(repo, f"{root}.r2"))
+    shutil.rmtree(repo / "merged")
+    again = resolve_cli(repo)
+    assert again["cache_hit"] is False
+    assert digests(repo / "merged") == fresh
+    assert (old / "model.safetensors").read_bytes() == planted.read_bytes()  # left alone
+    assert resolve_cli(repo)["cache_hit"] is True  # the r2 entry now serves
+
+
 def test_float64_compute_dtype_gets_its_own_cache_entry(tmp_path: Path) -> None:
     repo = fresh_repo(tmp_path / "repo")
     for s, w in ((1, "1"), (2, "3"), (3, "0.3")):

@@ -20,6 +20,7 @@ from git_crdt_merge.strategies import (
     resolve_params,
     run_strategy,
 )
+from git_crdt_merge.vocabulary import STRATEGY_REVISIONS
 
 ROOT = bytes(range(1, 33))
 NAME = "layer.weight"
@@ -439,3 +440,16 @@ def test_the_catalogue_index_names_every_strategy_and_alias() -> None:
     for strategy in all_strategies():
         for name in (strategy.name, *strategy.aliases):
             assert f"`{name}`" in index, name
+
+
+def test_every_strategy_revision_is_mirrored_for_the_cache_key() -> None:
+    """``Strategy.revision`` (in the cache key) is read without torch on a cache hit, from
+    vocabulary.STRATEGY_REVISIONS: the two must agree, aliases included."""
+    declared = {
+        name: s.revision
+        for s in all_strategies()
+        if s.revision != 1
+        for name in (s.name, *s.aliases)
+    }
+    assert declared == STRATEGY_REVISIONS
+    assert {declared[n] for n in ("star", "adarank", "svd_knot_tying", "knots")} == {2}
