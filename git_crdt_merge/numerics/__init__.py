@@ -30,6 +30,9 @@ The rules (measured with torch 2.13 on CPU under ``ATEN_CPU_CAPABILITY=default|a
   thread count both change SVD and solve results in the last bits; this pair does not.  The
   guarantee is MKL's (same MKL version, any x86 CPU), so these are for strategies whose source
   paper needs a decomposition (SVD, least squares), never for what a reduction above can do.
+  :mod:`.spectral` builds partial decompositions on the same kernels (Gram eigenvalues,
+  Householder QR, a randomized range finder whose test matrices come from a fixed-key blake3
+  stream), for the spectral strategies.
 * **Randomness** comes only from :class:`RandomStream`: a blake3 XOF keyed by the Merkle root and
   addressed by (tensor name, contribution id); integer operations only.
 * **Selection** (:func:`topk_mask`, :func:`band_mask`, :func:`row_ranks`) has an exact tie rule

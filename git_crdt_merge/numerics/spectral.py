@@ -59,12 +59,14 @@ def block_size(m: int) -> int:
     return max(16, m // 32)
 
 
-def sketch(key: str, block: int, rows: int, cols: int) -> torch.Tensor:
+def sketch(
+    key: str, block: int, rows: int, cols: int, device: torch.device | None = None
+) -> torch.Tensor:
     """A rows x cols matrix of independent +-1 entries (float64), word i of the blake3 stream of
     (key, block) giving entry i (row-major) by its lowest bit.  Fixed key: the same test matrix
     on every machine, independent of the Merkle root."""
     words = _SKETCH.bits(key, f"block {block}", rows * cols)
-    return ((words & 1) * 2 - 1).to(torch.float64).reshape(rows, cols)
+    return ((words & 1) * 2 - 1).to(device=device, dtype=torch.float64).reshape(rows, cols)
 
 
 def orthonormal(y: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +95,7 @@ def range_finder(
     ``w`` beyond ``q``: Y = w Omega (Omega = :func:`sketch` (key, block), n x columns), then
     :data:`POWER_ITERATIONS` times Y = w (w^T Y), re-orthonormalized (against ``q`` as well)
     after every product."""
-    y = orthonormal(matmul(w, sketch(key, block, w.shape[1], columns)), q)
+    y = orthonormal(matmul(w, sketch(key, block, w.shape[1], columns, w.device)), q)
     for _ in range(POWER_ITERATIONS):
         y = orthonormal(matmul(w, matmul(w.T, y)), q)
     return y

@@ -127,9 +127,9 @@ def _energy_sketched(w: torch.Tensor, target: float, key: str) -> torch.Tensor |
     limit = m // 3
     if 2 * b > limit:
         return None
-    q = torch.zeros(m, 0, dtype=_F64)
-    rows = torch.zeros(0, w.shape[1], dtype=_F64)
-    bb = torch.zeros(0, 0, dtype=_F64)
+    q = torch.zeros(m, 0, dtype=_F64, device=w.device)
+    rows = torch.zeros(0, w.shape[1], dtype=_F64, device=w.device)
+    bb = torch.zeros(0, 0, dtype=_F64, device=w.device)
     block = 0
     while q.shape[1] + b <= limit:
         y = lowrank.range_finder(w, key, b, block, q)
@@ -193,7 +193,7 @@ def _flat(gram: torch.Tensor, key: str) -> bool:
     m = gram.shape[0]
     if m < 48:
         return True
-    v = lowrank.sketch(key, 0, m, 1)
+    v = lowrank.sketch(key, 0, m, 1, gram.device)
     for _ in range(8):
         v = numerics.matmul(gram, v)
         v = v / math.sqrt(lowrank.energy(v)) if lowrank.energy(v) > 0 else v
@@ -227,7 +227,7 @@ def _star_subspace(
         steps = math.log(_STAR_ANGLE * gap / lam[0]) / math.log(rho)
         if steps > _STAR_ITERATIONS or steps * (2 * m * k + 4 * k * k) > 4 * m * m:
             return None
-    y = lowrank.orthonormal(numerics.matmul(gram, lowrank.sketch(key, 0, m, k)))
+    y = lowrank.orthonormal(numerics.matmul(gram, lowrank.sketch(key, 0, m, k, gram.device)))
     for _ in range(_STAR_ITERATIONS):
         z = numerics.matmul(gram, y)
         values, vectors = numerics.eigh(numerics.matmul(y.T, z))
