@@ -1,9 +1,10 @@
-"""Linear algebra in float64 on one thread with MKL's compatible branch; side-by-side runs.
+"""Linear algebra in float64 on one thread with MKL's AVX2 branch; side-by-side runs.
 
 Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,53 @@ from typing import Any
 
 import torch
 
+from ..errors import CpuError
+
+MKL_BRANCH = "AVX2"
+"""MKL's conditional-numerical-reproducibility branch, set by ``git_crdt_merge/__init__.py``
+(``MKL_CBWR``) before torch's first MKL call: the same bits on every CPU with AVX2."""
+
+
+@functools.cache
+def _read_cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or None where they cannot be read
+    (other systems).  A Linux CPU that is not x86 has no ``flags`` line: an empty set."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read(1 << 20)
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """The seam the tests replace: :func:`_read_cpu_flags`, read once per process."""
+    return _read_cpu_flags()
+
+
+def _require_avx2() -> None:
+    """Refuse, rather than give other bits, on a CPU that cannot run MKL's AVX2 branch (MKL
+    would fall back to another code path there).  Where the flags cannot be read, run."""
+    flags = _cpu_flags()
+    if flags is not None and "avx2" not in flags:
+        raise CpuError(
+            "its float64 linear algebra (products, SVD, eigh, solve) needs an x86-64 CPU with "
+            "AVX2 to give the same bytes on every machine, and /proc/cpuinfo lists no avx2 "
+            "here: resolve on such a CPU, or choose a strategy without linear algebra"
+        )
+
 
 @contextmanager
 def linalg_threads() -> Iterator[None]:
-    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split)."""
-    if os.environ.get("MKL_CBWR") != "COMPATIBLE":  # pragma: no cover - set by the package
-        raise RuntimeError("MKL_CBWR must be COMPATIBLE before torch's first MKL call")
+    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split),
+    on a CPU with AVX2 under MKL's AVX2 branch (:class:`CpuError` otherwise)."""
+    if os.environ.get("MKL_CBWR") != MKL_BRANCH:  # pragma: no cover - set by the package
+        raise RuntimeError(f"MKL_CBWR must be {MKL_BRANCH} before torch's first MKL call")
+    _require_avx2()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

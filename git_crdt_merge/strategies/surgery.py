@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import numerics
-from ..errors import ResolveError
+from ..errors import CpuError, ResolveError
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
@@ -145,6 +145,8 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
                 side[f"{key}.up"], side[f"{key}.down"] = surgery_factors(
                     merged, task, gram2d, ridge, rank
                 )
+        except CpuError:
+            raise  # about the machine, not this tensor: run_strategy names the strategy
         except ResolveError as exc:
             raise ResolveError(
                 f"strategy representation_surgery: tensor {inputs.name!r}, contribution "
