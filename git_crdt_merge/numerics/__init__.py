@@ -63,7 +63,17 @@ from .dtypes import (
     weighted_sum_,
 )
 from .elementwise import exp, log
-from .linalg import eigh, linalg_threads, matmul, on_device, run_side_by_side, solve, svd
+from .linalg import (
+    eigh,
+    linalg_threads,
+    matmul,
+    matmul_symmetric,
+    on_device,
+    run_side_by_side,
+    solve,
+    solve_spd,
+    svd,
+)
 from .reductions import dot, dot_rows, exact_sum, exact_sum_rows, fold_sum, l1_norm, l2_norm, mean
 from .scalars import acos, cos, sin, sqrt
 from .selection import (
@@ -84,8 +94,10 @@ __all__ = [
     "eigh",
     "linalg_threads",
     "matmul",
+    "matmul_symmetric",
     "run_side_by_side",
     "solve",
+    "solve_spd",
     "svd",
     "RandomStream",
     "acos",
