@@ -130,6 +130,7 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
     merged = generalized_task_arithmetic(_TASK_ARITHMETIC, inputs, params)
     if side is None or not originals:
         return merged
+    merged64 = merged.to(torch.float64)  # once for every task's fit (_fit's cast is then free)
     if merged.dim() != 2:  # pragma: no cover - checked when the contribution was added
         raise ResolveError(f"strategy representation_surgery: tensor {inputs.name!r} is not 2-D")
     inner = merged.shape[1]
@@ -141,10 +142,10 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
         # float64 here, rounded once to the weight's storage dtype by run_strategy
         try:
             if rank == 0:
-                side[key] = surgery_module(merged, task, gram2d, ridge)
+                side[key] = surgery_module(merged64, task, gram2d, ridge)
             else:
                 side[f"{key}.up"], side[f"{key}.down"] = surgery_factors(
-                    merged, task, gram2d, ridge, rank
+                    merged64, task, gram2d, ridge, rank
                 )
         except CpuError:
             raise  # about the machine, not this tensor: run_strategy names the strategy
