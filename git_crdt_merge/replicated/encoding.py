@@ -18,7 +18,6 @@ dictionary; and the decoded tensor must give the blake3 of its content recorded 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ import zstandard
 from ..errors import InputError, StoreError
 from .descriptor import BaseRef, Encoding, TensorEntry
 from .formats import DTYPE_SIZES
-from .store import MAX_OBJECT_BYTES, ObjectStore
+from .store import MAX_OBJECT_BYTES, WORKERS, ObjectStore
 
 RAW = "raw"
 PLANES = "planes-zstd"
@@ -62,7 +61,6 @@ ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
 # on one core, ~1 GB/s here), at a cost of under 0.1% in size against 64 MiB frames.
 PIECE_BYTES = 8 * 1024 * 1024
 MAX_PIECE_BYTES = MAX_OBJECT_BYTES - (MAX_OBJECT_BYTES >> 7)  # room for zstd's growth
-WORKERS = min(8, os.cpu_count() or 1)
 _PARALLEL_HASH_BYTES = 1 << 20
 
 _local = threading.local()
