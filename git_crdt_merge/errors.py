@@ -71,6 +71,11 @@ class ResolveError(CrdtError):
     exit_code = 9
 
 
+class CpuError(ResolveError):
+    """This CPU cannot give the reproducible bits a computation needs: the float64 linear
+    algebra (``numerics.matmul``/``svd``/``eigh``/``solve``) needs an x86-64 CPU with AVX2."""
+
+
 class GitError(CrdtError):
     """A git command failed."""
 

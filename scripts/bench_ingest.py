@@ -17,7 +17,9 @@ size over raw of zstd (level 1) on raw bytes, zipnn (if importable: install it w
 `.venv/bin/pip install zipnn` after torch==2.13.0, which it would otherwise replace), byte
 planes + zstd, and XOR against the base + planes + zstd, with each codec's in-process encode
 and decode GB/s (best of ``--repeat``); then whole `git crdt set-base` + `add-contribution`
-processes raw and encoded (ingest GB/s, repository bytes over raw), and the decoding of the
+processes raw and encoded (ingest GB/s, repository bytes over raw; and the start-up of the
+same process doing nothing, ``process_start_s``, with the encoded ingest's GB/s after it), and
+the decoding of the
 fine-tune's tensors as resolution reads them (base already loaded) against raw reads of the
 same tensors, and whole `git crdt resolve` processes of both repositories.
 """
@@ -192,6 +194,13 @@ def storage(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[st
         }
     raw_t, enc_t = (min(out[f"ingest_{e}"]["all_s"]) for e in ("raw", "xor-planes-zstd"))  # type: ignore[index]
     out["ingest_time_over_raw"] = round(enc_t / raw_t, 2)
+    # the fixed part of every ingest: the same process started and parsing its options
+    start = min(
+        timed(["git", "crdt", "add-contribution", "--help"], repos["raw"], env)
+        for _ in range(args.repeat)
+    )
+    out["process_start_s"] = round(start, 3)
+    out["ingest_GBps_after_start"] = round(size / (enc_t - start) / 1e9, 2)
     out["decode_in_resolve"] = decode_speed(repos["raw"], repos["xor-planes-zstd"], args.repeat)
     for enc, repo in repos.items():
         subprocess.run(["git", "crdt", "strategy", "linear"], cwd=repo, env=env, check=True)

@@ -24,12 +24,16 @@ The rules (measured with torch 2.13 on CPU under ``ATEN_CPU_CAPABILITY=default|a
 * **Transcendentals** (:func:`acos`, :func:`sin`, :func:`cos`) are evaluated with Python's
   :mod:`decimal` at 60 significant digits and rounded once to float64, so they never depend on the
   platform's libm.  They are meant for a few scalars per tensor (SLERP angles).
-* **Linear algebra** (:func:`matmul`, :func:`svd`, :func:`eigh`, :func:`solve`) runs in float64
-  on one thread with Intel MKL's "compatible" reproducibility branch (``MKL_CBWR=COMPATIBLE``,
-  set when the package is imported): measured here, the branch MKL picks for the CPU and the
-  thread count both change SVD and solve results in the last bits; this pair does not.  The
-  guarantee is MKL's (same MKL version, any x86 CPU), so these are for strategies whose source
-  paper needs a decomposition (SVD, least squares), never for what a reduction above can do.
+* **Linear algebra** (:func:`matmul`, :func:`matmul_symmetric`, :func:`svd`, :func:`eigh`,
+  :func:`solve`, :func:`solve_spd`) runs in float64 on one thread with Intel MKL's AVX2
+  reproducibility branch (``MKL_CBWR=AVX2``, set when the package is imported): measured here,
+  the branch MKL picks for the CPU and the thread count both change SVD and solve results in the
+  last bits; this pair does not.  The guarantee is MKL's: the same bits on every CPU with AVX2
+  (x86-64 since Intel Haswell, 2013, and AMD Zen), same MKL version.  On a CPU without AVX2
+  (Linux: no ``avx2`` in ``/proc/cpuinfo``'s flags, ARM included) these functions raise
+  :class:`~git_crdt_merge.errors.CpuError` (exit code 9) instead of giving other bits; where
+  the flags cannot be read they run.  These are for strategies whose source paper needs a
+  decomposition (SVD, least squares), never for what a reduction above can do.
   :mod:`.spectral` builds partial decompositions on the same kernels (Gram eigenvalues,
   Householder QR, a randomized range finder whose test matrices come from a fixed-key blake3
   stream), for the spectral strategies.
@@ -66,7 +70,17 @@ from .dtypes import (
     weighted_sum_,
 )
 from .elementwise import exp, log
-from .linalg import eigh, linalg_threads, matmul, on_device, run_side_by_side, solve, svd
+from .linalg import (
+    eigh,
+    linalg_threads,
+    matmul,
+    matmul_symmetric,
+    on_device,
+    run_side_by_side,
+    solve,
+    solve_spd,
+    svd,
+)
 from .reductions import dot, dot_rows, exact_sum, exact_sum_rows, fold_sum, l1_norm, l2_norm, mean
 from .scalars import acos, cos, sin, sqrt
 from .selection import (
@@ -87,8 +101,10 @@ __all__ = [
     "eigh",
     "linalg_threads",
     "matmul",
+    "matmul_symmetric",
     "run_side_by_side",
     "solve",
+    "solve_spd",
     "svd",
     "RandomStream",
     "acos",

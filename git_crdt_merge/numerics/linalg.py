@@ -1,9 +1,10 @@
-"""Linear algebra in float64 on one thread with MKL's compatible branch; side-by-side runs.
+"""Linear algebra in float64 on one thread with MKL's AVX2 branch; side-by-side runs.
 
 Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,12 +13,53 @@ from typing import Any
 
 import torch
 
+from ..errors import CpuError
+
+MKL_BRANCH = "AVX2"
+"""MKL's conditional-numerical-reproducibility branch, set by ``git_crdt_merge/__init__.py``
+(``MKL_CBWR``) before torch's first MKL call: the same bits on every CPU with AVX2."""
+
+
+@functools.cache
+def _read_cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or None where they cannot be read
+    (other systems).  A Linux CPU that is not x86 has no ``flags`` line: an empty set."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read(1 << 20)
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """The seam the tests replace: :func:`_read_cpu_flags`, read once per process."""
+    return _read_cpu_flags()
+
+
+def _require_avx2() -> None:
+    """Refuse, rather than give other bits, on a CPU that cannot run MKL's AVX2 branch (MKL
+    would fall back to another code path there).  Where the flags cannot be read, run."""
+    flags = _cpu_flags()
+    if flags is not None and "avx2" not in flags:
+        raise CpuError(
+            "its float64 linear algebra (products, SVD, eigh, solve) needs an x86-64 CPU with "
+            "AVX2 to give the same bytes on every machine, and /proc/cpuinfo lists no avx2 "
+            "here: resolve on such a CPU, or choose a strategy without linear algebra"
+        )
+
 
 @contextmanager
 def linalg_threads() -> Iterator[None]:
-    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split)."""
-    if os.environ.get("MKL_CBWR") != "COMPATIBLE":  # pragma: no cover - set by the package
-        raise RuntimeError("MKL_CBWR must be COMPATIBLE before torch's first MKL call")
+    """Run the enclosed LAPACK/BLAS calls on one thread (their results depend on the split),
+    on a CPU with AVX2 under MKL's AVX2 branch (:class:`CpuError` otherwise)."""
+    if os.environ.get("MKL_CBWR") != MKL_BRANCH:  # pragma: no cover - set by the package
+        raise RuntimeError(f"MKL_CBWR must be {MKL_BRANCH} before torch's first MKL call")
+    _require_avx2()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -115,6 +157,44 @@ def eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flip = vectors.gather(0, pivot.unsqueeze(0)).squeeze(0) < 0
         vectors = vectors * torch.where(flip, -1.0, 1.0).to(torch.float64)
     return values, vectors
+
+
+def matmul_symmetric(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in float64 for a product that is symmetric by construction (``W G W^T``,
+    ``C A^-1 C^T``): the row blocks of the result are multiplied only up to the diagonal (8
+    blocks: 36/64 of the multiply-adds of :func:`matmul`) and the upper triangle is the mirror
+    of the lower one, so the result is exactly symmetric.  Block edges are multiples of 8 rows
+    (64-byte aligned row blocks, as MKL's reproducibility conditions ask)."""
+    a64, b64 = _f64(a), _f64(b)
+    rows = a64.shape[0]
+    if a64.dim() != 2 or b64.dim() != 2 or b64.shape[1] != rows:
+        raise ValueError(
+            f"matmul_symmetric needs (n, k) @ (k, n), got {tuple(a.shape)} @ {tuple(b.shape)}"
+        )
+    blocks = max(1, min(8, rows // 64))
+    edges = [0] + [rows * i // blocks // 8 * 8 for i in range(1, blocks)] + [rows]
+    out = a64.new_empty((rows, rows))
+    with linalg_threads():
+        for start, stop in zip(edges, edges[1:], strict=False):
+            if stop > start:
+                torch.matmul(a64[start:stop], b64[:, :stop], out=out[start:stop, :stop])
+    below = torch.ones((rows, rows), dtype=torch.bool, device=out.device).tril()
+    return torch.where(below, out, out.T)  # the upper triangle was never written
+
+
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric positive-definite ``a`` (only its lower triangle is read), in
+    float64, by Cholesky: ``a = L L^T``, then two triangular solves (LAPACK potrf + potrs,
+    about 7/8 of the LU solve's work for a square ``b``).  Where ``a`` is not numerically
+    positive definite (a singular Gram matrix), it is the LU solve of :func:`solve` on ``a``
+    mirrored from its lower triangle; which one runs depends only on the values."""
+    with linalg_threads():
+        a64 = _f64(a)
+        factor, info = torch.linalg.cholesky_ex(a64)
+        if int(info) == 0:
+            return torch.cholesky_solve(_f64(b), factor)
+        lower = a64.tril()
+        return torch.linalg.solve(lower + lower.tril(-1).T, _f64(b))
 
 
 def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

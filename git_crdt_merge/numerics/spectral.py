@@ -2,7 +2,8 @@
 range finder, and the projections onto leading singular subspaces built from them.
 
 Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules.  Everything runs on the
-float64, one-thread, MKL-compatible kernels of :mod:`.linalg` (``matmul``, ``eigh``, QR), and
+float64, one-thread kernels of :mod:`.linalg` in MKL's reproducible branch (``matmul``,
+``matmul_symmetric``, ``eigh``, QR), and
 the random test matrices come from a blake3 stream with a fixed key addressed by (key, block), so
 every result is a function of the input bits alone.
 
@@ -20,7 +21,7 @@ import math
 import blake3
 import torch
 
-from .linalg import eigh, linalg_threads, matmul
+from .linalg import linalg_threads, matmul
 from .reductions import dot
 from .stream import RandomStream
 
@@ -99,13 +100,6 @@ def range_finder(
     for _ in range(POWER_ITERATIONS):
         y = orthonormal(matmul(w, matmul(w.T, y)), q)
     return y
-
-
-def captured(b: torch.Tensor) -> tuple[list[float], torch.Tensor]:
-    """The squared singular values (descending) and left singular vectors of the small k x n
-    matrix ``b = Q^T w``, from the eigendecomposition of ``b b^T`` (k x k)."""
-    values, vectors = eigh(matmul(b, b.T))
-    return gram_spectrum(values), vectors.flip(1)
 
 
 def energy(t: torch.Tensor) -> float:

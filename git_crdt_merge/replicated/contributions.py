@@ -244,14 +244,18 @@ def _store_encoded(
     the hashes release the GIL); fill in each entry's chunks and encoding.  ``on_written``
     gets each stored object's size, ``progress`` the tensor bytes it holds."""
     work = [(t, lo, hi) for t in tensors for lo, hi in t.pieces()]
+    bases = encoding.XorBases(store)
+    for t, lo, hi in work:
+        if t.base is not None:
+            bases.expect(t.base.chunks, t.base.encoding, lo, hi)
 
     def one(item: tuple[_EncodedTensor, int, int]) -> str:
         t, lo, hi = item
-        base = None
+        base: dict[str, Any] = {}
         if t.base is not None:
             ref = t.base
-            base = encoding.read_range(store, ref.chunks, ref.encoding, t.itemsize, lo, hi)
-        frame = encoding.encode_piece(t.data.data[lo:hi], t.itemsize, base)
+            base = bases.piece(ref.chunks, ref.encoding, t.itemsize, lo, hi)
+        frame = encoding.encode_piece(t.data.data[lo:hi], t.itemsize, **base)
         oid = store.put_chunks([memoryview(frame)], on_written)[0]
         if progress is not None:
             progress(hi - lo)

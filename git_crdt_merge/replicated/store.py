@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from . import lfs
 
 OBJECTS_DIR = ".crdt/objects"
 DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+# threads that hash, encode and write chunks (zstd, numpy, blake3 and file I/O release the GIL)
+WORKERS = min(8, os.cpu_count() or 1)
 # The largest object git-crdt writes (ingest) or accepts (verify): a sane bound on memory.
 MAX_OBJECT_BYTES = 1024**3
 # Below this, one blake3 thread beats spinning up the pool.
@@ -77,7 +80,7 @@ class ObjectStore:
     ``rev`` selects where ids are looked up when reading: the index (None) or a revision.
     """
 
-    def __init__(self, root: Path, *, rev: str | None = None, workers: int = 2) -> None:
+    def __init__(self, root: Path, *, rev: str | None = None, workers: int = WORKERS) -> None:
         self.root = root
         self.rev = rev
         self.objects_dir = gitops.common_dir(root) / "objects"

@@ -143,7 +143,10 @@ def merge_regmean(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tens
     kept exactly).  Weights w_i (> 0; not in the paper, where all are 1) scale each model's
     Gram.  Tensors without Gram matrices (biases, norms, embeddings) are the weighted average
     sum_i w_i W_i / sum_i w_i, as in the paper.  Computed in float64: products through
-    numerics.matmul, W* = solve(B^T, A^T)^T with A, B the sums above in canonical order."""
+    numerics.matmul, A and B the sums above in canonical order, B symmetrised as (B + B^T) / 2
+    (exact halving), W*^T = B^-1 A^T by Cholesky (numerics.solve_spd: B is symmetric positive
+    definite when every input feature is non-zero in some model's data, and alpha < 1 or the
+    Grams have full rank; otherwise the LU solve)."""
     _positive_weights("regression_mean", inputs)
     alpha: float = params["alpha"]
     if not 0.0 <= alpha <= 1.0:
@@ -167,8 +170,9 @@ def merge_regmean(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tens
         a_terms.append(numerics.matmul(t, g_reg))
     a = numerics.ordered_sum(a_terms)
     b = numerics.ordered_sum(b_terms)
+    b = (b + b.T) * 0.5  # exact halving; no change for symmetric Gram matrices
     try:
-        merged_t = numerics.solve(b.T.contiguous(), a.T.contiguous())
+        merged_t = numerics.solve_spd(b, a.T.contiguous())
     except RuntimeError:  # torch.linalg.LinAlgError: singular
         raise ResolveError(
             f"strategy regression_mean: tensor {inputs.name!r}: the summed Gram matrix is "

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from .. import numerics
-from ..errors import ResolveError
+from ..errors import CpuError, ResolveError
 from ..numerics import FLOAT_COMPUTE_DTYPES, RandomStream, from_compute, to_compute
 from . import layered
 from .declarations import ModelContext, ModelValues, Strategy, TensorInputs
@@ -97,6 +98,16 @@ def _prepare(
     return inputs, source, source.dtype
 
 
+@contextmanager
+def _naming(strategy: Strategy) -> Iterator[None]:
+    """Put the strategy's name in front of a :class:`CpuError` from the numerics (they cannot
+    know which strategy called them)."""
+    try:
+        yield
+    except CpuError as exc:
+        raise CpuError(f"strategy {strategy.name}: {exc}") from None
+
+
 def run_strategy(
     strategy: Strategy,
     name: str,
@@ -153,7 +164,7 @@ def run_strategy(
         storage_dtype = output_dtype
     # factory calls inside strategies and numerics (zeros, empty, tensor ...) allocate on the
     # inputs' device, so that --device cuda runs the same code
-    with numerics.on_device(source.device):
+    with numerics.on_device(source.device), _naming(strategy):
         merged = strategy.merge(inputs, params)
     if side is not None and inputs.side:
         for key in sorted(inputs.side):
@@ -171,7 +182,10 @@ def collect_statistics(strategy: Strategy, stored: StoredInputs, params: Mapping
     inputs, _, _ = _prepare(strategy, stored)
     if inputs is None:
         return None
-    with numerics.on_device(inputs.tensors[0].device if inputs.tensors else "cpu"):
+    with (
+        numerics.on_device(inputs.tensors[0].device if inputs.tensors else "cpu"),
+        _naming(strategy),
+    ):
         return strategy.model_pass.collect(inputs, params)
 
 

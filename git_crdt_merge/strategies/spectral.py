@@ -6,7 +6,7 @@ splits every task vector into its part in the contributions' shared subspace and
 the exact K x K Gram matrix (no large SVD).  Matrices are tensors of 2 or more dimensions, seen
 as (shape[0], rest); 0-d and 1-D tensors have no spectrum and take each method's documented
 fallback.  Decompositions go through :func:`numerics.svd` / :func:`numerics.eigh` (float64, one
-thread, MKL's compatible branch); everything elementwise is one rounding per operation.
+thread, MKL's AVX2 branch); everything elementwise is one rounding per operation.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _energy_exact(w: torch.Tensor, target: float) -> torch.Tensor:
     values), grown (by 1, 2, 4 ...) until the float64 result's exact energy reaches ``target``
     (only rounding can make it fall short; at r = m the result is w itself)."""
     m = w.shape[0]
-    values, vectors = numerics.eigh(numerics.matmul(w, w.T))
+    values, vectors = numerics.eigh(numerics.matmul_symmetric(w, w.T))
     vectors = vectors.flip(1)
     r = lowrank.prefix_rank(lowrank.gram_spectrum(values), target)
     r = m if r is None else max(r, 1)
@@ -163,7 +163,7 @@ def _energy_sketched(w: torch.Tensor, target: float, key: str) -> torch.Tensor |
 def _star_truncation(eta: float) -> Truncation:
     def truncate(m: torch.Tensor, key: str) -> torch.Tensor:
         w, flipped = _wide(m)
-        gram = numerics.matmul(w, w.T)
+        gram = numerics.matmul_symmetric(w, w.T)
         vectors: torch.Tensor | None = None
         if _flat(gram, key):  # the vectors will be needed: one eigh gives the values too
             values, vectors = numerics.eigh(gram)
@@ -333,7 +333,7 @@ def _knots_basis(
     if m > concatenated.shape[1]:
         u, s, vh = numerics.svd(concatenated)
         return u, s, [vh[:, i * n : (i + 1) * n].contiguous() for i in range(len(mats))]
-    values, u = numerics.eigh(numerics.matmul(concatenated, concatenated.T))
+    values, u = numerics.eigh(numerics.matmul_symmetric(concatenated, concatenated.T))
     del concatenated
     values, u = values.flip(0).clamp(min=0.0), u.flip(1)
     tol = float(values[0]) * m * 2.0**-52 if m else 0.0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import numerics
-from ..errors import ResolveError
+from ..errors import CpuError, ResolveError
 from .registry import Param, Strategy, TensorInputs, register
 from .task_arithmetic import VARIANTS, generalized_task_arithmetic
 
@@ -38,8 +38,10 @@ def surgery_module(
     P = W_m G W_m^T, gives S = (W_t G W_m^T + lambda I)(P + lambda I)^-1, and
     I - S = (P + lambda I - W_t G W_m^T - lambda I)(P + lambda I)^-1 = (W_m - W_t) G W_m^T
     (P + lambda I)^-1, computed in that form (no cancellation against I).  Products through
-    numerics.matmul, P symmetrised as (P + P^T) / 2 (exact halving), lambda's trace summed with
-    math.fsum (correctly rounded), M^T = solve(P + lambda I, C^T) with numerics.solve."""
+    numerics.matmul, P through numerics.matmul_symmetric (its lower triangle, mirrored: exactly
+    symmetric, about half the work), lambda's trace summed with math.fsum (correctly rounded),
+    M^T = (P + lambda I)^-1 C^T by Cholesky (numerics.solve_spd: P + lambda I is symmetric
+    positive definite for lambda > 0)."""
     return _fit(merged, task, gram, ridge)[0]
 
 
@@ -52,11 +54,11 @@ def surgery_factors(
     The objective is ||M Z - R||^2 + lambda ||M||^2 with Z = W_m X^T, R = (W_m - W_t) X^T, a
     least-squares fit on the data augmented by sqrt(lambda) I; its rank-r optimum projects the
     full solution M onto the r leading eigenvectors U of the fitted values' covariance
-    M (P + lambda I) M^T = C M^T (C = (W_m - W_t) G W_m^T), taken with numerics.eigh
-    (deterministic signs), largest eigenvalue first."""
+    M (P + lambda I) M^T = C M^T (C = (W_m - W_t) G W_m^T, a symmetric product: through
+    numerics.matmul_symmetric), taken with numerics.eigh (deterministic signs), largest
+    eigenvalue first."""
     module, c = _fit(merged, task, gram, ridge)
-    fitted = numerics.matmul(c, module.T)
-    fitted = (fitted + fitted.T) * 0.5
+    fitted = numerics.matmul_symmetric(c, module.T)  # C (P + lambda I)^-1 C^T
     _, vectors = numerics.eigh(fitted)
     r = min(rank, module.shape[0])
     up = vectors[:, vectors.shape[1] - r :].flip(1).contiguous()
@@ -70,8 +72,7 @@ def _fit(
     merged64 = merged.to(torch.float64)
     diff = merged64 - task.to(torch.float64)  # one rounding per element
     gw = numerics.matmul(gram, merged64.T)  # (in, out) = G W_m^T
-    p = numerics.matmul(merged64, gw)
-    p = (p + p.T) * 0.5
+    p = numerics.matmul_symmetric(merged64, gw)  # W_m G W_m^T, exactly symmetric
     c = numerics.matmul(diff, gw)  # (out, out)
     out = p.shape[0]
     trace = math.fsum(p.diagonal().tolist())
@@ -81,7 +82,7 @@ def _fit(
     if lam != 0.0:
         p.diagonal().add_(lam)
     try:
-        module_t = numerics.solve(p, c.T.contiguous())
+        module_t = numerics.solve_spd(p, c.T.contiguous())
     except RuntimeError:  # torch.linalg.LinAlgError: singular
         raise ResolveError(
             "W_m G W_m^T is singular (fewer independent inputs than outputs); set ridge > 0"
@@ -129,6 +130,7 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
     merged = generalized_task_arithmetic(_TASK_ARITHMETIC, inputs, params)
     if side is None or not originals:
         return merged
+    merged64 = merged.to(torch.float64)  # once for every task's fit (_fit's cast is then free)
     if merged.dim() != 2:  # pragma: no cover - checked when the contribution was added
         raise ResolveError(f"strategy representation_surgery: tensor {inputs.name!r} is not 2-D")
     inner = merged.shape[1]
@@ -140,11 +142,13 @@ def merge_representation_surgery(inputs: TensorInputs, params: Mapping[str, Any]
         # float64 here, rounded once to the weight's storage dtype by run_strategy
         try:
             if rank == 0:
-                side[key] = surgery_module(merged, task, gram2d, ridge)
+                side[key] = surgery_module(merged64, task, gram2d, ridge)
             else:
                 side[f"{key}.up"], side[f"{key}.down"] = surgery_factors(
-                    merged, task, gram2d, ridge, rank
+                    merged64, task, gram2d, ridge, rank
                 )
+        except CpuError:
+            raise  # about the machine, not this tensor: run_strategy names the strategy
         except ResolveError as exc:
             raise ResolveError(
                 f"strategy representation_surgery: tensor {inputs.name!r}, contribution "

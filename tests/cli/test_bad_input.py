@@ -269,3 +269,14 @@ def test_nonfinite_count_reads_the_bit_patterns_of_every_float_format(dtype: str
     values = np.array([0, 1, largest_finite, nan, nan | (1 << (bits - 1))], dtype=utype)
     assert count_nonfinite(dtype, memoryview(values.tobytes())) == 2
     assert count_nonfinite(dtype, memoryview(values[:3].tobytes())) == 0
+
+
+def test_nonfinite_count_covers_every_block_of_a_large_tensor() -> None:
+    """Blocks of a large tensor are counted in parallel: a NaN or Inf in any of them counts."""
+    values = np.zeros(9_000_001, dtype=np.uint16)  # BF16 zeros, three blocks of 4M elements
+    for at, bits in ((0, 0x7FC0), (5_000_000, 0x7F80), (9_000_000, 0xFF81)):
+        values[at] = bits
+    assert count_nonfinite("BF16", memoryview(values.tobytes())) == 3
+    floats = np.ones(9_000_001, dtype=np.float32)
+    floats[[1, 4_200_000, 8_999_999]] = [np.inf, np.nan, -np.inf]
+    assert count_nonfinite("F32", memoryview(floats.tobytes())) == 3

@@ -339,8 +339,8 @@ def test_eigh_solve_matmul_agree_with_float64_numpy() -> None:
     )
 
 
-def test_the_package_selects_mkls_compatible_branch() -> None:
-    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
+def test_the_package_selects_mkls_avx2_branch() -> None:
+    assert os.environ["MKL_CBWR"] == "AVX2"
 
 
 @pytest.mark.parametrize("k", [1, 150_001, 299_999])
@@ -452,3 +452,40 @@ def test_della_mask_by_rank_table_equals_the_per_element_formula() -> None:
         want = stream.bernoulli_mask_per_element("w", "c", p)
         assert torch.equal(sparsify.della_magprune_mask(d, 0.5, 0.15, key), want), shape
         assert torch.equal(sparsify.della_probabilities(d, 0.5, 0.15), p), shape
+
+
+@pytest.mark.parametrize("n", [0, 5, 64, 200, 515])
+def test_matmul_symmetric_is_the_product_made_exactly_symmetric(n: int) -> None:
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, 37)).astype(np.float32).astype(np.float64)
+    g = rng.standard_normal((37, 37))
+    g = g @ g.T
+    gw = torch.from_numpy(g @ w.T)
+    got = numerics.matmul_symmetric(torch.from_numpy(w).to(torch.float32), gw)  # exact cast
+    assert got.dtype == torch.float64 and got.shape == (n, n)
+    assert torch.equal(got, got.T)
+    want = w @ (g @ w.T)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10 * max(1.0, n))
+    full = numerics.matmul(torch.from_numpy(w), gw)
+    assert torch.equal(got.tril(), full.tril()) or n > 64  # one block: the same lower triangle
+    with pytest.raises(ValueError, match="matmul_symmetric needs"):
+        numerics.matmul_symmetric(torch.from_numpy(w), torch.from_numpy(w))
+
+
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_solve_spd_matches_the_lu_solve_and_falls_back_to_it_for_a_singular_gram(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n + 3, n))
+    spd = torch.from_numpy(x.T @ x + np.eye(n))
+    b = torch.from_numpy(rng.standard_normal((n, 4)))
+    got = numerics.solve_spd(spd, b)
+    np.testing.assert_allclose(got.numpy(), numerics.solve(spd, b).numpy(), rtol=1e-9, atol=1e-12)
+    upper_ignored = spd.tril() + torch.triu(torch.full_like(spd, 7.0), 1)
+    assert torch.equal(numerics.solve_spd(upper_ignored, b), got)  # only the lower triangle
+    # indefinite (not a Gram matrix, but non-singular): the LU solve, not an error
+    sym = torch.from_numpy(np.diag(np.arange(n, dtype=np.float64) - n / 2 + 0.25))
+    np.testing.assert_allclose(
+        numerics.solve_spd(sym, b).numpy(), numerics.solve(sym, b).numpy(), rtol=1e-12
+    )
+    with pytest.raises(RuntimeError):  # singular: LU's error, as numerics.solve
+        numerics.solve_spd(torch.zeros(n, n, dtype=torch.float64), b)

@@ -190,6 +190,70 @@ def test_encodings_are_validated_before_any_buffer() -> None:
     assert refs == {"b" * 64, "c" * 64, "e" * 64}
 
 
+def test_xor_bases_give_every_range_of_a_stored_base_reading_each_chunk_once(
+    tmp_path: Path,
+) -> None:
+    """Ingest's XOR bases (encoding.XorBases), raw and planes-zstd, for ranges aligned with the
+    stored chunks, inside one, and across two: the base's exact bytes (or its exact planes),
+    and every chunk read from the store once however many ranges it feeds."""
+    from git_crdt_merge.replicated.descriptor import Encoding
+
+    repo = fresh_repo(tmp_path / "r")
+    itemsize = 2
+    data = np.random.default_rng(3).integers(0, 256, 6000, dtype=np.uint8).tobytes()
+
+    class Counting(ObjectStore):
+        reads: dict[str, int] = {}
+
+        def get(self, object_id: str, **kw: Any) -> bytes:
+            self.reads[object_id] = self.reads.get(object_id, 0) + 1
+            return super().get(object_id, **kw)
+
+        def read_chunk_into(self, object_id: str, dest: memoryview) -> None:
+            self.reads[object_id] = self.reads.get(object_id, 0) + 1
+            super().read_chunk_into(object_id, dest)
+
+    store = Counting(repo)
+    raw_chunks = store.put_chunks([memoryview(data)[i : i + 2500] for i in range(0, 6000, 2500)])
+    frames = [encoding.encode_piece(data[i : i + 1000], itemsize) for i in range(0, 6000, 1000)]
+    enc_chunks = store.put_chunks([memoryview(f) for f in frames])
+    planes = Encoding(encoding.PLANES, (1000,) * 6)
+    ranges = [(0, 1000), (1000, 2000), (2000, 3000), (2400, 2600), (5000, 6000)]
+    for chunks, enc in ((raw_chunks, None), (enc_chunks, planes)):
+        bases = encoding.XorBases(store)
+        for lo, hi in ranges:
+            bases.expect(chunks, enc, lo, hi)
+        store.reads.clear()
+        for lo, hi in ranges:
+            ((kind, got),) = bases.piece(chunks, enc, itemsize, lo, hi).items()
+            want = data[lo:hi]
+            if kind == "base_planes":
+                assert enc is not None and (hi - lo) == 1000 and lo % 1000 == 0
+                want = bytes(encoding.split_planes(want, itemsize))
+            assert bytes(got) == want, (kind, lo, hi)
+            # a piece encoded against either form decodes, XORed with the base, to itself
+            tuned = bytes(b ^ (i % 7) for i, b in enumerate(data[lo:hi]))
+            out = bytearray(hi - lo)
+            frame = encoding.encode_piece(tuned, itemsize, **{kind: got})
+            encoding.decode_piece(frame, itemsize, memoryview(out))
+            encoding.xor_into(memoryview(out), data[lo:hi])
+            assert bytes(out) == tuned
+        assert store.reads and set(store.reads) <= set(chunks)
+        assert set(store.reads.values()) == {1}
+        assert bases._held == {}  # nothing kept once every expected range was taken
+
+
+def test_xor_against_planes_equals_xor_against_bytes() -> None:
+    rng = np.random.default_rng(4)
+    for itemsize in ITEMSIZES:
+        data = rng.integers(0, 256, itemsize * 301, dtype=np.uint8).tobytes()
+        base = rng.integers(0, 256, itemsize * 301, dtype=np.uint8).tobytes()
+        by_bytes = encoding.encode_piece(data, itemsize, base)
+        base_planes = encoding.split_planes(base, itemsize).copy()
+        assert encoding.encode_piece(data, itemsize, base_planes=base_planes) == by_bytes
+        assert roundtrip(data, itemsize, base) == data
+
+
 # -- in a repository ---------------------------------------------------------------------------
 SHAPES = {"a.weight": (64, 48), "b.weight": (33,), "c.bias": (0,), "d.weight": (5, 7)}
 

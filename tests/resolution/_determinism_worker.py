@@ -178,10 +178,13 @@ def main(threads: int, only: list[str]) -> None:
     u, s, vh = numerics.svd(a)
     values, vectors = numerics.eigh(numerics.matmul(a.T, a))
     square = numerics.matmul(a[:200].T, a[:200]) + torch.eye(200, dtype=torch.float64)
+    gram_at = numerics.matmul(numerics.matmul(a.T, a), a.T)  # (200, 300): a G a^T is symmetric
     for label, t in {
         "svd": torch.cat([u.reshape(-1), s, vh.reshape(-1)]),
         "eigh": torch.cat([values, vectors.reshape(-1)]),
         "solve": numerics.solve(square, a[:200, :7]),
+        "solve_spd": numerics.solve_spd(square, a[:200, :7]),
+        "matmul_symmetric": numerics.matmul_symmetric(a, gram_at),
     }.items():
         print(label, hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest())
 
