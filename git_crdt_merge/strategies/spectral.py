@@ -107,7 +107,7 @@ def _energy_exact(w: torch.Tensor, target: float) -> torch.Tensor:
     step = 1
     while True:
         t = _gram_projection(w, vectors, r)
-        if r >= m or lowrank.energy(t) >= target:
+        if r >= m or lowrank.holds_energy(t, target):
             return t
         r, step = _grow(r, step, m)
 
@@ -149,7 +149,7 @@ def _energy_sketched(w: torch.Tensor, target: float, key: str) -> torch.Tensor |
             r, step = max(r, 1), 1
             while r + b <= k:
                 t = lowrank.project(w, numerics.matmul(q, vectors[:, :r]))
-                if lowrank.energy(t) >= target:
+                if lowrank.holds_energy(t, target):
                     return t
                 r, step = _grow(r, step, k)
         if r is None and sig2[k - 1] > 0:
@@ -245,9 +245,7 @@ def _star_subspace(
 def _energy_truncation(energy: float) -> Truncation:
     def truncate(m: torch.Tensor, key: str) -> torch.Tensor:
         w, flipped = _wide(m)
-        # on the compute-dtype input: float32 squares are exact in float64, so the same value
-        # as on w, several times faster
-        total = numerics.dot(m, m)
+        total = numerics.dot(w, w)  # exact: float32 squares are exact in float64
         if total <= 0:
             return torch.zeros(m.shape, dtype=_F64)
         target = energy * total
