@@ -10,7 +10,16 @@ EXTRA_INPUT_KINDS: dict[str, str] = {
 }
 """The kinds of extra inputs a contribution can carry (``add-contribution --KIND FILE``)."""
 
-STRATEGY_REVISIONS: dict[str, int] = {"star": 2, "adarank": 2, "svd_knot_tying": 2, "knots": 2}
+STRATEGY_REVISIONS: dict[str, int] = {
+    "star": 2,
+    "adarank": 2,
+    "svd_knot_tying": 2,
+    "knots": 2,
+    "dual_projection": 2,
+    "regression_mean": 2,
+    "regmean": 2,
+    "representation_surgery": 2,
+}
 """Strategies (names and aliases) whose algorithm changed their output bytes since they were
 first released, with their current revision (``Strategy.revision``; absent means 1).  The
 revision is part of the cache key, so a clone never serves a result an earlier algorithm

@@ -20,10 +20,11 @@ from .resolve import memory_needed
 
 READ_RATE = 3.0e9  # bytes/s: the benchmark's IO floor (2.0 GB of inputs in 0.6-0.7 s)
 DEFAULT_COST = 10.0
-# resolve time / IO floor, docs/performance.md "Every strategy" (rounded)
+# resolve time / IO floor, docs/performance.md "Every strategy" (rounded; the decomposition
+# and solve strategies from the third session's re-measurement, 8 layers, 2 workers)
 RELATIVE_COST: dict[str, float] = {
     "ada_merging": 16,
-    "adarank": 1050,
+    "adarank": 148,
     "arcee_fusion": 34,
     "breadcrumbs": 5.3,
     "breadcrumbs_ties": 6.5,
@@ -48,14 +49,14 @@ RELATIVE_COST: dict[str, float] = {
     "passthrough": 1.0,
     "ram": 5.9,
     "ramplus_tl": 8.0,
-    "regression_mean": 243,
-    "representation_surgery": 770,
+    "regression_mean": 33,
+    "representation_surgery": 143,
     "safe_merge": 9.0,
     "sce": 20,
     "slerp": 3.4,
     "split_unlearn_merge": 6.5,
-    "star": 1120,
-    "svd_knot_tying": 1227,
+    "star": 131,
+    "svd_knot_tying": 63,
     "task_arithmetic": 2.3,
     "ties": 4.4,
     "weight_scope_alignment": 8.5,

@@ -192,6 +192,7 @@ register(
         stochastic=False,
         merge=merge_regmean,
         summary="RegMean: least-squares merge of linear layers from their inputs' Gram matrices",
+        revision=2,  # Cholesky solve in MKL's AVX2 branch (was: LU, COMPATIBLE)
         compute_bound=True,
         extra_inputs=("gram",),
     )

@@ -504,5 +504,6 @@ register(
         stochastic=False,
         merge=merge_dual_projection,
         summary="shared-subspace part kept, task-specific parts damped by the stability",
+        revision=2,  # MKL's AVX2 reproducibility branch (was: COMPATIBLE)
     )
 )

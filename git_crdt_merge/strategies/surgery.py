@@ -180,6 +180,7 @@ register(
         ),
         base="required",
         stochastic=False,
+        revision=2,  # symmetric products and Cholesky in MKL's AVX2 branch
         merge=merge_representation_surgery,
         summary="task arithmetic plus per-task linear surgery modules (surgery.safetensors) "
         "fitted from the Gram matrices",
