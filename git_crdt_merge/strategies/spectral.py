@@ -45,15 +45,9 @@ def keep_count(values: list[float], fraction: float) -> int:
     total = math.fsum(values)
     if total <= 0:
         return 0
-    target = fraction * total  # fraction in (0, 1] (validated), so r = len(values) qualifies
-    lo, hi = 1, len(values)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if math.fsum(values[:mid]) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    # fraction in (0, 1] (validated), so fraction * total <= total and r = len(values) qualifies
+    r = lowrank.prefix_rank(values, fraction * total)
+    return len(values) if r is None else r
 
 
 Truncation = Callable[[torch.Tensor, str], torch.Tensor]
