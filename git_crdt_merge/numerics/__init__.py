@@ -86,6 +86,7 @@ from .scalars import acos, cos, sin, sqrt
 from .selection import (
     band_mask,
     bottom_mask,
+    keep_below_rank_table,
     keep_topk_magnitude_,
     kth_smallest,
     magnitude_row_ranks,
@@ -117,6 +118,7 @@ __all__ = [
     "exact_sum_rows",
     "exp",
     "fold_sum",
+    "keep_below_rank_table",
     "keep_topk_magnitude_",
     "from_compute",
     "l1_norm",

@@ -5,6 +5,8 @@ Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -254,6 +256,100 @@ def magnitude_row_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 _RANK_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def keep_below_rank_table(x: np.ndarray, words: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``words < table[r - 1]`` (a bool array shaped like ``x``) where ``r`` (1..m) is the rank
+    of ``|x|`` within its row (last dim, ties by index, as :func:`magnitude_row_ranks`).
+
+    ``x``: a 2-D array of the bits of float32, float16 or bfloat16 values (int32 or int16),
+    ``words``: uint32 of the same shape, ``table``: uint32 of length m, non-decreasing.  DELLA
+    keeps an entry iff its random word is below the threshold of its rank.
+
+    No ranks are formed.  With c = #{j: table[j] <= w} the test is ``r - 1 >= c``: with the
+    row's magnitudes sorted (s_0 <= ... <= s_{m-1}, then a sentinel above every key), an entry
+    whose magnitude occurs once in its row has rank - 1 >= c iff its magnitude >= s_c.  So one
+    plain sort of 32-bit keys per row, c from the word by a bucket table (the word's top bits
+    give a bucket holding at most one table value), and one gather.  Rows where a magnitude
+    repeats take the definition itself (unique keys ``magnitude * 2**b + column``, sorted,
+    compared in sorted order); every row's answer is the same either way."""
+    rows, m = x.shape
+    keep = np.empty((rows, m), dtype=bool)
+    if rows == 0 or m == 0:
+        return keep
+    counts = _table_counter(table)
+    top = np.iinfo(x.dtype).max
+    block = max(1, _RANK_BLOCK // m)
+    sentinel = np.uint32(0xFFFFFFFF)  # above every key (keys are < 2**31)
+    for lo in range(0, rows, block):
+        hi = min(rows, lo + block)
+        keys = np.bitwise_and(x[lo:hi], top).astype(np.uint32)
+        ordered = np.empty((hi - lo, m + 1), dtype=np.uint32)
+        ordered[:, m] = sentinel
+        ordered[:, :m] = keys
+        ordered[:, :m].sort(axis=1)
+        c = counts(words[lo:hi])
+        c += (np.arange(hi - lo, dtype=c.dtype) * (m + 1))[:, None]
+        np.greater_equal(keys, np.take(ordered, c), out=keep[lo:hi])
+        repeats = np.flatnonzero((ordered[:, 1:m] == ordered[:, : m - 1]).any(axis=1))
+        if repeats.size:
+            rows_with_ties = repeats + lo
+            keep[rows_with_ties] = _keep_by_sorted_keys(keys[repeats], words[rows_with_ties], table)
+    return keep
+
+
+_RANK_BLOCK = 1 << 17  # elements per block of rows: the block's arrays stay in the CPU cache
+
+
+def _keep_by_sorted_keys(keys: np.ndarray, words: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """:func:`keep_below_rank_table` by its definition, for rows of 31-bit magnitude keys: sort
+    the unique keys ``key * 2**b + column``; position j of a row has rank j + 1."""
+    rows, m = keys.shape
+    b = max(1, (m - 1).bit_length())
+    unique = keys.astype(np.int64) << b
+    unique |= np.arange(m, dtype=np.int64)
+    unique.sort(axis=1)
+    columns = unique & ((1 << b) - 1)
+    drawn = np.take_along_axis(words, columns, axis=1)
+    keep = np.empty((rows, m), dtype=bool)
+    np.put_along_axis(keep, columns, drawn < table[None, :], axis=1)
+    return keep
+
+
+def _table_counter(table: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function of uint32 words giving c = #{j: table[j] <= w} (intp) for the non-decreasing
+    ``table``.
+
+    Buckets by the word's top ``bits`` bits: where every bucket holds at most one entry of the
+    table, c = start[h] + (w >= value[h]), start[h] being the entries below the bucket and
+    value[h] the one inside it (an empty bucket: start - 1 and value 0, so that c = start).
+    Otherwise (very long rows, repeated thresholds) a binary search, which gives the same c."""
+    for bits in (16, 18, 20):
+        width = 1 << (32 - bits)
+        edges = np.arange(1 << bits, dtype=np.uint64) * np.uint64(width)
+        start = np.searchsorted(table, edges, side="left").astype(np.intp)
+        end = np.searchsorted(table, edges + np.uint64(width - 1), side="right").astype(np.intp)
+        if np.all(end - start <= 1):
+            inside = end > start
+            value = np.zeros(1 << bits, dtype=np.uint32)
+            value[inside] = table[start[inside]]
+            start[~inside] -= 1
+            return partial(_count_by_bucket, np.uint32(32 - bits), start, value)
+
+    return partial(_count_by_search, table)
+
+
+def _count_by_bucket(
+    shift: np.uint32, start: np.ndarray, value: np.ndarray, words: np.ndarray
+) -> np.ndarray:
+    h = np.right_shift(words, shift)
+    c = np.take(start, h)
+    c += np.take(value, h) <= words
+    return c
+
+
+def _count_by_search(table: np.ndarray, words: np.ndarray) -> np.ndarray:
+    return np.searchsorted(table, words, side="right").astype(np.intp)
 
 
 def row_ranks(values: torch.Tensor) -> torch.Tensor:

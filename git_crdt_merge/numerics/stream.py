@@ -80,6 +80,14 @@ class RandomStream:
         words = np.frombuffer(raw, dtype="<u4").astype(np.int64)
         return torch.from_numpy(words)
 
+    def words(self, tensor_name: str, contribution_id: str, n: int, offset: int = 0) -> np.ndarray:
+        """Words ``offset .. offset+n-1`` of the stream as a numpy uint32 array (the values of
+        :meth:`bits`, 4 bytes each)."""
+        if n < 0 or offset < 0:
+            raise ValueError("words: n and offset must be >= 0")
+        hasher = blake3.blake3(stream_message(tensor_name, contribution_id), key=self.root)
+        return np.frombuffer(hasher.digest(length=4 * n, seek=4 * offset), dtype="<u4")
+
     def uniform(
         self, tensor_name: str, contribution_id: str, n: int, offset: int = 0
     ) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import numerics
@@ -158,16 +159,38 @@ def della_magprune_mask(
     """DELLA MagPrune: keep each entry with the probability of :func:`della_probabilities`
     (larger magnitudes are kept more often), drawn from the (tensor, contribution) stream:
     kept iff word i < floor(p_i * 2**32), the thresholds looked up by rank.
-    density >= 1: everything; density <= 0: nothing."""
+    density >= 1: everything; density <= 0: nothing.
+
+    float32 (and 16-bit) deltas with thresholds below 2**32 that grow with the rank (epsilon
+    >= 0) take :func:`numerics.keep_below_rank_table` (one 32-bit sort per row, no ranks);
+    other inputs the ranks themselves.  Both give the same mask."""
     if density >= 1:
         return None
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool)
     moved = _rows_last(delta)
     table = numerics.thresholds_u32(_rank_probabilities(moved.shape[-1], density, epsilon))
+    if moved.dtype in _FAST_DTYPES and _fits_u32_nondecreasing(table):
+        m = moved.shape[-1]
+        bits = moved.contiguous().reshape(-1, m).view(numerics.FLOAT_BITS[moved.dtype]).numpy()
+        words = key.rng.words(key.tensor_name, key.contribution_id, delta.numel())
+        if delta.dim() > 2:  # word i belongs to flat index i of delta: move them as moved
+            words = np.moveaxis(words.reshape(delta.shape), 1, -1)
+        words = np.ascontiguousarray(words).reshape(-1, m)
+        keep = numerics.keep_below_rank_table(bits, words, table.numpy().astype(np.uint32))
+        mask = torch.from_numpy(keep).reshape(moved.shape)
+        return torch.movedim(mask, -1, 1).reshape(delta.shape)
     limits = table[numerics.magnitude_row_ranks(moved) - 1]
     limits = torch.movedim(limits, -1, 1).reshape(delta.shape)
     return key.rng.bernoulli_mask_below(key.tensor_name, key.contribution_id, limits)
+
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fits_u32_nondecreasing(table: torch.Tensor) -> bool:
+    """Whether the thresholds are all below 2**32 and never decrease with the rank."""
+    return bool(table[-1] < 2**32) and bool(torch.all(table[1:] >= table[:-1]))
 
 
 def l1_rescale_in_place(kept: torch.Tensor, full_l1: float) -> None:

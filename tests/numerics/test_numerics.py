@@ -292,6 +292,48 @@ def test_magnitude_row_ranks_equal_the_stable_sort_of_magnitudes(dtype: torch.dt
     assert torch.equal(numerics.magnitude_row_ranks(cube), want.reshape(10, 5, 301))
 
 
+def _keep_below_rank_table_reference(
+    x: np.ndarray, words: np.ndarray, table: np.ndarray
+) -> np.ndarray:
+    """The definition: rank of |x| in its row by a stable sort, then the word against the
+    threshold of that rank."""
+    keep = np.zeros(x.shape, dtype=bool)
+    mags = (x & np.iinfo(x.dtype).max).astype(np.int64)
+    for r in range(x.shape[0]):
+        order = np.argsort(mags[r], kind="stable")
+        ranks = np.empty(x.shape[1], dtype=np.int64)
+        ranks[order] = np.arange(1, x.shape[1] + 1)
+        keep[r] = words[r].astype(np.int64) < table[ranks - 1].astype(np.int64)
+    return keep
+
+
+@pytest.mark.parametrize(
+    ("rows", "m", "spread"), [(1, 1, 0), (3, 2, 1), (40, 257, 1), (7, 3001, 1), (9, 100, 0)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_below_rank_table_equals_the_ranks_definition(
+    rows: int, m: int, spread: int, dtype: torch.dtype
+) -> None:
+    """Random magnitudes, rows full of ties (small integers), signed zeros, infinities and nan;
+    thresholds spread over the words' range, all equal, or with repeats (binary-search path),
+    words equal to a threshold and at 2**32 - 1."""
+    rng = np.random.default_rng(rows * 7919 + m)
+    x = torch.from_numpy(rng.standard_normal((rows, m)).astype(np.float32))
+    x[rows // 2] = torch.from_numpy((rng.integers(-6, 7, m) / 4).astype(np.float32))
+    x[0, :4] = torch.tensor([-0.0, 0.0, math.inf, -math.nan])[: min(4, m)]
+    bits = x.to(dtype).view(numerics.FLOAT_BITS[dtype]).numpy()
+    spaced = np.floor(np.linspace(0.2, 0.8, m) * 2**32).astype(np.uint32)
+    tables = [spaced, np.full(m, spaced[m // 2], dtype=np.uint32), np.sort(spaced // 2 * 2 // 1024)]
+    if spread:
+        tables.append(np.repeat(spaced[::2], 2)[:m])
+    for table in tables:
+        words = rng.integers(0, 2**32, (rows, m), dtype=np.uint64).astype(np.uint32)
+        words[-1, : min(m, 3)] = [table[0], 2**32 - 1, 0][: min(m, 3)]
+        want = _keep_below_rank_table_reference(bits, words, table)
+        got = numerics.keep_below_rank_table(bits, words, table)
+        assert np.array_equal(got, want)
+
+
 def test_row_ranks_are_stable() -> None:
     v = torch.tensor([[2.0, 1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert numerics.row_ranks(v).tolist() == [[3, 2, 4, 1], [1, 2, 3, 4]]
