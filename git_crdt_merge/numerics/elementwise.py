@@ -72,8 +72,11 @@ _ELEMENTWISE_BLOCK = 1 << 15
 
 
 def _exp_block(v: torch.Tensor) -> torch.Tensor:
-    nan = torch.isnan(v)
-    v = torch.where(nan, torch.zeros_like(v), v).clamp(-_EXP_CLAMP, _EXP_CLAMP)
+    # a block without nan skips the nan masks (the same bits: they change nothing there)
+    nan = torch.isnan(v) if _has_nan(v) else None
+    if nan is not None:
+        v = torch.where(nan, torch.zeros_like(v), v)
+    v = v.clamp(-_EXP_CLAMP, _EXP_CLAMP)
     # round half even to an integer: adding and removing 1.5 * 2**52 leaves no fraction bits
     # (exact for |x| < 2**51), the same IEEE rounding everywhere
     k = (v * _INV_LN2 + _ROUNDER) - _ROUNDER
@@ -84,7 +87,21 @@ def _exp_block(v: torch.Tensor) -> torch.Tensor:
     p.mul_(((k1 + 1023) << 52).view(torch.float64))  # exact: |k1| <= 578, p * 2**k1 is normal
     # the one rounding (only when the result is subnormal or inf); |k - k1| <= 578 as well
     p.mul_(((ki - k1 + 1023) << 52).view(torch.float64))
-    return torch.where(nan, torch.full_like(p, math.nan), p)
+    return p if nan is None else torch.where(nan, torch.full_like(p, math.nan), p)
+
+
+def _has_nan(v: torch.Tensor) -> bool:
+    lo, _ = torch.aminmax(v)  # nan if any element is nan
+    return bool(torch.isnan(lo))
+
+
+def _all_positive_normal(v: torch.Tensor) -> bool:
+    """Whether every element is a positive normal finite float64 (no nan)."""
+    lo, hi = torch.aminmax(v)
+    return bool((lo >= _SMALLEST_NORMAL) & (hi < math.inf))
+
+
+_SMALLEST_NORMAL = 2.0**-1022
 
 
 def log(x: torch.Tensor) -> torch.Tensor:
@@ -101,13 +118,24 @@ def log(x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_block(v: torch.Tensor) -> torch.Tensor:
+    if _all_positive_normal(v):  # the usual case: no special value, no subnormal to scale
+        return _log_core(v.contiguous().view(torch.int64), 0)
     positive = v > 0
     finite = torch.isfinite(v)
     work = torch.where(positive & finite, v, torch.ones_like(v))
     tiny = work < 2.0**-1022
     work = torch.where(tiny, work * 2.0**54, work)  # exact: subnormal -> normal
-    bits = work.view(torch.int64)
-    e = ((bits >> 52) & 0x7FF) - 1023 - torch.where(tiny, 54, 0)
+    out = _log_core(work.view(torch.int64), torch.where(tiny, 54, 0))
+    out = torch.where(v == 0, torch.full_like(out, -math.inf), out)
+    out = torch.where(v == math.inf, v, out)
+    return torch.where((v < 0) | torch.isnan(v), torch.full_like(out, math.nan), out)
+
+
+def _log_core(bits: torch.Tensor, scaled: torch.Tensor | int) -> torch.Tensor:
+    """log of the positive normal float64 values whose bits are ``bits``, minus ``scaled``
+    ln 2 (the power of two a subnormal was scaled by); integer steps are exact, so a block
+    without special values and subnormals gives the same bits with ``scaled`` = 0."""
+    e = ((bits >> 52) & 0x7FF) - 1023 - scaled
     m = ((bits & _MANTISSA) | (1023 << 52)).view(torch.float64)  # in [1, 2)
     big = m > _SQRT2
     m = torch.where(big, m * 0.5, m)  # exact
@@ -119,7 +147,4 @@ def _log_block(v: torch.Tensor) -> torch.Tensor:
     h = f * f * 0.5  # f*f rounded once; * 0.5 exact
     log_m = f - (h - s * (h + r))
     ef = e.to(torch.float64)  # |e| <= 1075: exact, and so is ef * _LN2_HI
-    out = ef * _LN2_HI + (ef * _LN2_LO + log_m)
-    out = torch.where(v == 0, torch.full_like(out, -math.inf), out)
-    out = torch.where(v == math.inf, v, out)
-    return torch.where((v < 0) | torch.isnan(v), torch.full_like(out, math.nan), out)
+    return ef * _LN2_HI + (ef * _LN2_LO + log_m)

@@ -31,8 +31,9 @@ def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 1:  # the flat reduction is ~10x faster than a reduction along dim 1
         lo, hi = torch.aminmax(x.reshape(-1))
         return torch.maximum(hi, torch.neg(lo)).reshape(1)
-    lo, hi = torch.aminmax(x, dim=1)
-    return torch.maximum(hi, torch.neg(lo))
+    # amax and amin apart: about 10x faster than aminmax along dim 1 here (both give nan
+    # for a row holding a nan; only the sign of a zero maximum may differ, which no caller reads)
+    return torch.maximum(torch.amax(x, dim=1), torch.neg(torch.amin(x, dim=1)))
 
 
 def _exact_level_sums(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
