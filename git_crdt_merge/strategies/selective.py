@@ -209,7 +209,7 @@ def merge_nearswap(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 _SOFTMAX_FLOOR = 1e-8
-_ROW_BLOCK_ELEMENTS = 1 << 20
+_ROW_BLOCK_ELEMENTS = 1 << 18  # rows of float64 temporaries that stay near the cache
 
 
 def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
