@@ -266,13 +266,14 @@ def keep_below_rank_table(x: np.ndarray, words: np.ndarray, table: np.ndarray) -
     ``words``: uint32 of the same shape, ``table``: uint32 of length m, non-decreasing.  DELLA
     keeps an entry iff its random word is below the threshold of its rank.
 
-    No ranks are formed.  With c = #{j: table[j] <= w} the test is ``r - 1 >= c``: with the
-    row's magnitudes sorted (s_0 <= ... <= s_{m-1}, then a sentinel above every key), an entry
-    whose magnitude occurs once in its row has rank - 1 >= c iff its magnitude >= s_c.  So one
-    plain sort of 32-bit keys per row, c from the word by a bucket table (the word's top bits
-    give a bucket holding at most one table value), and one gather.  Rows where a magnitude
-    repeats take the definition itself (unique keys ``magnitude * 2**b + column``, sorted,
-    compared in sorted order); every row's answer is the same either way."""
+    No ranks are formed.  With c = #{j: table[j] <= w} the test is ``r - 1 >= c``.  With the
+    row's magnitudes sorted (s_0 <= ... <= s_{m-1}, then a sentinel above every key): if
+    s_c < |x| then r - 1 > c (kept), if s_c > |x| then r - 1 < c (dropped); if s_c = |x| and
+    that magnitude occurs once in the row, r - 1 = c (kept).  So one plain sort of 32-bit keys
+    per row, c from the word by a bucket table (the word's top bits give a bucket holding at
+    most one table value) and one gather decide every entry but those whose magnitude repeats
+    in the row and sits exactly at s_c; those few get their rank by counting (or, when many,
+    their rows get ranks from unique keys ``magnitude * 2**b + column``)."""
     rows, m = x.shape
     keep = np.empty((rows, m), dtype=bool)
     if rows == 0 or m == 0:
@@ -290,12 +291,55 @@ def keep_below_rank_table(x: np.ndarray, words: np.ndarray, table: np.ndarray) -
         ordered[:, :m].sort(axis=1)
         c = counts(words[lo:hi])
         c += (np.arange(hi - lo, dtype=c.dtype) * (m + 1))[:, None]
-        np.greater_equal(keys, np.take(ordered, c), out=keep[lo:hi])
-        repeats = np.flatnonzero((ordered[:, 1:m] == ordered[:, : m - 1]).any(axis=1))
-        if repeats.size:
-            rows_with_ties = repeats + lo
-            keep[rows_with_ties] = _keep_by_sorted_keys(keys[repeats], words[rows_with_ties], table)
+        at = np.take(ordered, c)
+        np.greater_equal(keys, at, out=keep[lo:hi])
+        equal = np.flatnonzero(keys == at)
+        if equal.size:
+            _settle_repeated(ordered, keys, c, equal, keep[lo:hi], words[lo:hi], table)
     return keep
+
+
+def _settle_repeated(
+    ordered: np.ndarray,
+    keys: np.ndarray,
+    at: np.ndarray,
+    equal: np.ndarray,
+    keep: np.ndarray,
+    words: np.ndarray,
+    table: np.ndarray,
+) -> None:
+    """Correct ``keep`` (a block of rows, in place) at the flat indices ``equal`` where the
+    key equals s_c (``at``: flat indices of s_c in ``ordered``): where that magnitude repeats
+    in the row, kept iff #smaller + #equal at a lower column >= c, counted on the row."""
+    m = keys.shape[1]
+    row, col = np.divmod(equal, m)
+    where = at.reshape(-1)[equal]  # row * (m + 1) + c
+    c = where - row * (m + 1)
+    key = keys.reshape(-1)[equal]
+    flat = ordered.reshape(-1)
+    repeated = flat[where + 1] == key  # c < m here: the sentinel at m never equals a key
+    repeated |= (c > 0) & (flat[np.maximum(where - 1, 0)] == key)
+    if not repeated.any():
+        return
+    row, col, c, key = row[repeated], col[repeated], c[repeated], key[repeated]
+    rows, index, per_row = np.unique(row, return_inverse=True, return_counts=True)
+    many = per_row > _SETTLE_BY_COUNTING
+    if many.any():  # a row of zeros, say: that row's ranks from unique keys instead
+        heavy = rows[many]
+        keep[heavy] = _keep_by_sorted_keys(keys[heavy], words[heavy], table)
+        light = ~many[index]
+        row, col, c, key = row[light], col[light], c[light], key[light]
+    if not row.size:
+        return
+    peers = keys[row]  # one row per entry to settle (at most 16 per row of the block)
+    smaller = np.count_nonzero(peers < key[:, None], axis=1)
+    before = np.count_nonzero(
+        (peers == key[:, None]) & (np.arange(m)[None, :] < col[:, None]), axis=1
+    )
+    keep[row, col] = smaller + before >= c
+
+
+_SETTLE_BY_COUNTING = 16  # entries of a row settled by counting; more: the row's unique keys
 
 
 _RANK_BLOCK = 1 << 17  # elements per block of rows: the block's arrays stay in the CPU cache

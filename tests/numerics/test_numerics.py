@@ -334,6 +334,24 @@ def test_keep_below_rank_table_equals_the_ranks_definition(
         assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_below_rank_table_on_deltas_of_nearby_weights(dtype: torch.dtype) -> None:
+    """Task vectors of stored weights (x - base rounded to the storage grid): a few repeated
+    magnitudes in most rows, rows of about two entries per magnitude (those at s_c settled by
+    counting) and a row of zeros (its row settled by the unique keys)."""
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((48, 2048), dtype=np.float32)
+    x = base + np.float32(0.01) * rng.standard_normal(base.shape, dtype=np.float32)
+    delta = torch.from_numpy(x).to(dtype) - torch.from_numpy(base).to(dtype)
+    delta[5] = 0.0
+    delta[8:16] = torch.from_numpy(rng.integers(-1500, 1500, (8, 2048)) / 1024).to(dtype)
+    bits = delta.contiguous().view(numerics.FLOAT_BITS[dtype]).numpy()
+    table = np.floor(np.linspace(0.35, 0.65, 2048) * 2**32).astype(np.uint32)
+    words = rng.integers(0, 2**32, bits.shape, dtype=np.uint64).astype(np.uint32)
+    want = _keep_below_rank_table_reference(bits, words, table)
+    assert np.array_equal(numerics.keep_below_rank_table(bits, words, table), want)
+
+
 def test_row_ranks_are_stable() -> None:
     v = torch.tensor([[2.0, 1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert numerics.row_ranks(v).tolist() == [[3, 2, 4, 1], [1, 2, 3, 4]]

@@ -6,6 +6,7 @@ determinism matrix (tests/resolution/_determinism_worker.py hashes both on fixed
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from decimal import Decimal, localcontext
@@ -112,3 +113,25 @@ def test_results_do_not_depend_on_blocks_shape_or_input_dtype() -> None:
     assert numerics.exp(torch.tensor(1.0)).shape == ()
     with pytest.raises(ValueError, match="exp expects a real"):
         numerics.exp(torch.arange(3))
+
+
+def test_exp_and_log_bits_are_those_of_the_first_implementation() -> None:
+    """The digests of exp and log over their whole range (subnormal, overflow, the special
+    values, the reduction boundaries), computed with the first (torch) implementation: later
+    rewrites of the kernels must give the same bits."""
+    special = [0.0, -0.0, math.inf, -math.inf, math.nan, 5e-324, 2.0**-1022, -1.0, 709.8, -745.2]
+    wide = torch.cat(
+        [
+            torch.arange(200_003, dtype=torch.float64) * 0.0074 - 760.0,
+            torch.tensor([*special, 1e-310], dtype=torch.float64),
+        ]
+    )
+    positive = torch.cat([wide.abs() * 1e300, wide.abs() * 1e-300, wide.abs(), -wide[:5]])
+    digests = [
+        hashlib.sha256(numerics.exp(wide).numpy().tobytes()).hexdigest(),
+        hashlib.sha256(numerics.log(positive).numpy().tobytes()).hexdigest(),
+    ]
+    assert digests == [
+        "da356eaa428b52d66a55bf0573183141554531dcfc2ffd348d02631bbba799d4",
+        "560a87a6a8ec6c803840a38e28f138c04443dc1c5d335d59f91b606acb1734a7",
+    ]
