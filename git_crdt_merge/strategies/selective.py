@@ -230,13 +230,9 @@ def _row_kl(x_rows: torch.Tensor, b_rows: torch.Tensor) -> torch.Tensor:
     for lo in range(0, rows, step):
         p = _softmax_rows(x_rows[lo : lo + step].to(torch.float64))
         q = _softmax_rows(b_rows[lo : lo + step].to(torch.float64))
-        out[lo : lo + step] = numerics.exact_sum_rows(p * numerics.log(p / q))
+        terms = numerics.log(torch.div(p, q, out=q)).mul_(p)  # q is not needed after p / q
+        out[lo : lo + step] = numerics.exact_sum_rows(terms, overwrite=True)
     return out
-
-
-def _order_statistic(flat: torch.Tensor, index: int) -> float:
-    """The value at 0-based position ``index`` of the ascending order of ``flat`` (exact)."""
-    return float(numerics.kth_smallest(flat, index + 1))
 
 
 def merge_arcee_fusion(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tensor:
@@ -260,9 +256,11 @@ def merge_arcee_fusion(inputs: TensorInputs, params: Mapping[str, Any]) -> torch
     diff = x.sub_(base)  # X - B in the compute dtype, in place
     flat = importance.reshape(-1)
     n = flat.numel()
-    q1 = _order_statistic(flat, (n - 1) // 4)
-    median = _order_statistic(flat, (n - 1) // 2)
-    q3 = _order_statistic(flat, (3 * (n - 1)) // 4)
+    # the values at 0-based positions floor(p (n - 1)) of the ascending order (exact; the sign
+    # of a zero quartile cannot change the mask)
+    q1, median, q3 = numerics.order_statistics(
+        flat, [(n - 1) // 4 + 1, (n - 1) // 2 + 1, (3 * (n - 1)) // 4 + 1]
+    )
     threshold = median + 1.5 * (q3 - q1)
     keep = (importance >= threshold).reshape(diff.shape)
     del importance, flat

@@ -352,6 +352,20 @@ def test_keep_below_rank_table_on_deltas_of_nearby_weights(dtype: torch.dtype) -
     assert np.array_equal(numerics.keep_below_rank_table(bits, words, table), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_order_statistics_equal_the_sorted_values(dtype: torch.dtype) -> None:
+    """Integer keys (no negative values: ties, zeros of both signs, infinity, a subnormal) and
+    the float path (a negative value), against the sorted tensor; ranks at both ends too."""
+    rng = np.random.default_rng(31)
+    n = 300_007
+    values = np.abs(rng.standard_normal(n)) * rng.integers(0, 3, n)  # a third zeros
+    values[:5] = [-0.0, math.inf, 5e-324, 1.5, 1.5]
+    for flat in (torch.from_numpy(values).to(dtype), torch.from_numpy(-values + 1.0).to(dtype)):
+        ranks = [1, 2, n // 4 + 1, n // 3, n // 2 + 1, (3 * (n - 1)) // 4 + 1, n - 1, n]
+        want = torch.sort(flat).values[torch.tensor(ranks) - 1].tolist()
+        assert numerics.order_statistics(flat, ranks) == want
+
+
 def test_row_ranks_are_stable() -> None:
     v = torch.tensor([[2.0, 1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     assert numerics.row_ranks(v).tolist() == [[3, 2, 4, 1], [1, 2, 3, 4]]
