@@ -101,12 +101,13 @@ def _exact_sum_rows_owned(work: torch.Tensor) -> torch.Tensor:
     if rows == 0 or n == 0:
         return torch.zeros(rows, dtype=torch.float64)
     special = None
-    max_abs: torch.Tensor | None = _row_abs_max(work)
-    if not bool(torch.isfinite(max_abs).all()):
+    max_abs = _row_abs_max(work)
+    finite = bool(torch.isfinite(max_abs).all())
+    if not finite:
         special = _nonfinite_rows(work)
         work = torch.where(torch.isfinite(work), work, torch.zeros_like(work))
-        max_abs = None  # of the zeroed rows: computed again
-    levels, scale_exp = _exact_level_sums(work, max_abs)
+    # the zeroed rows' maxima are computed again
+    levels, scale_exp = _exact_level_sums(work, max_abs if finite else None)
     if levels:
         table = torch.stack(levels, dim=1).tolist()
         scales = scale_exp.tolist()
