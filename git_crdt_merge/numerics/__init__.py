@@ -39,8 +39,9 @@ The rules (measured with torch 2.13 on CPU under ``ATEN_CPU_CAPABILITY=default|a
   stream), for the spectral strategies.
 * **Randomness** comes only from :class:`RandomStream`: a blake3 XOF keyed by the Merkle root and
   addressed by (tensor name, contribution id); integer operations only.
-* **Selection** (:func:`topk_mask`, :func:`band_mask`, :func:`row_ranks`) has an exact tie rule
-  (lowest flat index first), so the selected set is a function of the values alone.
+* **Selection** (:func:`topk_mask`, :func:`band_mask`, :func:`row_ranks`,
+  :func:`keep_below_rank_table`, :func:`order_statistics`) has an exact tie rule (lowest flat
+  index first), so the selected set is a function of the values alone.
 
 How :func:`exact_sum` works (Demmel and Nguyen's pre-rounding, iterated until nothing is left):
 for ``n`` values with ``max|x| <= 2**m`` pick ``E = m + bitlen(n) + 1`` and

@@ -14,9 +14,10 @@ import torch
 # ``torch.exp`` and ``torch.log`` are vectorised approximations whose last bits differ between
 # ``ATEN_CPU_CAPABILITY`` values (and libms).  These two are built only from operations that IEEE
 # 754 specifies exactly (+ - * / on float64, round-half-even to an integer, integer bit
-# manipulation), each a separate kernel (never fused), with fixed constants and a fixed
-# evaluation order: every platform computes the same bits.  Accuracy (measured against
-# math.exp / math.log in tests/numerics/test_numerics_elementwise.py): within 2 ulp.
+# manipulation), each a separate numpy ufunc call on a cache-sized block (never fused), with
+# fixed constants and a fixed evaluation order: every platform computes the same bits.
+# Accuracy (measured against math.exp / math.log in tests/numerics/test_numerics_elementwise.py):
+# within 2 ulp.
 
 # ln 2 split Cody-Waite style (the fdlibm constants): _LN2_HI has its low 32 bits zero, so
 # k * _LN2_HI is exact for |k| < 2**20, and _LN2_HI + _LN2_LO is ln 2 to about 2**-86.

@@ -278,13 +278,17 @@ def magnitude_row_ranks(x: torch.Tensor) -> torch.Tensor:
 _RANK_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def keep_below_rank_table(x: np.ndarray, words: np.ndarray, table: np.ndarray) -> np.ndarray:
+def keep_below_rank_table(
+    x: np.ndarray, words: np.ndarray | Callable[[int, int], np.ndarray], table: np.ndarray
+) -> np.ndarray:
     """``words < table[r - 1]`` (a bool array shaped like ``x``) where ``r`` (1..m) is the rank
     of ``|x|`` within its row (last dim, ties by index, as :func:`magnitude_row_ranks`).
 
     ``x``: a 2-D array of the bits of float32, float16 or bfloat16 values (int32 or int16),
-    ``words``: uint32 of the same shape, ``table``: uint32 of length m, non-decreasing.  DELLA
-    keeps an entry iff its random word is below the threshold of its rank.
+    ``words``: uint32 of the same shape, or a function giving its rows ``lo:hi`` (drawn a
+    block at a time, they are read from the cache), ``table``: uint32 of length m,
+    non-decreasing.  DELLA keeps an entry iff its random word is below the threshold of its
+    rank.
 
     No ranks are formed.  With c = #{j: table[j] <= w} the test is ``r - 1 >= c``.  With the
     row's magnitudes sorted (s_0 <= ... <= s_{m-1}, then a sentinel above every key): if
@@ -304,18 +308,20 @@ def keep_below_rank_table(x: np.ndarray, words: np.ndarray, table: np.ndarray) -
     sentinel = np.uint32(0xFFFFFFFF)  # above every key (keys are < 2**31)
     for lo in range(0, rows, block):
         hi = min(rows, lo + block)
-        keys = np.bitwise_and(x[lo:hi], top).astype(np.uint32)
+        keys = np.bitwise_and(x[lo:hi], top)
+        keys = keys.view(np.uint32) if keys.itemsize == 4 else keys.astype(np.uint32)
         ordered = np.empty((hi - lo, m + 1), dtype=np.uint32)
         ordered[:, m] = sentinel
         ordered[:, :m] = keys
         ordered[:, :m].sort(axis=1)
-        c = counts(words[lo:hi])
+        drawn = words(lo, hi) if callable(words) else words[lo:hi]
+        c = counts(drawn)
         c += (np.arange(hi - lo, dtype=c.dtype) * (m + 1))[:, None]
         at = np.take(ordered, c)
         np.greater_equal(keys, at, out=keep[lo:hi])
         equal = np.flatnonzero(keys == at)
         if equal.size:
-            _settle_repeated(ordered, keys, c, equal, keep[lo:hi], words[lo:hi], table)
+            _settle_repeated(ordered, keys, c, equal, keep[lo:hi], drawn, table)
     return keep
 
 
@@ -388,7 +394,7 @@ def _table_counter(table: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     table, c = start[h] + (w >= value[h]), start[h] being the entries below the bucket and
     value[h] the one inside it (an empty bucket: start - 1 and value 0, so that c = start).
     Otherwise (very long rows, repeated thresholds) a binary search, which gives the same c."""
-    for bits in (16, 18, 20):
+    for bits in range(8, 21):  # the fewest buckets that hold one entry each: cache-resident
         width = 1 << (32 - bits)
         edges = np.arange(1 << bits, dtype=np.uint64) * np.uint64(width)
         start = np.searchsorted(table, edges, side="left").astype(np.intp)

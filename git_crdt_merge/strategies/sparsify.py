@@ -8,6 +8,7 @@ counter-based random stream of :mod:`git_crdt_merge.numerics`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,10 +174,13 @@ def della_magprune_mask(
     if moved.dtype in _FAST_DTYPES and _fits_u32_nondecreasing(table):
         m = moved.shape[-1]
         bits = moved.contiguous().reshape(-1, m).view(numerics.FLOAT_BITS[moved.dtype]).numpy()
-        words = key.rng.words(key.tensor_name, key.contribution_id, delta.numel())
+        words: np.ndarray | Callable[[int, int], np.ndarray]
         if delta.dim() > 2:  # word i belongs to flat index i of delta: move them as moved
-            words = np.moveaxis(words.reshape(delta.shape), 1, -1)
-        words = np.ascontiguousarray(words).reshape(-1, m)
+            drawn = key.rng.words(key.tensor_name, key.contribution_id, delta.numel())
+            words = np.ascontiguousarray(np.moveaxis(drawn.reshape(delta.shape), 1, -1))
+            words = words.reshape(-1, m)
+        else:  # rows in delta's order: drawn a block of rows at a time
+            words = functools.partial(_row_words, key, m)
         keep = numerics.keep_below_rank_table(bits, words, table.numpy().astype(np.uint32))
         mask = torch.from_numpy(keep).reshape(moved.shape)
         return torch.movedim(mask, -1, 1).reshape(delta.shape)
@@ -186,6 +190,12 @@ def della_magprune_mask(
 
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _row_words(key: MaskKey, m: int, lo: int, hi: int) -> np.ndarray:
+    """The stream's words of rows ``lo:hi`` of a tensor with rows of ``m`` (row-major)."""
+    words = key.rng.words(key.tensor_name, key.contribution_id, (hi - lo) * m, lo * m)
+    return words.reshape(hi - lo, m)
 
 
 def _fits_u32_nondecreasing(table: torch.Tensor) -> bool:
