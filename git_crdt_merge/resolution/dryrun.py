@@ -21,18 +21,19 @@ from .resolve import memory_needed
 READ_RATE = 3.0e9  # bytes/s: the benchmark's IO floor (2.0 GB of inputs in 0.6-0.7 s)
 DEFAULT_COST = 10.0
 # resolve time / IO floor, docs/performance.md "Every strategy" (rounded; the decomposition
-# and solve strategies from the third session's re-measurement, 8 layers, 2 workers)
+# and solve strategies from the third session's re-measurement, 8 layers, 2 workers; della,
+# della_linear and arcee_fusion from the fourth session's)
 RELATIVE_COST: dict[str, float] = {
     "ada_merging": 16,
     "adarank": 148,
-    "arcee_fusion": 34,
+    "arcee_fusion": 5.9,
     "breadcrumbs": 5.3,
     "breadcrumbs_ties": 6.5,
     "dam": 7.4,
     "dare_linear": 4.0,
     "dare_ties": 3.8,
-    "della": 12.3,
-    "della_linear": 11.8,
+    "della": 6.4,
+    "della_linear": 5.6,
     "dual_projection": 5.8,
     "emr": 8.2,
     "evolutionary_merge": 6.1,

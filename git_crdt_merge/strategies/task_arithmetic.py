@@ -411,7 +411,8 @@ for _variant in VARIANTS:
             and SPARSIFIERS[_variant.sparsifier].stochastic,
             merge=_make_merge(_variant),
             summary=_variant.summary,
-            # DELLA's per-row rank probabilities cost about 12x the IO floor (measured)
+            # DELLA's keep test (a sort of every row per contribution) makes it about 6x the
+            # IO floor (measured), twice the other variants
             compute_bound=_variant.sparsifier == "della_magprune",
         )
     )
