@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_resolve  # noqa: E402  (the same model and IO floor)
+import benchenv  # noqa: E402
 
 # argv: strategy name, then optionally the device, an output folder whose files are hashed ("-":
 # none) and the number of worker processes ("-": resolve's own choice).
@@ -34,6 +35,7 @@ from git_crdt_merge.replicated import contributions
 from git_crdt_merge.resolution import resolve
 from git_crdt_merge.replicated.repo import Repo
 from git_crdt_merge.strategies import REQUIRED, get_strategy
+
 
 repo = Repo.open(".")
 name = sys.argv[1]
@@ -162,6 +164,7 @@ def main() -> None:
         "speed-up of each against the first, same run); default: resolve's own choice",
     )
     args = ap.parse_args()
+    benchenv.compile_package()
     from git_crdt_merge.strategies import all_strategies
 
     names = args.only or [s.name for s in all_strategies()]

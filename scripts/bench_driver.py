@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchenv
+
 from git_crdt_merge.replicated.manifest import Manifest, add_record, remove_record, set_record
 
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--contributions", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=21)
     args = ap.parse_args()
+    benchenv.compile_package()
     n = args.contributions
     shared = [
         add_record(secrets.token_hex(16), secrets.token_hex(32), f"shared-{i}")

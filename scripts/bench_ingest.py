@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchenv
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -258,6 +259,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--delta", type=float, default=0.0012, help="fine-tune delta / weight scale")
     args = ap.parse_args()
+    benchenv.compile_package()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("GIT_AUTHOR_NAME", "bench")

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchenv
 import numpy as np
 
 TENSOR_BYTES = 64 * 1024**2  # one tensor per 64 MiB, like the layers of a real checkpoint
@@ -122,6 +123,7 @@ def main() -> None:
         help="the storage mode (lfs: chunks travel through git-lfs's file:// transfer)",
     )
     args = ap.parse_args()
+    benchenv.compile_package()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-journey-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

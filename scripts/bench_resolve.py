@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchenv
+
 WORKER = r"""
 import json, os, shutil, sys, time
 from pathlib import Path
@@ -68,6 +70,7 @@ def floor(out):
 
 results = {"floor": min(floor(sys.argv[1]) for _ in range(3))}
 from git_crdt_merge.strategies import get_strategy
+
 for name in sys.argv[3:]:
     declared = {p.name for p in get_strategy(name).params}
     params = {"density": density} if "density" in declared else {}
@@ -211,6 +214,7 @@ def main() -> None:
     ap.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--extras", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    benchenv.compile_package()
     env = bench_env()
     if args.build_only is not None:
         build(args.build_only, env, args.layers, args.k, args.dim, args.extras)

@@ -97,8 +97,8 @@ def gc(
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Prune the result cache: entries that no ref reaches, then the least recently used
-    beyond the size budget."""
+    """Prune the result cache: entries that no ref reaches or that an earlier revision of their
+    strategy computed, then the least recently used beyond the size budget."""
     from ..resolution import cache
 
     with handle_errors():

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from .. import heap
 from ..replicated import contributions
 from ..replicated.store import DEFAULT_CHUNK_SIZE, MAX_OBJECT_BYTES
 from .app import (
@@ -112,6 +113,7 @@ def add_contribution(
         )
         note_skipped(result)
 
+    heap.keep_freed_buffers()  # same-sized buffers piece after piece: no page faults
     run_reported(
         "ingest",
         lambda start, advance: contributions.add_contribution(
@@ -234,6 +236,7 @@ def set_base(
         err.print(f"base set to {result.id[:12]} ({result.tensors} tensors)")
         note_skipped(result)
 
+    heap.keep_freed_buffers()  # same-sized buffers piece after piece: no page faults
     run_reported(
         "ingest",
         lambda start, advance: contributions.set_base(

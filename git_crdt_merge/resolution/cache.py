@@ -53,6 +53,7 @@ from ..vocabulary import STRATEGY_REVISIONS
 RESOLUTION_FILE = "resolution.json"
 DEFAULT_MAX_SHARD = 5 * 1000**3
 MARKER_LIMIT = 1024**2  # bytes of one content record or publication marker
+RESOLUTION_LIMIT = 64 * 1024**2  # bytes of an entry's resolution.json (one line per input)
 _HASH_PIECE = 1 << 20
 
 
@@ -731,8 +732,9 @@ def prune(
     repo: Repo, reachable_roots: set[str] | None, max_bytes: int | None, keep: str | None = None
 ) -> PruneResult:
     """Drop cache entries whose Merkle root no ref reaches (``reachable_roots``; None: keep
-    all); then, while the rest is larger than ``max_bytes``, the least recently used (never
-    ``keep``, and never the last one)."""
+    all) or that an earlier revision of their strategy computed (never served again:
+    :func:`superseded`); then, while the rest is larger than ``max_bytes``, the least recently
+    used (never ``keep``, and never the last one)."""
     base = cache_root(repo)
     entries: list[tuple[float, str, int]] = []
     removed: list[str] = []
@@ -743,7 +745,9 @@ def prune(
             if path.name.startswith(".") or path.is_symlink() or not path.is_dir():
                 continue
             size = entry_bytes(path)
-            if reachable_roots is not None and path.name[:64] not in reachable_roots:
+            if reachable_roots is not None and (
+                path.name[:64] not in reachable_roots or superseded(path)
+            ):
                 drop_entry(repo, path.name)
                 removed.append(path.name)
                 freed += size
@@ -763,6 +767,23 @@ def prune(
         if rec.name[: -len(".json")] not in live:
             rec.unlink(missing_ok=True)
     return PruneResult(sorted(live), sorted(removed), total, freed)
+
+
+def superseded(entry: Path) -> bool:
+    """Whether a cache entry holds what an earlier revision of its strategy computed: the
+    revision its key names (``.rK``, absent: 1) is not the strategy's current one.  An entry
+    whose record does not say which strategy made it is not judged here."""
+    revision = 1
+    for part in entry.name.split(".")[1:]:
+        if part[:1] == "r" and part[1:].isdigit():
+            revision = int(part[1:])
+    try:
+        head = bounded.read_regular(entry / RESOLUTION_FILE, RESOLUTION_LIMIT, "record")
+        record = bounded.loads_json(head, "record")
+    except (OSError, CrdtError):  # missing, damaged or too long: not judged
+        return False
+    name = record.get("strategy") if isinstance(record, dict) else None
+    return isinstance(name, str) and STRATEGY_REVISIONS.get(name, 1) != revision
 
 
 def reachable_roots(repo: Repo) -> set[str]:

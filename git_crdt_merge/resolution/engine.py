@@ -26,6 +26,7 @@ import torch
 
 from .. import FORMAT_VERSION, __version__
 from ..errors import ResolveError
+from ..heap import bound_heap, release_free_heap
 from ..numerics import COMPUTE_DTYPES, RandomStream, from_compute
 from ..replicated import checks
 from ..replicated.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -37,7 +38,6 @@ from . import align, cache, card
 from . import lowrank as lowrank_mod
 from .buffers import InputSlots, load_inputs
 from .cache import cache_key, seed_of
-from .heap import bound_heap, release_free_heap
 from .lowrank import DeltaSlots
 from .plan import (
     Plan,

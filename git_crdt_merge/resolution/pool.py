@@ -100,11 +100,11 @@ class _Worker:
     def __init__(self, job: _Job) -> None:
         import torch
 
+        from ..heap import bound_heap
         from ..numerics import COMPUTE_DTYPES, RandomStream
         from ..replicated.store import ObjectStore
         from .buffers import InputSlots
         from .cache import seed_of
-        from .heap import bound_heap
 
         torch.set_num_threads(1)  # fixed per worker; the workers are the parallelism
         self.plan = Plan(strategy=registry.get_strategy(job.strategy), **job.plan)
@@ -123,8 +123,8 @@ class _Worker:
         self.files: dict[Path, int] = {}
 
     def resolve(self, path: Path, offset: int, index: int) -> int:
+        from ..heap import release_free_heap
         from . import engine
-        from .heap import release_free_heap
         from .writer import write_tensor_at
 
         spec = self.plan.specs[index]

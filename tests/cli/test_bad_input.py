@@ -280,3 +280,38 @@ def test_nonfinite_count_covers_every_block_of_a_large_tensor() -> None:
     floats = np.ones(9_000_001, dtype=np.float32)
     floats[[1, 4_200_000, 8_999_999]] = [np.inf, np.nan, -np.inf]
     assert count_nonfinite("F32", memoryview(floats.tobytes())) == 3
+
+
+def _nonfinite_reference(dtype: str, patterns: np.ndarray) -> np.ndarray:
+    """Which bit patterns are NaN or infinite, by each format's own definition."""
+    if dtype == "F16":
+        return ~np.isfinite(patterns.astype(np.uint16).view(np.float16))
+    if dtype == "BF16":  # bf16 is the top half of a float32
+        return ~np.isfinite((patterns.astype(np.uint32) << 16).view(np.float32))
+    if dtype == "F8_E5M2":  # the top byte of a float16
+        return ~np.isfinite((patterns.astype(np.uint16) << 8).view(np.float16))
+    return (patterns & 0x7F) == 0x7F  # F8_E4M3 ("fn"): no Inf, NaN is S.1111.111
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F8_E5M2", "F8_E4M3"])
+def test_nonfinite_count_is_exact_for_every_bit_pattern(dtype: str) -> None:
+    """Every pattern alone (the two-maxima test that skips a finite block) and all together."""
+    utype = np.uint8 if dtype.startswith("F8") else np.uint16
+    patterns = np.arange(np.iinfo(utype).max + 1, dtype=np.int64).astype(utype)
+    want = _nonfinite_reference(dtype, patterns)
+    got = [
+        count_nonfinite(dtype, memoryview(patterns[i : i + 1].tobytes()))
+        for i in range(len(patterns))
+    ]
+    assert got == want.astype(int).tolist()
+    assert count_nonfinite(dtype, memoryview(patterns.tobytes())) == int(want.sum())
+
+
+def test_nonfinite_count_of_wide_floats_at_the_edges_of_the_exponent() -> None:
+    for dtype, ftype in (("F32", np.float32), ("F64", np.float64)):
+        info = np.finfo(ftype)
+        finite = np.array([info.max, -info.max, info.tiny, -0.0, 0.0, 1.0], dtype=ftype)
+        assert count_nonfinite(dtype, memoryview(finite.tobytes())) == 0
+        for bad in (np.inf, -np.inf, np.nan, -np.nan):
+            values = np.append(finite, ftype(bad))
+            assert count_nonfinite(dtype, memoryview(values.tobytes())) == 1, (dtype, bad)

@@ -383,7 +383,7 @@ def test_half_precision_contributions_give_output_of_the_same_dtype(
 def test_a_strategy_revision_names_its_own_cache_entry(tmp_path: Path) -> None:
     """star's revision 2 (Gram / subspace-iteration algorithm) resolves under ``<root>.r2``: an
     entry the previous algorithm left under the bare root (a clone's older cache) is not
-    served, and resolution.json records the revision."""
+    served, resolution.json records the revision, and gc removes the old entry."""
     repo = fresh_repo(tmp_path / "repo")
     set_base(repo, model(tmp_path, 0))
     for s in (1, 2):
@@ -413,6 +413,12 @@ def test_a_strategy_revision_names_its_own_cache_entry(tmp_path: Path) -> None:
     assert digests(repo / "merged") == fresh
     assert (old / "model.safetensors").read_bytes() == planted.read_bytes()  # left alone
     assert resolve_cli(repo)["cache_hit"] is True  # the r2 entry now serves
+    # gc drops what revision 1 computed (never served again), keeps the current entry
+    pruned = json.loads(crdt(repo, "gc", "--json").stdout)
+    assert pruned["removed"] == [root]
+    assert not old.exists()
+    assert cache_dir(repo, f"{root}.r2").is_dir()
+    assert resolve_cli(repo)["cache_hit"] is True
 
 
 def test_float64_compute_dtype_gets_its_own_cache_entry(tmp_path: Path) -> None:

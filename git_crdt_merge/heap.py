@@ -1,6 +1,14 @@
-"""glibc heap tuning: large buffers go to mmap, freed memory goes back to the system.
+"""glibc heap tuning, one policy per long command (a no-op where the C library is another).
 
-Part of the engine (:mod:`.engine`), split out by concern."""
+- Resolution (:mod:`.resolution.engine`, :mod:`.resolution.pool`): buffers up to the largest
+  tensor are reused from the heap, larger ones get their own mmap, and freed memory goes back
+  to the system between tensors, so the peak RSS stays within its bound.
+- Ingest (``add-contribution``, ``set-base``): the same large buffers (zstd's outputs, decoded
+  base planes, 8 MiB each) are allocated piece after piece on several threads, and glibc's
+  defaults give them back to the system when freed (a large block is its own mapping; a
+  thread's heap is trimmed when its free top grows), so each new one faults its pages in
+  again: about 130,000 page faults and 0.1-0.25 s of system time for a 768 MiB ingest in this
+  VM (``scripts/bench_ingest.py --storage``), 25,000 with :func:`keep_freed_buffers`."""
 
 from __future__ import annotations
 
@@ -10,13 +18,13 @@ import functools
 import os
 from typing import Any
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameters
-
-
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit on 64-bit
+_KEPT_FREE_BYTES = 256 * 1024 * 1024
 
 
 def bound_heap(largest_tensor: int) -> None:
@@ -49,6 +57,18 @@ def release_free_heap() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def keep_freed_buffers() -> bool:
+    """Keep freed blocks of up to 32 MiB for reuse, and up to 256 MiB of free memory per heap
+    (all of it goes back to the system when the process exits).  True when glibc took it."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        and libc.mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE_BYTES)
+    )
 
 
 @functools.lru_cache(maxsize=1)
