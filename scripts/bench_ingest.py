@@ -15,10 +15,12 @@ N(0, 0.02) and a fine-tune = base + N(0, 0.02 x ``--delta``) rounded to bf16 (ab
 of the bf16 words change at the default delta).  On the same tensors in the same run: the
 size over raw of zstd (level 1) on raw bytes, zipnn (if importable: install it with
 `.venv/bin/pip install zipnn` after torch==2.13.0, which it would otherwise replace), byte
-planes + zstd, and XOR against the base + planes + zstd, with each codec's in-process encode
+planes + zstd, XOR against the base + planes + zstd (``xor-planes-zstd``) and the elements that
+differ from the base as planes + zstd (``xor-sparse-zstd``), with each codec's in-process encode
 and decode GB/s (best of ``--repeat``); then whole `git crdt set-base` + `add-contribution`
-processes raw and encoded (ingest GB/s, repository bytes over raw; and the start-up of the
-same process doing nothing, ``process_start_s``, with the encoded ingest's GB/s after it), and
+processes raw and with each XOR encoding, run in turn (ingest GB/s, repository bytes over
+raw; and the start-up of the same process doing nothing, ``process_start_s``, with each
+encoded ingest's GB/s after it), and
 the decoding of the
 fine-tune's tensors as resolution reads them (base already loaded) against raw reads of the
 same tensors, and whole `git crdt resolve` processes of both repositories.
@@ -41,6 +43,8 @@ from pathlib import Path
 import benchenv
 import numpy as np
 from safetensors.numpy import save_file
+
+ENCODED = ("xor-planes-zstd", "xor-sparse-zstd")  # the ingests with compression, beside raw
 
 
 def make_model(path: Path, gib: float) -> int:
@@ -121,6 +125,11 @@ def codec_table(base_path: Path, tuned_path: Path, repeat: int) -> dict[str, dic
             if with_base:
                 encoding.xor_into(memoryview(out), base[i])
 
+    def sparse_decode(frames: list[bytes]) -> None:
+        for i, frame in enumerate(frames):
+            out = bytearray(len(tuned[i]))
+            encoding.decode_sparse(frame, 2, memoryview(base[i]), memoryview(out))
+
     codecs: dict[str, tuple[Callable[[], list[bytes]], Callable[[list[bytes]], object]]] = {
         "zstd-raw": (
             lambda: [zc.compress(t) for t in tuned],
@@ -133,6 +142,13 @@ def codec_table(base_path: Path, tuned_path: Path, repeat: int) -> dict[str, dic
         "xor-planes-zstd": (
             lambda: [encoding.encode_piece(t, 2, b) for t, b in zip(tuned, base, strict=True)],
             lambda fs: planes_decode(fs, True),
+        ),
+        "xor-sparse-zstd": (
+            lambda: [
+                encoding.encode_piece(t, 2, b, sparse=True)
+                for t, b in zip(tuned, base, strict=True)
+            ],
+            sparse_decode,
         ),
     }
     try:
@@ -169,9 +185,12 @@ def storage(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[st
         "codecs": codec_table(base, tuned, args.repeat),
     }
     repos = {}
-    for enc, base_enc in (("raw", "raw"), ("xor-planes-zstd", "planes-zstd")):
-        times, new = [], 0
-        for i in range(args.repeat):
+    kinds = ("raw", *ENCODED)
+    runs: dict[str, list[float]] = {enc: [] for enc in kinds}
+    new: dict[str, int] = {}
+    for i in range(args.repeat):  # the encodings in turn, so that a load swing hits all
+        for enc in kinds:
+            base_enc = "raw" if enc == "raw" else "planes-zstd"
             repo = tmp / f"{enc}{i}"
             repo.mkdir()
             subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
@@ -183,26 +202,28 @@ def storage(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[st
             t0 = time.perf_counter()
             cmd = ["git", "crdt", "add-contribution", str(tuned), "--json", "--encoding", enc]
             proc = subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
-            times.append(time.perf_counter() - t0)
-            new = json.loads(proc.stdout)["new_bytes"]
+            runs[enc].append(time.perf_counter() - t0)
+            new[enc] = json.loads(proc.stdout)["new_bytes"]
             if i:
                 shutil.rmtree(repo)
-        repos[enc] = tmp / f"{enc}0"
-        out[f"ingest_{enc}"] = {
-            "GBps": round(size / min(times) / 1e9, 2),
-            "repository_bytes_over_raw": round(new / size, 3),
-            "all_s": [round(t, 3) for t in times],
-        }
-    raw_t, enc_t = (min(out[f"ingest_{e}"]["all_s"]) for e in ("raw", "xor-planes-zstd"))  # type: ignore[index]
-    out["ingest_time_over_raw"] = round(enc_t / raw_t, 2)
+            else:
+                repos[enc] = repo
     # the fixed part of every ingest: the same process started and parsing its options
     start = min(
         timed(["git", "crdt", "add-contribution", "--help"], repos["raw"], env)
         for _ in range(args.repeat)
     )
     out["process_start_s"] = round(start, 3)
-    out["ingest_GBps_after_start"] = round(size / (enc_t - start) / 1e9, 2)
-    out["decode_in_resolve"] = decode_speed(repos["raw"], repos["xor-planes-zstd"], args.repeat)
+    for enc in kinds:
+        t = min(runs[enc])
+        out[f"ingest_{enc}"] = {
+            "GBps": round(size / t / 1e9, 2),
+            "repository_bytes_over_raw": round(new[enc] / size, 3),
+            "time_over_raw": round(t / min(runs["raw"]), 2),
+            "GBps_after_start": round(size / (t - start) / 1e9, 2),
+            "all_s": [round(x, 3) for x in runs[enc]],
+        }
+    out["decode_in_resolve"] = decode_speed(repos, args.repeat)
     for enc, repo in repos.items():
         subprocess.run(["git", "crdt", "strategy", "linear"], cwd=repo, env=env, check=True)
         t_res = []
@@ -213,12 +234,12 @@ def storage(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> dict[st
             subprocess.run(["git", "crdt", "resolve", "-q"], cwd=repo, env=env, check=True)
             t_res.append(time.perf_counter() - t0)
         out[f"resolve_{enc}_s"] = round(min(t_res), 3)
-    a, b = (repos[e] / "merged" / "model.safetensors" for e in ("raw", "xor-planes-zstd"))
-    out["merged_identical"] = a.read_bytes() == b.read_bytes()
+    merged = {(repos[e] / "merged" / "model.safetensors").read_bytes() for e in kinds}
+    out["merged_identical"] = len(merged) == 1
     return out
 
 
-def decode_speed(raw_repo: Path, enc_repo: Path, repeat: int) -> dict[str, float]:
+def decode_speed(repos: dict[str, Path], repeat: int) -> dict[str, float]:
     """The fine-tune's tensors read as resolution reads them: raw chunks into a buffer, against
     encoded ones decoded with the base's bytes already loaded (its slot), in-process."""
     from git_crdt_merge.replicated.encoding import read_tensor_into
@@ -227,7 +248,7 @@ def decode_speed(raw_repo: Path, enc_repo: Path, repeat: int) -> dict[str, float
     from git_crdt_merge.replicated.store import ObjectStore
 
     speeds = {}
-    for label, repo in (("raw", raw_repo), ("xor-planes-zstd", enc_repo)):
+    for label, repo in repos.items():
         manifest = Repo.open(repo).read_manifest()
         store = ObjectStore(repo)
         ((cid, _),) = manifest.visible_contributions()

@@ -52,8 +52,10 @@ EncodingOpt = Annotated[
     str | None,
     typer.Option(
         "--encoding",
-        help="How chunks are stored: raw, planes-zstd (byte planes + zstd) or xor-planes-zstd "
-        "(XOR against the base's tensor, then planes + zstd); default: git config "
+        help="How chunks are stored: raw, planes-zstd (byte planes + zstd), xor-planes-zstd "
+        "(XOR against the base's tensor, then planes + zstd) or xor-sparse-zstd (only the "
+        "elements that differ from the base, as planes + zstd; the smallest and fastest for "
+        "a fine-tune); default: git config "
         "crdt.encoding, else raw. Never changes the id.",
     ),
 ]

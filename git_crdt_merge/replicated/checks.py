@@ -32,8 +32,12 @@ TENSOR_KEYS_V2 = TENSOR_KEYS | {"blake3"}  # plus the blake3 of the tensor's who
 OPTIONAL_TENSOR_KEYS_V2 = {"encoding"}  # absent: raw chunks
 # The stored encodings (replicated/encoding.py, which imports zstandard: spelled here too so
 # that validation stays light; tests/replicated/test_encoding.py checks they agree).
-STORED_ENCODINGS = ("planes-zstd", "xor-planes-zstd")
-ENCODING_KEYS = {"planes-zstd": {"name", "sizes"}, "xor-planes-zstd": {"base", "name", "sizes"}}
+STORED_ENCODINGS = ("planes-zstd", "xor-planes-zstd", "xor-sparse-zstd")
+ENCODING_KEYS = {
+    "planes-zstd": {"name", "sizes"},
+    "xor-planes-zstd": {"base", "name", "sizes"},
+    "xor-sparse-zstd": {"base", "name", "sizes"},
+}
 BASE_REF_KEYS = {"blake3", "chunks"}  # plus an optional non-XOR "encoding"
 DESCRIPTOR_FORMATS = (1, 2)
 MAX_FILE_NAME_BYTES = 255
@@ -156,7 +160,7 @@ def _encoding_problem(
         return f"encoding {name} has a decoded size that is not whole elements up to the limit"
     if sum(sizes) != nbytes:
         return f"encoding {name} decodes to {sum(sizes)} bytes, the tensor has {nbytes}"
-    if name == "xor-planes-zstd":
+    if "base" in ENCODING_KEYS[name]:
         ref = enc["base"]
         if not isinstance(ref, dict) or not BASE_REF_KEYS <= set(ref) <= BASE_REF_KEYS | {
             "encoding"

@@ -148,9 +148,10 @@ def store_descriptor(
 ) -> tuple[str, bytes, int]:
     """Store every chunk, auxiliary file and the descriptor of ``plan``; return (descriptor
     address, descriptor bytes, bytes newly written).  Chunks already stored are not written
-    again.  ``encoding_name`` (:mod:`.encoding`) says how chunks are encoded; ``xor-planes-zstd``
-    XORs each tensor with ``base``'s tensor of the same name and size, and falls back to
-    ``planes-zstd`` for a tensor without one (and for extra inputs)."""
+    again.  ``encoding_name`` (:mod:`.encoding`) says how chunks are encoded; the XOR encodings
+    (``xor-planes-zstd``, ``xor-sparse-zstd``) take each tensor against ``base``'s tensor of
+    the same name and size, and fall back to ``planes-zstd`` for a tensor without one (and for
+    extra inputs)."""
     new = [0]
 
     def on_written(n: int, is_new: bool) -> None:
@@ -181,8 +182,8 @@ def store_descriptor(
     for table, items, name in tables:
         for t in items:
             if name != encoding.RAW:
-                ref = _xor_base(base, t) if name == encoding.XOR else None
-                encoded.append(_EncodedTensor(table[t.name], t, ref, chunk_size))
+                ref = _xor_base(base, t) if name in encoding.XOR_ENCODINGS else None
+                encoded.append(_EncodedTensor(table[t.name], t, ref, chunk_size, name))
                 continue
             pieces = split_chunks(t.data, chunk_size)
             spans.append((table[t.name], len(chunks), len(chunks) + len(pieces)))
@@ -212,6 +213,7 @@ class _EncodedTensor:
     data: formats.TensorData
     base: TensorEntry | None
     chunk_size: int
+    encoding_name: str  # the encoding asked for: an XOR one falls back to planes without a base
 
     @property
     def itemsize(self) -> int:
@@ -255,7 +257,8 @@ def _store_encoded(
         if t.base is not None:
             ref = t.base
             base = bases.piece(ref.chunks, ref.encoding, t.itemsize, lo, hi)
-        frame = encoding.encode_piece(t.data.data[lo:hi], t.itemsize, **base)
+        sparse = t.encoding_name == encoding.SPARSE and t.base is not None
+        frame = encoding.encode_piece(t.data.data[lo:hi], t.itemsize, **base, sparse=sparse)
         oid = store.put_chunks([memoryview(frame)], on_written)[0]
         if progress is not None:
             progress(hi - lo)
@@ -275,7 +278,7 @@ def _store_encoded(
         if t.base is not None:
             ref = t.base
             base_ref = BaseRef(ref.blake3 or "", ref.chunks, ref.encoding)
-        name = encoding.PLANES if base_ref is None else encoding.XOR
+        name = encoding.PLANES if base_ref is None else t.encoding_name
         enc = Encoding(name, tuple(hi - lo for lo, hi in spans), base_ref)
         t.entry["chunks"] = chunk_ids
         t.entry["encoding"] = enc.to_json()
@@ -436,7 +439,7 @@ def chosen_encoding(repo: Repo, name: str | None) -> str:
 def _xor_reference(store: ObjectStore, manifest: Manifest, name: str) -> Descriptor | None:
     """The base an XOR encoding is taken against (None: not XOR, or no base is set)."""
     base = manifest.base()
-    if name != encoding.XOR or base is None:
+    if name not in encoding.XOR_ENCODINGS or base is None:
         return None
     return read_descriptor(store, manifest, base)
 
@@ -603,7 +606,7 @@ def set_base(
     XOR encoding stores the base as byte planes (a base has no base)."""
     repo.require_initialized()
     encoding_name = chosen_encoding(repo, options.encoding)
-    if encoding_name == encoding.XOR:
+    if encoding_name in encoding.XOR_ENCODINGS:
         encoding_name = encoding.PLANES
     source = formats.discover(
         path, allow_pickle=options.allow_pickle, include_code=options.include_code

@@ -1,6 +1,6 @@
 """Layer 1: lossless encodings of tensor chunks, and reading an entry's bytes back (no torch).
 
-Three encodings (docs/format.md, "Chunk encodings"), chosen at add time and recorded in each
+Four encodings (docs/format.md, "Chunk encodings"), chosen at add time and recorded in each
 tensor entry, outside the content identity:
 
 - ``raw``: the chunks are the tensor's bytes (the entry has no ``encoding`` field);
@@ -9,7 +9,14 @@ tensor entry, outside the content identity:
   frame with its content size (any zstd parameters decode: the writer's are :data:`ZSTD_PARAMS`);
 - ``xor-planes-zstd``: as ``planes-zstd``, over the tensor's bytes XOR the bytes of a stored
   tensor of the same size (the base's tensor of the same name when it was added), which the
-  entry names by content hash, chunks and encoding, so a later change of base never breaks it.
+  entry names by content hash, chunks and encoding, so a later change of base never breaks it;
+- ``xor-sparse-zstd``: against the same kind of base, only the elements that differ from it:
+  one bit per element (set where the element differs, least significant bit first), then the
+  byte planes of the differing elements' XOR, as one zstd frame.  A fine-tune leaves most bf16
+  words of its base unchanged; zstd then compresses only the changed ones, not runs of zeros.
+  On scripts/bench_ingest.py's fine-tune (a third of the words changed) encoding is about 1.5x
+  faster than ``xor-planes-zstd`` and frames 14% smaller; where most words change, the mask
+  costs up to 1/16 of the raw size for 2-byte elements.
 
 Decoding is exact, and bounded for hostile content: a frame must declare the decoded size the
 entry records (checked before zstd allocates), hold no other frame or trailing bytes and use no
@@ -35,8 +42,11 @@ from .store import MAX_OBJECT_BYTES, WORKERS, ObjectStore
 RAW = "raw"
 PLANES = "planes-zstd"
 XOR = "xor-planes-zstd"
-ENCODINGS = (RAW, PLANES, XOR)
-STORED_ENCODINGS = (PLANES, XOR)  # the names a descriptor's ``encoding`` may carry
+SPARSE = "xor-sparse-zstd"
+ENCODINGS = (RAW, PLANES, XOR, SPARSE)
+STORED_ENCODINGS = (PLANES, XOR, SPARSE)  # the names a descriptor's ``encoding`` may carry
+XOR_ENCODINGS = (XOR, SPARSE)  # taken against a base
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # zstd's "fast" strategy with a small window, the smallest hash table (64 entries) and matches
 # of 7 bytes or more: byte planes are mostly literals (the low plane of bf16 words is near
 # random; the low plane of an XOR against the base is two thirds zeros among small values),
@@ -80,6 +90,18 @@ def compress_bound(size: int) -> int:
     header): a stored chunk larger than this for its declared size is refused unread."""
     margin = ((128 * 1024 - size) >> 11) if size < 128 * 1024 else 0
     return size + (size >> 8) + margin + 32
+
+
+def content_bound(name: str, size: int) -> int:
+    """The most bytes a frame of encoding ``name`` may declare for ``size`` decoded bytes:
+    ``size``, or for ``xor-sparse-zstd`` its change mask (one bit per element, at most one per
+    byte) on top."""
+    return size + (size + 7) // 8 if name == SPARSE else size
+
+
+def frame_bound(name: str, size: int) -> int:
+    """The largest stored chunk of encoding ``name`` for ``size`` decoded bytes."""
+    return compress_bound(content_bound(name, size))
 
 
 def piece_size(chunk_size: int, itemsize: int) -> int:
@@ -194,16 +216,21 @@ def encode_piece(
     base: bytes | bytearray | memoryview | None = None,
     *,
     base_planes: bytes | bytearray | memoryview | np.ndarray | None = None,
+    sparse: bool = False,
 ) -> bytes:
     """One encoded chunk: the byte planes of ``data`` XOR ``base`` (the base's bytes) or XOR
     ``base_planes`` (the base's byte planes, as :func:`decode_planes` gives them: the same
     result, since planes are a permutation of the bytes), when given, as one zstd frame that
-    records its content size.  The work happens in this thread's reused buffers."""
+    records its content size; with ``sparse`` (``xor-sparse-zstd``, a base is then required),
+    only the elements that differ from the base.  The work happens in this thread's reused
+    buffers."""
     if len(data) % itemsize:
         raise ValueError(f"{len(data)} bytes are not whole {itemsize}-byte elements")
     other = base if base is not None else base_planes
     if other is not None and len(other) != len(data):
         raise ValueError("an XOR base must have the length of the data")
+    if sparse and other is None:
+        raise ValueError(f"{SPARSE} needs a base")
     if base is not None:
         mixed = _scratch("mixed", len(data))
         np.bitwise_xor(_bytes(data), _bytes(base), out=mixed)
@@ -212,7 +239,60 @@ def encode_piece(
         planes = split_planes(data, itemsize, _scratch("planes", len(data)))
         if base_planes is not None:
             xor_into(planes, base_planes)
+    if sparse:
+        planes = _sparse_content(planes, itemsize)
     return _compressor().compress(planes.data)
+
+
+def _sparse_content(planes: np.ndarray, itemsize: int) -> np.ndarray:
+    """``xor-sparse-zstd``'s frame content from the XOR's byte planes: the change mask
+    (``ceil(n / 8)`` bytes, bit ``i % 8`` of byte ``i // 8`` set where element ``i`` is not
+    zero), then the byte planes of the non-zero elements only, in element order."""
+    n = len(planes) // itemsize
+    rows = planes.reshape(itemsize, n)
+    if itemsize == 1:
+        changed = rows[0] != 0
+    else:
+        acc = _scratch("any", n)
+        np.bitwise_or(rows[0], rows[1], out=acc)
+        for k in range(2, itemsize):
+            np.bitwise_or(acc, rows[k], out=acc)
+        changed = acc != 0
+    where = np.flatnonzero(changed)
+    head = (n + 7) // 8
+    out = _scratch("sparse", head + itemsize * len(where))
+    out[:head] = np.packbits(changed, bitorder="little")
+    dense = out[head:].reshape(itemsize, len(where))
+    for k in range(itemsize):
+        np.take(rows[k], where, out=dense[k])
+    return out
+
+
+def _decompress(frame: bytes | bytearray | memoryview, least: int, most: int, what: str) -> bytes:
+    """The content of one zstd frame that declares between ``least`` and ``most`` bytes
+    (checked before zstd allocates anything); refused in one line: a frame without that
+    size, with a dictionary, too large for its size, or followed by other bytes."""
+    try:
+        params = zstandard.get_frame_parameters(bytes(frame[:18]))
+    except zstandard.ZstdError:
+        raise StoreError(f"{what} is not a zstd frame") from None
+    size = params.content_size
+    if not least <= size <= most or size == zstandard.CONTENTSIZE_UNKNOWN:
+        unknown = size == zstandard.CONTENTSIZE_UNKNOWN
+        declared = "no size" if unknown else f"{size} bytes"
+        allowed = f"{least}" if least == most else f"{least} to {most}"
+        raise StoreError(f"{what}: the zstd frame declares {declared}, the descriptor {allowed}")
+    if params.dict_id != 0:
+        raise StoreError(f"{what}: the zstd frame needs a dictionary")
+    if len(frame) > compress_bound(size):
+        raise StoreError(f"{what}: {len(frame)} encoded bytes for {size} decoded ones")
+    try:
+        content = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise StoreError(f"{what} does not decode: {exc}") from None
+    if len(content) != size:
+        raise StoreError(f"{what}: decoded {len(content)} bytes, expected {size}")
+    return content
 
 
 def decode_planes(
@@ -223,25 +303,7 @@ def decode_planes(
     declare exactly that size, uses a dictionary, or is followed by other bytes."""
     if size % itemsize:
         raise StoreError(f"{what}: {size} bytes are not whole {itemsize}-byte elements")
-    try:
-        params = zstandard.get_frame_parameters(bytes(frame[:18]))
-    except zstandard.ZstdError:
-        raise StoreError(f"{what} is not a zstd frame") from None
-    if params.content_size != size:
-        unknown = params.content_size == zstandard.CONTENTSIZE_UNKNOWN
-        declared = "no size" if unknown else f"{params.content_size} bytes"
-        raise StoreError(f"{what}: the zstd frame declares {declared}, the descriptor {size}")
-    if params.dict_id != 0:
-        raise StoreError(f"{what}: the zstd frame needs a dictionary")
-    if len(frame) > compress_bound(size):
-        raise StoreError(f"{what}: {len(frame)} encoded bytes for {size} decoded ones")
-    try:
-        planes = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise StoreError(f"{what} does not decode: {exc}") from None
-    if len(planes) != size:
-        raise StoreError(f"{what}: decoded {len(planes)} bytes, expected {size}")
-    return planes
+    return _decompress(frame, size, size, what)
 
 
 def decode_piece(
@@ -251,6 +313,43 @@ def decode_piece(
     records (the XOR, if any, is undone by the caller); refused as :func:`decode_planes`
     says."""
     merge_planes(decode_planes(frame, len(out), itemsize, what), itemsize, out)
+
+
+def decode_sparse(
+    frame: bytes | bytearray | memoryview,
+    itemsize: int,
+    base: memoryview | np.ndarray,
+    out: memoryview | np.ndarray,
+    what: str = "chunk",
+) -> None:
+    """Decode one ``xor-sparse-zstd`` chunk into ``out`` (the decoded size the descriptor
+    records): the same bytes of ``base``, with each element the change mask marks XORed with
+    the next stored value.  Refused in one line: a frame declaring a size no mask and values
+    of ``len(out)`` bytes can have, a mask with bits past the last element, or a mask that
+    marks another number of elements than the frame holds values for."""
+    size = len(out)
+    if size % itemsize or len(base) != size:
+        raise StoreError(f"{what}: {size} bytes are not whole {itemsize}-byte elements")
+    n = size // itemsize
+    head = (n + 7) // 8
+    content = _decompress(frame, head, head + size, what)
+    if (len(content) - head) % itemsize:
+        raise StoreError(f"{what}: the changed values are not whole {itemsize}-byte elements")
+    mask = np.frombuffer(content, dtype=np.uint8, count=head)
+    if n % 8 and int(mask[-1]) >> (n % 8):
+        raise StoreError(f"{what}: the change mask marks elements past the last one")
+    where = np.flatnonzero(np.unpackbits(mask, count=n, bitorder="little").view(bool))
+    count = (len(content) - head) // itemsize
+    if len(where) != count:
+        raise StoreError(
+            f"{what}: the change mask marks {len(where)} elements, the frame holds {count} values"
+        )
+    dest = _bytes(out)
+    np.copyto(dest, _bytes(base))
+    values = _scratch("values", count * itemsize)
+    merge_planes(memoryview(content)[head:], itemsize, values.data)
+    words = _WORDS[itemsize]
+    dest.view(words)[where] ^= values.view(words)
 
 
 # -- reading an entry's bytes from a store -----------------------------------------------------
@@ -274,7 +373,7 @@ def layout_problem(
             )
         return None
     for oid, got, want in zip(chunks, sizes, encoding.sizes, strict=True):
-        if got is not None and got > compress_bound(want):
+        if got is not None and got > frame_bound(encoding.name, want):
             return f"{what}: chunk {oid[:16]} holds {got} bytes, more than {want} can encode to"
     if encoding.base is not None:
         ref = encoding.base
@@ -300,10 +399,18 @@ def _decode_chunks(
     if offsets[-1] != len(dest):
         raise StoreError(f"{what}: encoded chunks declare {offsets[-1]} bytes, not {len(dest)}")
 
+    sparse = encoding.name == SPARSE
+    if sparse and xor_with is None:
+        raise StoreError(f"{what}: encoding {SPARSE} without its base")
+
     def one(i: int) -> None:
         size = encoding.sizes[i]
-        frame = store.get(chunks[i], verify=True, max_size=compress_bound(size))
+        frame = store.get(chunks[i], verify=True, max_size=frame_bound(encoding.name, size))
         lo, hi = offsets[i], offsets[i + 1]
+        if sparse:
+            assert xor_with is not None
+            decode_sparse(frame, itemsize, xor_with[lo:hi], dest[lo:hi], f"{what} chunk {i}")
+            return
         decode_piece(frame, itemsize, dest[lo:hi], f"{what} chunk {i}")
         if xor_with is not None:
             xor_into(dest[lo:hi], xor_with[lo:hi])

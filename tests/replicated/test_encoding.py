@@ -36,6 +36,13 @@ def roundtrip(data: bytes, itemsize: int, base: bytes | None = None) -> bytes:
     return bytes(out)
 
 
+def roundtrip_sparse(data: bytes, itemsize: int, base: bytes) -> bytes:
+    frame = encoding.encode_piece(data, itemsize, base, sparse=True)
+    out = bytearray(len(data))
+    encoding.decode_sparse(frame, itemsize, memoryview(base), memoryview(out))
+    return bytes(out)
+
+
 # -- the codec ---------------------------------------------------------------------------------
 def test_stored_encoding_names_agree_with_validation() -> None:
     assert checks.STORED_ENCODINGS == encoding.STORED_ENCODINGS
@@ -57,6 +64,15 @@ def test_planes_round_trip_every_bit_pattern(
     base = data.draw(st.binary(min_size=len(raw), max_size=len(raw)))
     assert roundtrip(raw, itemsize) == raw
     assert roundtrip(raw, itemsize, base) == raw
+    # xor-sparse-zstd: against a random base, an equal one, and one that differs in a few
+    # elements, in a few bytes of an element, or in a single bit
+    assert roundtrip_sparse(raw, itemsize, base) == raw
+    assert roundtrip_sparse(raw, itemsize, raw) == raw
+    near = bytearray(raw)
+    for pos in data.draw(st.lists(st.integers(0, max(0, len(raw) - 1)), max_size=8)):
+        if raw:
+            near[pos] ^= 1 << data.draw(st.integers(0, 7))
+    assert roundtrip_sparse(raw, itemsize, bytes(near)) == raw
 
 
 SPECIAL = {
@@ -89,6 +105,11 @@ def test_nan_payloads_and_signed_zeros_survive_bit_for_bit(
     base = rng.standard_normal(n).astype(dtype).tobytes()
     assert roundtrip(raw, values.itemsize) == raw
     assert roundtrip(raw, values.itemsize, base) == raw
+    assert roundtrip_sparse(raw, values.itemsize, base) == raw
+    # a base that differs from the data only in its signed zeros and NaN payloads
+    flipped = values.copy()
+    flipped[values == 0] *= -1
+    assert roundtrip_sparse(raw, values.itemsize, flipped.tobytes()) == raw
 
 
 def test_bf16_planes_compress_and_xor_of_a_fine_tune_compresses_more() -> None:
@@ -103,8 +124,18 @@ def test_bf16_planes_compress_and_xor_of_a_fine_tune_compresses_more() -> None:
     assert 0.2 < changed < 0.5
     planes = len(encoding.encode_piece(base.tobytes(), 2)) / base.nbytes
     xor = len(encoding.encode_piece(tuned.tobytes(), 2, base.tobytes())) / base.nbytes
-    assert planes < 0.75 and xor < 0.3
+    frame = encoding.encode_piece(tuned.tobytes(), 2, base.tobytes(), sparse=True)
+    sparse = len(frame) / base.nbytes
+    assert planes < 0.75 and xor < 0.3 and sparse < 0.3
     assert roundtrip(tuned.tobytes(), 2, base.tobytes()) == tuned.tobytes()
+    assert roundtrip_sparse(tuned.tobytes(), 2, base.tobytes()) == tuned.tobytes()
+    # the frame is the change mask, then the planes of the changed words' XOR
+    content = zstandard.ZstdDecompressor().decompress(frame)
+    mask = base != tuned
+    head = (mask.size + 7) // 8
+    assert content[:head] == np.packbits(mask, bitorder="little").tobytes()
+    diff = (base ^ tuned)[mask]
+    assert content[head:] == encoding.split_planes(diff.tobytes(), 2).tobytes()
 
 
 def test_pieces_hold_whole_elements_and_cover_the_tensor() -> None:
@@ -149,6 +180,46 @@ def test_a_dictionary_frame_and_garbage_are_refused() -> None:
     assert "not whole" in refused(encoding.encode_piece(b"abc", 1), 3, itemsize=2)
 
 
+def sparse_refused(content: bytes, size: int, itemsize: int = 2) -> str:
+    frame = zstandard.ZstdCompressor(level=1).compress(content)
+    with pytest.raises(StoreError) as exc:
+        encoding.decode_sparse(frame, itemsize, bytes(size), memoryview(bytearray(size)))
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_hostile_sparse_frames_are_refused_in_one_line() -> None:
+    """10 two-byte elements: a 2-byte mask, then 2 bytes per marked element."""
+    one = b"\x01\x00" + b"\xaa\xbb"  # element 0 changed
+    out = bytearray(20)
+    good = zstandard.ZstdCompressor(level=1).compress(one)
+    encoding.decode_sparse(good, 2, bytes(range(20)), memoryview(out))
+    assert out == bytes([0 ^ 0xAA, 1 ^ 0xBB]) + bytes(range(2, 20))
+    assert "declares 1 bytes, the descriptor 2 to 22" in sparse_refused(b"\x01", 20)
+    # a bomb: more than a mask and every value can be
+    assert "declares 4096 bytes, the descriptor 2 to 22" in sparse_refused(bytes(4096), 20)
+    assert "not whole 2-byte elements" in sparse_refused(b"\x01\x00\xaa", 20)
+    assert "marks 2 elements, the frame holds 1 values" in sparse_refused(b"\x03\x00ab", 20)
+    assert "marks 0 elements, the frame holds 1 values" in sparse_refused(b"\x00\x00ab", 20)
+    # bit 10 of the mask is past the 10th element
+    assert "past the last one" in sparse_refused(b"\x00\x04ab", 20)
+    assert "not a zstd frame" in refused(b"\1\2\3", 3)
+    with pytest.raises(ValueError, match="needs a base"):
+        encoding.encode_piece(b"ab", 2, sparse=True)
+
+
+def test_sparse_against_planes_equals_sparse_against_bytes() -> None:
+    rng = np.random.default_rng(6)
+    for itemsize in ITEMSIZES:
+        data = rng.integers(0, 256, itemsize * 301, dtype=np.uint8)
+        base = data.copy()
+        base[rng.random(base.size) < 0.1] ^= 0x10  # a tenth of the bytes differ
+        by_bytes = encoding.encode_piece(data.tobytes(), itemsize, base.tobytes(), sparse=True)
+        planes = encoding.split_planes(base.tobytes(), itemsize).copy()
+        assert encoding.encode_piece(data, itemsize, base_planes=planes, sparse=True) == by_bytes
+        assert roundtrip_sparse(data.tobytes(), itemsize, base.tobytes()) == data.tobytes()
+
+
 def test_an_oversized_frame_for_its_declared_size_is_refused() -> None:
     frame = encoding.encode_piece(b"a" * 64, 1)
     padded = frame + b"\0" * 4096
@@ -183,6 +254,10 @@ def test_encodings_are_validated_before_any_buffer() -> None:
     assert problems(xor) == []
     nested = dict(ref, encoding=xor)
     assert "must not itself be XOR" in problems(dict(xor, base=nested))[0]
+    sparse = dict(xor, name="xor-sparse-zstd")
+    assert problems(sparse) == []
+    assert "must have exactly" in problems({"name": "xor-sparse-zstd", "sizes": [4, 4]})[0]
+    assert "must not itself be XOR" in problems(dict(xor, base=dict(ref, encoding=sparse)))[0]
     assert "malformed content hash" in problems(dict(xor, base=dict(ref, blake3="x")))[0]
     # the base's chunks are references (fetched, checked); its content hash is not
     desc = {"format": 2, "tensors": {"t": dict(entry, encoding=xor)}}
@@ -323,10 +398,11 @@ def test_merged_bytes_and_ids_do_not_depend_on_the_encoding(tmp_path: Path) -> N
         assert data == raw_bytes, enc
 
 
-def test_encoded_chunks_are_recorded_and_read_back_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xor", encoding.XOR_ENCODINGS)
+def test_encoded_chunks_are_recorded_and_read_back_exactly(tmp_path: Path, xor: str) -> None:
     models = bf16_models(tmp_path)
     repo = fresh_repo(tmp_path / "r")
-    ids = build(repo, models, "xor-planes-zstd")
+    ids = build(repo, models, xor)
     from git_crdt_merge.replicated.encoding import read_tensor_into
     from git_crdt_merge.replicated.formats import discover, iter_tensors
 
@@ -335,7 +411,7 @@ def test_encoded_chunks_are_recorded_and_read_back_exactly(tmp_path: Path) -> No
     tuned = Descriptor.from_json(json.loads(store.get(descriptor_address(repo, ids[2]))))
     assert base.tensors["a.weight"].encoding.name == "planes-zstd"  # type: ignore[union-attr]
     enc = tuned.tensors["a.weight"].encoding
-    assert enc is not None and enc.name == "xor-planes-zstd" and enc.base is not None
+    assert enc is not None and enc.name == xor and enc.base is not None
     assert enc.base.chunks == base.tensors["a.weight"].chunks
     assert enc.base.blake3 == base.tensors["a.weight"].blake3
     assert len(tuned.tensors["a.weight"].chunks) == 7  # 6144 bytes in pieces of 1000 -> 1000
@@ -363,14 +439,17 @@ def test_the_encoding_defaults_to_this_clones_git_config(tmp_path: Path) -> None
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_a_compressed_repository_clones_and_resolves_to_the_raw_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("xor", encoding.XOR_ENCODINGS)
+def test_a_compressed_repository_clones_and_resolves_to_the_raw_bytes(
+    tmp_path: Path, xor: str
+) -> None:
     """Add with compression, push to a bare remote over file://, clone with git crdt clone,
     resolve: the same merged bytes as a raw repository of the same models."""
     models = bf16_models(tmp_path)
     raw = fresh_repo(tmp_path / "raw")
     build(raw, models, "raw")
     src = fresh_repo(tmp_path / "src")
-    build(src, models, "xor-planes-zstd")
+    build(src, models, xor)
     remote = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", str(remote))
     git(src, "push", "-q", f"file://{remote}", "HEAD:main")
