@@ -231,6 +231,8 @@ def encode_piece(
         raise ValueError("an XOR base must have the length of the data")
     if sparse and other is None:
         raise ValueError(f"{SPARSE} needs a base")
+    if sparse:
+        return _encode_sparse(_bytes(data), itemsize, base, base_planes)
     if base is not None:
         mixed = _scratch("mixed", len(data))
         np.bitwise_xor(_bytes(data), _bytes(base), out=mixed)
@@ -239,33 +241,64 @@ def encode_piece(
         planes = split_planes(data, itemsize, _scratch("planes", len(data)))
         if base_planes is not None:
             xor_into(planes, base_planes)
-    if sparse:
-        planes = _sparse_content(planes, itemsize)
     return _compressor().compress(planes.data)
 
 
-def _sparse_content(planes: np.ndarray, itemsize: int) -> np.ndarray:
-    """``xor-sparse-zstd``'s frame content from the XOR's byte planes: the change mask
-    (``ceil(n / 8)`` bytes, bit ``i % 8`` of byte ``i // 8`` set where element ``i`` is not
-    zero), then the byte planes of the non-zero elements only, in element order."""
-    n = len(planes) // itemsize
-    rows = planes.reshape(itemsize, n)
-    if itemsize == 1:
-        changed = rows[0] != 0
-    else:
-        acc = _scratch("any", n)
-        np.bitwise_or(rows[0], rows[1], out=acc)
-        for k in range(2, itemsize):
-            np.bitwise_or(acc, rows[k], out=acc)
-        changed = acc != 0
-    where = np.flatnonzero(changed)
+_SPARSE_BLOCK_BYTES = 1 << 19  # per block: fewer calls than 2^17-2^18, and cache-sized (measured)
+
+
+def _encode_sparse(
+    data: np.ndarray,
+    itemsize: int,
+    base: bytes | bytearray | memoryview | None,
+    base_planes: bytes | bytearray | memoryview | np.ndarray | None,
+) -> bytes:
+    """``xor-sparse-zstd``'s frame: the change mask (``ceil(n / 8)`` bytes, bit ``i % 8`` of
+    byte ``i // 8`` set where element ``i`` differs from the base), then the byte planes of the
+    differing elements' XOR, in element order.  Built a block of elements at a time, so that
+    the XOR, the mask and the gathers stay in the cache, and streamed into one zstd frame."""
+    n = len(data) // itemsize
     head = (n + 7) // 8
-    out = _scratch("sparse", head + itemsize * len(where))
-    out[:head] = np.packbits(changed, bitorder="little")
-    dense = out[head:].reshape(itemsize, len(where))
-    for k in range(itemsize):
-        np.take(rows[k], where, out=dense[k])
-    return out
+    step = max(8, _SPARSE_BLOCK_BYTES // itemsize)  # a multiple of 8: whole mask bytes
+    mask = _scratch("mask", head)
+    dense = _scratch("dense", len(data)).reshape(itemsize, n)
+    any_ = _scratch("any", step)
+    changed = np.empty(step, dtype=bool)
+    base_rows = _bytes(base_planes).reshape(itemsize, n) if base_planes is not None else None
+    base_bytes = _bytes(base) if base is not None else None
+    m = 0
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        k = hi - lo
+        xs = _scratch("x", k * itemsize).reshape(itemsize, k)  # contiguous planes
+        if base_rows is not None:
+            split_planes(data[lo * itemsize : hi * itemsize].data, itemsize, xs.reshape(-1))
+            np.bitwise_xor(xs, base_rows[:, lo:hi], out=xs)
+        else:
+            assert base_bytes is not None  # the XOR of the bytes, then its planes
+            span = slice(lo * itemsize, hi * itemsize)
+            mixed = _scratch("mixed", k * itemsize)
+            np.bitwise_xor(data[span], base_bytes[span], out=mixed)
+            split_planes(mixed.data, itemsize, xs.reshape(-1))
+        flags = any_[:k]
+        if itemsize == 1:
+            np.copyto(flags, xs[0])
+        else:
+            np.bitwise_or(xs[0], xs[1], out=flags)
+            for j in range(2, itemsize):
+                np.bitwise_or(flags, xs[j], out=flags)
+        ch = changed[:k]
+        np.not_equal(flags, 0, out=ch)
+        mask[lo // 8 : (hi + 7) // 8] = np.packbits(ch, bitorder="little")
+        where = np.flatnonzero(ch)
+        for j in range(itemsize):
+            np.take(xs[j], where, out=dense[j, m : m + len(where)])
+        m += len(where)
+    cobj = _compressor().compressobj(size=head + itemsize * m)
+    parts = [cobj.compress(mask.data)]
+    parts += [cobj.compress(dense[j, :m].data) for j in range(itemsize)]
+    parts.append(cobj.flush())
+    return b"".join(parts)
 
 
 def _decompress(frame: bytes | bytearray | memoryview, least: int, most: int, what: str) -> bytes:

@@ -25,6 +25,7 @@ from git_crdt_merge.replicated.manifest import canonical_json
 from git_crdt_merge.replicated.store import ObjectStore
 
 ITEMSIZES = sorted(set(DTYPE_SIZES.values()))
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def roundtrip(data: bytes, itemsize: int, base: bytes | None = None) -> bytes:
@@ -206,6 +207,31 @@ def test_hostile_sparse_frames_are_refused_in_one_line() -> None:
     assert "not a zstd frame" in refused(b"\1\2\3", 3)
     with pytest.raises(ValueError, match="needs a base"):
         encoding.encode_piece(b"ab", 2, sparse=True)
+
+
+def test_sparse_frames_hold_the_mask_and_the_changed_planes_across_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The encoder works a block of elements at a time: with small blocks, every element
+    count (whole blocks, a partial last block, a partial mask byte) gives the format's
+    content, from the base's bytes and from its planes."""
+    monkeypatch.setattr(encoding, "_SPARSE_BLOCK_BYTES", 64)
+    rng = np.random.default_rng(7)
+    for itemsize in ITEMSIZES:
+        words = _WORDS[itemsize]
+        for n in (0, 1, 7, 8, 9, 63, 64, 65, 200, 1000):
+            data = rng.integers(0, 256, n * itemsize, dtype=np.uint8)
+            base = data.copy()
+            base[rng.random(base.size) < 0.2] ^= np.uint8(1 << int(rng.integers(0, 8)))
+            x = (data ^ base).view(words)
+            changed = x != 0
+            want = np.packbits(changed, bitorder="little").tobytes()
+            want += encoding.split_planes(x[changed].tobytes(), itemsize).tobytes()
+            planes = encoding.split_planes(base.tobytes(), itemsize).copy()
+            for kw in ({"base": base.tobytes()}, {"base_planes": planes}):
+                frame = encoding.encode_piece(data.tobytes(), itemsize, sparse=True, **kw)
+                assert zstandard.ZstdDecompressor().decompress(frame) == want, (itemsize, n)
+            assert roundtrip_sparse(data.tobytes(), itemsize, base.tobytes()) == data.tobytes()
 
 
 def test_sparse_against_planes_equals_sparse_against_bytes() -> None:
