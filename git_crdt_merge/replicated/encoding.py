@@ -371,18 +371,35 @@ def decode_sparse(
     mask = np.frombuffer(content, dtype=np.uint8, count=head)
     if n % 8 and int(mask[-1]) >> (n % 8):
         raise StoreError(f"{what}: the change mask marks elements past the last one")
-    where = np.flatnonzero(np.unpackbits(mask, count=n, bitorder="little").view(bool))
     count = (len(content) - head) // itemsize
-    if len(where) != count:
-        raise StoreError(
-            f"{what}: the change mask marks {len(where)} elements, the frame holds {count} values"
-        )
-    dest = _bytes(out)
-    np.copyto(dest, _bytes(base))
-    values = _scratch("values", count * itemsize)
-    merge_planes(memoryview(content)[head:], itemsize, values.data)
+    rows = np.frombuffer(content, dtype=np.uint8, offset=head).reshape(itemsize, count)
+    dest, src = _bytes(out), _bytes(base)
     words = _WORDS[itemsize]
-    dest.view(words)[where] ^= values.view(words)
+    step = max(8, _SPARSE_BLOCK_BYTES // itemsize)
+    m = 0
+    for lo in range(0, n, step):  # a block at a time, as the encoder: in the cache
+        hi = min(n, lo + step)
+        flags = np.unpackbits(mask[lo // 8 : (hi + 7) // 8], count=hi - lo, bitorder="little")
+        where = np.flatnonzero(flags.view(bool))
+        j = len(where)
+        if m + j > count:
+            break
+        span = slice(lo * itemsize, hi * itemsize)
+        if j:  # the block's XOR: zeros, the values scattered in; then the base XOR it
+            full = _scratch("full", (hi - lo) * itemsize)
+            full.fill(0)
+            values = _scratch("values", j * itemsize)
+            merge_planes(np.ascontiguousarray(rows[:, m : m + j]).data, itemsize, values.data)
+            full.view(words)[where] = values.view(words)
+            np.bitwise_xor(src[span], full, out=dest[span])
+        else:
+            np.copyto(dest[span], src[span])
+        m += j
+    if m != count:
+        marked = int(np.unpackbits(mask).sum(dtype=np.int64))
+        raise StoreError(
+            f"{what}: the change mask marks {marked} elements, the frame holds {count} values"
+        )
 
 
 # -- reading an entry's bytes from a store -----------------------------------------------------
