@@ -300,3 +300,32 @@ def test_a_model_already_tracked_in_lfs_is_not_stored_twice(
     b = tmp_path / "b"
     assert (b / "merged" / "model.safetensors").read_bytes() == merged(plain)
     crdt(b, "verify", "--full")
+
+
+def test_sparse_xor_chunks_travel_as_lfs_objects_and_resolve_as_raw_ones(
+    tmp_path: Path, models: list[Path]
+) -> None:
+    """``xor-sparse-zstd`` in ``lfs`` mode: the encoded chunks are LFS objects, a push uploads
+    them and the base's chunks they are taken against, a clone downloads and decodes them, and
+    the merged bytes are those of a raw ``git``-mode repository of the same models."""
+    origin = bare(tmp_path / "origin.git")
+    a = make_repo(tmp_path / "a", "lfs", origin)
+    plain = make_repo(tmp_path / "plain", "git")
+    crdt(a, "set-base", str(models[0]), "-q", "--encoding", "xor-sparse-zstd")
+    crdt(plain, "set-base", str(models[0]), "-q")
+    for repo, enc in ((a, "xor-sparse-zstd"), (plain, "raw")):
+        for i, m in enumerate(models[1:], 2):
+            crdt(repo, "add-contribution", str(m), "--name", f"m{i}", "--encoding", enc)
+        crdt(repo, "strategy", "task_arithmetic")
+        git(repo, "commit", "-q", "-m", "set")
+    assert contributions(a) == contributions(plain)
+    shown = json.loads(crdt(a, "show", "m2", "--json").stdout)
+    assert {t["encoding"] for t in shown["tensors"]} == {"xor-sparse-zstd"}
+    git(a, "push", "-q", "origin", "main")
+    assert lfs_files(origin) == lfs_files(a / ".git")
+    crdt(tmp_path, "clone", "-q", origin.as_uri(), "b")
+    b = tmp_path / "b"
+    expected = merged(plain)
+    assert (b / "merged" / "model.safetensors").read_bytes() == expected
+    assert merged(a) == expected
+    assert crdt(b, "verify", "--full", check=False).returncode == 0
