@@ -44,7 +44,7 @@ from .plan import (
     TensorSpec,
     make_plan,  # noqa: F401 (re-exported)
 )
-from .writer import SideFile, safetensors_header, shard_layout, shard_names, write_tensor
+from .writer import SideFile, SidePart, safetensors_header, shard_layout, shard_names, write_tensor
 
 
 def merge_tensor(
@@ -57,7 +57,7 @@ def merge_tensor(
     slots: InputSlots,
     extra_slots: InputSlots | None = None,
     model: registry.ModelValues | None = None,
-    side: SideFile | None = None,
+    side: SideFile | SidePart | None = None,
     deltas: DeltaSlots | None = None,
     keep_compute: bool = False,
 ) -> torch.Tensor:
@@ -250,9 +250,9 @@ def compute(
     (:func:`copy_files`), the model card ``README.md`` and ``resolution.json``.
 
     With ``settings.workers`` > 1 the tensors are resolved by that many processes
-    (:mod:`.pool`) after the statistics pass (run here, once, and sent to every worker); a
-    strategy with side tensors, and a set with LoRA adapters, run in this process whatever
-    ``workers`` says."""
+    (:mod:`.pool`) after the statistics pass (run here, once, and sent to every worker; side
+    tensors come back to ``side``, assembled here); a set with LoRA adapters runs in this
+    process whatever ``workers`` says."""
     device, compute_dtype, max_shard = settings.device, settings.compute_dtype, settings.max_shard
     workers = settings.workers or 1
     if compute_dtype not in COMPUTE_DTYPES:
@@ -293,7 +293,7 @@ def compute(
         write_adapter(plan, work, merge, slots, store, metadata, progress)
     else:
         parallel = None
-        if workers > 1 and side is None and plan.lowrank is None:
+        if workers > 1 and plan.lowrank is None:
             from . import pool
 
             parallel = functools.partial(
@@ -303,6 +303,7 @@ def compute(
                 work,
                 metadata=metadata,
                 model=model,
+                side=side,
                 compute_dtype=compute_dtype,
                 device=device,
                 workers=workers,

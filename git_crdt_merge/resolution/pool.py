@@ -16,7 +16,10 @@ serial loop of :func:`engine.compute`.
 A strategy with a whole-model statistics pass gets it computed once, in the calling process,
 before the workers start; its result (:class:`registry.ModelValues`) is sent to every worker
 with the plan, so all of them merge with the same statistics.  A strategy with side tensors
-(``Strategy.side_output``) runs serially (its side file is assembled in order by one process).
+(``Strategy.side_output``) gets them from the workers too: each appends its side tensors to a
+data file of its own (``writer.SidePart``) and reports where they are with each tensor's result;
+the calling process assembles the side file in name order (``writer.SideFile.finish``), so it
+too has the same bytes for any number of workers.
 
 Workers are forked processes (:func:`_context` says why that is safe).  Memory: each worker
 holds its own input slots, about (K + 2) x the largest tensor.
@@ -46,6 +49,7 @@ from .. import faults
 from ..errors import ResolveError
 from ..strategies import registry
 from .plan import Plan, TensorSpec
+from .writer import SideFile, SidePart
 
 
 def available_cores() -> int:
@@ -69,10 +73,10 @@ def choose_workers(
     declares itself ``compute_bound`` gets every core and the others one process (measured:
     for linear and ties, process start and the second process's reads cost more than the
     arithmetic they share, see ``docs/performance.md``).  Never more workers than tensors;
-    one for CUDA (a device runs one stream) and for strategies with side tensors."""
+    one for CUDA (a device runs one stream)."""
     if requested is not None and requested < 1:
         raise ResolveError(f"the number of workers must be at least 1, not {requested}")
-    if device != "cpu" or strategy.side_output is not None:
+    if device != "cpu":
         return 1
     if requested is None:
         requested = (cores or available_cores()) if strategy.compute_bound else 1
@@ -92,6 +96,7 @@ class _Job:
     compute_dtype: str
     device: str
     parent: int  # the calling process (the workers' parent): a worker exits when it is gone
+    side: Path | None  # the side file (Strategy.side_output), or None
 
 
 class _Worker:
@@ -121,8 +126,11 @@ class _Worker:
             self.plan.largest_extra(),
         )
         self.files: dict[Path, int] = {}
+        self.side: SidePart | None = None
+        if job.side is not None:
+            self.side = SidePart(SideFile(job.side).part_path(str(os.getpid())))
 
-    def resolve(self, path: Path, offset: int, index: int) -> int:
+    def resolve(self, path: Path, offset: int, index: int) -> _Done:
         from ..heap import release_free_heap
         from . import engine
         from .writer import write_tensor_at
@@ -138,6 +146,7 @@ class _Worker:
             self.slots,
             self.extra_slots,
             self.model,
+            self.side,
         )
         fd = self.files.get(path)
         if fd is None:
@@ -146,7 +155,19 @@ class _Worker:
         del out
         release_free_heap()
         faults.point("resolve:worker-tensor")
-        return spec.nbytes
+        if self.side is None:
+            return _Done(spec.nbytes, None, [])
+        return _Done(spec.nbytes, self.side.path, self.side.take())
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A worker's answer for one tensor: its bytes (for the progress bar) and the side tensors
+    it appended to its data file ``side`` (spec and offset each)."""
+
+    nbytes: int
+    side: Path | None
+    side_entries: list[tuple[TensorSpec, int]]
 
 
 _STATE: _Worker | None = None
@@ -175,7 +196,7 @@ def _start(job: _Job) -> None:
     _STATE = _Worker(job)
 
 
-def _resolve(path: Path, offset: int, index: int) -> int:
+def _resolve(path: Path, offset: int, index: int) -> _Done:
     if _STATE is None:  # pragma: no cover - the initializer always ran
         raise ResolveError("resolve worker used before it was started")
     return _STATE.resolve(path, offset, index)
@@ -203,6 +224,7 @@ def write_shards(
     compute_dtype: str,
     device: str,
     workers: int,
+    side: SideFile | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write every shard of ``shards`` (file name -> its tensors in order) into ``work`` with
@@ -228,6 +250,7 @@ def write_shards(
         compute_dtype=compute_dtype,
         device=device,
         parent=os.getpid(),
+        side=None if side is None else side.path,
     )
     executor = ProcessPoolExecutor(
         max_workers=workers, mp_context=_context(), initializer=_start, initargs=(job,)
@@ -235,9 +258,11 @@ def write_shards(
     try:
         futures = [executor.submit(_resolve, *item) for item in items]
         for future in as_completed(futures):
-            nbytes = future.result()  # a worker's error is raised here, as it was raised
+            done = future.result()  # a worker's error is raised here, as it was raised
+            if side is not None and done.side is not None:
+                side.adopt(done.side, done.side_entries)
             if progress is not None:
-                progress(nbytes)
+                progress(done.nbytes)
     except BrokenProcessPool:
         raise ResolveError(
             "a resolve worker process died (killed, or out of memory); nothing was published"

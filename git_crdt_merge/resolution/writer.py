@@ -105,50 +105,105 @@ def write_tensor_at(fd: int, offset: int, out: torch.Tensor, spec: TensorSpec) -
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+class SidePart:
+    """One process's share of a side file: side tensors appended to a hidden data file as they
+    arrive, so memory holds one of them at a time.  :meth:`take` hands over the entries added
+    since it was last called, each a (spec, offset in the data file), once they are flushed
+    (a worker process sends them to the caller, whose :class:`SideFile` assembles the file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by close()
+        self._pending: list[tuple[TensorSpec, int]] = []
+        self._size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in TORCH_TO_NAME:
+            raise ResolveError(f"side tensor {name!r} has unsupported dtype {tensor.dtype}")
+        spec = TensorSpec(name, TORCH_TO_NAME[tensor.dtype], list(tensor.shape))
+        write_tensor(self._data, tensor, spec)
+        self._pending.append((spec, self._size))
+        self._size += spec.nbytes
+
+    def take(self) -> list[tuple[TensorSpec, int]]:
+        self._data.flush()
+        taken, self._pending = self._pending, []
+        return taken
+
+    def close(self) -> None:
+        self._data.close()
+
+
 class SideFile:
     """The safetensors file of a strategy's side tensors (``Strategy.side_output``), written
     beside the model in the same work folder, so it is published (or dropped) with it.
 
-    Side tensors arrive tensor name by tensor name during the streamed pass; each is appended
-    to a hidden data file at once, so memory holds one of them at a time.  :meth:`finish` writes
-    the header and copies the data in side-tensor name order (the layout the model files use),
-    in bounded pieces, then deletes the data file."""
+    Side tensors arrive tensor name by tensor name during the streamed pass, from this process
+    (:meth:`add`) or from resolve workers, each appending to its own :class:`SidePart` data file
+    (:meth:`part_path`; the caller records the entries a worker reports with :meth:`adopt`).
+    :meth:`finish` writes the header and copies the data in side-tensor name order (the layout
+    the model files use), in bounded pieces, then deletes the data files: the same file
+    whichever process computed which tensor, and in whatever order."""
 
     _COPY = 16 << 20  # bytes per read while assembling
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._data_path = path.with_name(f".{path.name}.data")
-        self._data: BinaryIO = open(self._data_path, "wb")  # noqa: SIM115 - closed in finish
-        self._entries: dict[str, tuple[TensorSpec, int]] = {}  # name -> (spec, data offset)
+        self._own: SidePart | None = None
+        self._parts: list[Path] = []
+        self._entries: dict[str, tuple[TensorSpec, Path, int]] = {}  # name -> (spec, file, offset)
         self._size = 0
+
+    def part_path(self, tag: str) -> Path:
+        """The hidden data file of one process's side tensors, beside the side file."""
+        return self.path.with_name(f".{self.path.name}.data.{tag}")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._entries:
             raise ResolveError(f"side tensor {name!r} of {self.path.name} given twice")
-        if tensor.dtype not in TORCH_TO_NAME:
-            raise ResolveError(f"side tensor {name!r} has unsupported dtype {tensor.dtype}")
-        spec = TensorSpec(name, TORCH_TO_NAME[tensor.dtype], list(tensor.shape))
-        self._entries[name] = (spec, self._size)
-        write_tensor(self._data, tensor, spec)
-        self._size += spec.nbytes
+        if self._own is None:
+            self._own = SidePart(self.part_path("main"))
+        self._own.add(name, tensor)
+        self.adopt(self._own.path, self._own.take())
+
+    def adopt(self, part: Path, entries: Sequence[tuple[TensorSpec, int]]) -> None:
+        """Record side tensors written to the data file ``part`` (by this process or a worker)."""
+        if part not in self._parts:
+            self._parts.append(part)
+        for spec, offset in entries:
+            if spec.name in self._entries:
+                raise ResolveError(f"side tensor {spec.name!r} of {self.path.name} given twice")
+            self._entries[spec.name] = (spec, part, offset)
+            self._size += spec.nbytes
 
     def finish(self, metadata: dict[str, str]) -> dict[str, Any]:
         """Write the file; returns its summary for ``resolution.json``."""
-        self._data.close()
-        specs = [self._entries[n][0] for n in sorted(self._entries)]
-        with open(self._data_path, "rb") as src, open(self.path, "wb") as fh:
-            fh.write(safetensors_header(specs, metadata))
-            for spec in specs:
-                src.seek(self._entries[spec.name][1])
-                left = spec.nbytes
-                while left:
-                    piece = src.read(min(left, self._COPY))
-                    if not piece:  # pragma: no cover - the data file is ours
-                        raise ResolveError(f"side tensor {spec.name!r}: data file truncated")
-                    fh.write(piece)
-                    left -= len(piece)
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._data_path.unlink()
+        if self._own is not None:
+            self._own.close()
+        names = sorted(self._entries)
+        specs = [self._entries[n][0] for n in names]
+        sources: dict[Path, BinaryIO] = {}
+        try:
+            with open(self.path, "wb") as fh:
+                fh.write(safetensors_header(specs, metadata))
+                for name in names:
+                    spec, part, offset = self._entries[name]
+                    src = sources.get(part)
+                    if src is None:
+                        src = sources[part] = open(part, "rb")  # noqa: SIM115 - closed below
+                    src.seek(offset)
+                    left = spec.nbytes
+                    while left:
+                        piece = src.read(min(left, self._COPY))
+                        if not piece:  # pragma: no cover - the data files are ours
+                            raise ResolveError(f"side tensor {name!r}: data file truncated")
+                        fh.write(piece)
+                        left -= len(piece)
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            for src in sources.values():
+                src.close()
+        for part in self._parts:
+            part.unlink(missing_ok=True)
         return {"file": self.path.name, "tensors": len(specs), "bytes": self._size}

@@ -160,19 +160,25 @@ def merge_regmean(inputs: TensorInputs, params: Mapping[str, Any]) -> torch.Tens
     if like.dim() != 2:  # pragma: no cover - checked when the contribution was added
         raise ResolveError(f"strategy regression_mean: tensor {inputs.name!r} is not 2-D")
     inner = like.shape[1]
-    eye = torch.eye(inner, dtype=torch.bool)
-    a_terms: list[torch.Tensor] = []
-    b_terms: list[torch.Tensor] = []
+    a: torch.Tensor | None = None  # sum_i W_i G~_i, accumulated in canonical order
+    b: torch.Tensor | None = None  # sum_i G~_i
     for w, g, t in zip(inputs.weights, grams, inputs.tensors, strict=True):
-        g64 = g.to(torch.float64).reshape(inner, inner)
-        g_reg = torch.where(eye, g64, g64 * alpha) * w
-        b_terms.append(g_reg)
-        a_terms.append(numerics.matmul(t, g_reg))
-    a = numerics.ordered_sum(a_terms)
-    b = numerics.ordered_sum(b_terms)
-    b = (b + b.T) * 0.5  # exact halving; no change for symmetric Gram matrices
+        # G~_i in place on a float64 copy: where(eye, G, G * alpha) * w, the same roundings
+        g_reg = g.reshape(inner, inner).to(torch.float64, copy=True)
+        if alpha != 1.0:
+            diagonal = g_reg.diagonal().clone()
+            g_reg.mul_(alpha)
+            g_reg.diagonal().copy_(diagonal)  # the diagonal kept exactly
+        if w != 1.0:  # x * 1.0 is x: skipped
+            g_reg.mul_(w)
+        product = numerics.matmul(t, g_reg)
+        a = product if a is None else a.add_(product)  # ((p0 + p1) + p2) + ...
+        b = g_reg if b is None else b.add_(g_reg)
+        del product, g_reg
+    assert a is not None and b is not None
+    b = (b + b.T).mul_(0.5)  # exact halving; no change for symmetric Gram matrices
     try:
-        merged_t = numerics.solve_spd(b, a.T.contiguous())
+        merged_t = numerics.solve_spd(b, a.T)  # a's rows are B^-1's right-hand sides
     except RuntimeError:  # torch.linalg.LinAlgError: singular
         raise ResolveError(
             f"strategy regression_mean: tensor {inputs.name!r}: the summed Gram matrix is "

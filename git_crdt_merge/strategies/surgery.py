@@ -186,5 +186,6 @@ register(
         "fitted from the Gram matrices",
         extra_inputs=("gram",),
         side_output=SURGERY_FILE,
+        compute_bound=True,  # float64 products and a solve per task and weight
     )
 )

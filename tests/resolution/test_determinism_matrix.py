@@ -152,6 +152,8 @@ def test_every_strategy_gives_identical_bytes_with_1_2_and_4_workers(
             resolve(Repo.open(repo), output=out, workers=workers, max_shard=2000)
             found[workers] = digests(out)
         assert len([n for n in found[1] if n.startswith("model-")]) == 3
+        if strategy.side_output is not None:  # assembled from the workers' data files
+            assert strategy.side_output in found[4] and not any(n.startswith(".") for n in found[4])
         if not found[1] == found[2] == found[4]:
             failures.append(strategy.name)
     assert failures == []
@@ -166,7 +168,10 @@ def test_the_default_uses_every_core_only_for_compute_bound_strategies() -> None
     assert choose_workers(della, None, 3, "cpu", cores=8) == 3  # never more than tensors
     assert choose_workers(ties, 4, 100, "cpu", cores=8) == 4  # asked for: as asked
     assert choose_workers(della, 4, 100, "cuda", cores=8) == 1
-    assert choose_workers(surgery, 4, 100, "cpu", cores=8) == 1  # its side file: serial
+    # side tensors come back from the workers: a side file does not make it serial
+    assert surgery.compute_bound and surgery.side_output is not None
+    assert choose_workers(surgery, None, 100, "cpu", cores=8) == 8
+    assert choose_workers(surgery, 4, 100, "cpu", cores=8) == 4
 
 
 def test_crdt_workers_is_read_and_a_bad_value_is_a_one_line_error(
