@@ -1,6 +1,7 @@
 """Benchmark: every registered strategy's resolve time on the 100M-parameter model.
 
     .venv/bin/python scripts/bench_catalogue.py [--layers 24] [--only NAME ...] [--workers 1 2]
+        [--spectrum gaussian|decaying]
 
 The model is the one of ``bench_resolve.py`` (24 x 2048x2048 fp32, a base and K = 4
 contributions, each with Fisher diagonals and Gram matrices so that fisher_merge and
@@ -124,12 +125,14 @@ print(json.dumps(row))
 bench_env = bench_resolve.bench_env
 
 
-def build_catalogue_repo(d: Path, env: dict[str, str], layers: int, dim: int) -> Path:
+def build_catalogue_repo(
+    d: Path, env: dict[str, str], layers: int, dim: int, spectrum: str = "gaussian"
+) -> Path:
     """The catalogue's repository under ``d``: base + 4 contributions with extra inputs on
     ``main``, and branches ``k2`` / ``k1`` that keep 2 and 1 of them."""
     repo = d / "repo"
     repo.mkdir(parents=True)
-    bench_resolve.build(repo, env, layers, 4, dim, extras=True)
+    bench_resolve.build(repo, env, layers, 4, dim, extras=True, spectrum=spectrum)
     listed = json.loads(bench_resolve.sh(repo, env, "git", "crdt", "list", "--json"))
     ids = [row["id"] for row in listed]
     for branch, keep in (("k2", 2), ("k1", 1)):
@@ -157,6 +160,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="strategy names (default: all registered)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per strategy")
     ap.add_argument(
+        "--spectrum",
+        choices=("gaussian", "decaying"),
+        default="gaussian",
+        help="the contributions' updates: Gaussian noise (a flat spectrum, the benchmark's "
+        "default) or singular values decaying as 1/j (as fine-tuning updates' do)",
+    )
+    ap.add_argument(
         "--workers",
         type=int,
         nargs="*",
@@ -172,13 +182,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(
         prefix="bench-catalogue-", dir=os.environ.get("BENCH_DIR")
     ) as d:
-        repo = build_catalogue_repo(Path(d), env, args.layers, args.dim)
+        repo = build_catalogue_repo(Path(d), env, args.layers, args.dim, args.spectrum)
         floor_worker = bench_resolve.WORKER
         timing = json.loads(
             bench_resolve.sh(repo, env, sys.executable, "-c", floor_worker, f"{d}/floor.out", "0.5")
         )
         floor = timing["floor"]
-        print(json.dumps({"bench": "catalogue-floor", "seconds": round(floor, 3)}), flush=True)
+        print(
+            json.dumps(
+                {"bench": "catalogue-floor", "seconds": round(floor, 3), "spectrum": args.spectrum}
+            ),
+            flush=True,
+        )
         for name in names:
             branch, k = branch_for(name)
             seconds: dict[int, float] = {}

@@ -150,9 +150,34 @@ def extra_files(models: Path, j: int, base: dict, rng: object) -> list[str]:
     ]
 
 
+def decaying_update(rng: object, shape: tuple[int, int], scale: float) -> object:
+    """A task vector with singular values s_j proportional to 1/j (a spectrum that decays, as
+    fine-tuning updates' do, where Gaussian noise's is flat) and random singular vectors, with
+    the Frobenius norm of ``scale`` times Gaussian noise of the same shape."""
+    import numpy as np
+
+    gen: np.random.Generator = rng  # type: ignore[assignment]
+    m, n = shape
+    r = min(m, n)
+    u, _ = np.linalg.qr(gen.standard_normal((m, r), dtype=np.float32))
+    v, _ = np.linalg.qr(gen.standard_normal((n, r), dtype=np.float32))
+    s = 1.0 / np.arange(1, r + 1, dtype=np.float64)
+    s *= scale * np.sqrt(m * n) / np.sqrt(np.sum(s * s))
+    return ((u * s.astype(np.float32)) @ v.T).astype(np.float32)
+
+
 def build(
-    repo: Path, env: dict[str, str], layers: int, k: int, dim: int, extras: bool = False
+    repo: Path,
+    env: dict[str, str],
+    layers: int,
+    k: int,
+    dim: int,
+    extras: bool = False,
+    spectrum: str = "gaussian",
 ) -> None:
+    """A base of ``layers`` dim x dim fp32 matrices and ``k`` contributions base + 0.01 x
+    Gaussian noise (``spectrum`` "gaussian": a flat spectrum) or base + an update of the same
+    norm whose singular values decay as 1/j (``spectrum`` "decaying")."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -169,10 +194,13 @@ def build(
     sh(repo, env, "git", "config", "crdt.autoResolve", "false")
     sh(repo, env, "git", "crdt", "set-base", str(models / "base.safetensors"), "-q")
     for j in range(k):
-        tensors = {
-            n: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
-            for n, v in base.items()
-        }
+        if spectrum == "decaying":
+            tensors = {n: v + decaying_update(rng, v.shape, 0.01) for n, v in base.items()}
+        else:
+            tensors = {
+                n: v + np.float32(0.01) * rng.standard_normal(v.shape, dtype=np.float32)
+                for n, v in base.items()
+            }
         save_file(tensors, str(models / f"c{j}.safetensors"))
         more = extra_files(models, j, base, rng) if extras else []
         sh(
