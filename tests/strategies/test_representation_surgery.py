@@ -397,3 +397,46 @@ def test_contributions_without_gram_are_exit_code_9_in_one_line(tmp_path: Path) 
     assert f"strategy {STRATEGY} needs a gram extra input" in message and "'bare'" in message
     assert "add-contribution PATH --gram FILE.safetensors" in message
     assert not (repo / "merged").exists()
+
+
+def test_workers_compute_the_modules_and_a_killed_worker_leaves_nothing(tmp_path: Path) -> None:
+    """With 2 workers the side file is assembled from the workers' data files: the output
+    folder has the same bytes as one process's, and holds no data file; a worker killed
+    mid-resolve is a one-line error that leaves no side data in the cache."""
+    import os
+    import shutil
+    import subprocess
+
+    from git_crdt_merge.faults import ENV
+
+    repo = _repo(tmp_path / "repo")
+    crdt(repo, "set-base", str(make_model(tmp_path / "b.safetensors", 0, shapes=SHAPES)), "-q")
+    for s in (1, 2, 3):
+        model = make_model(tmp_path / f"m{s}.safetensors", s, shapes=SHAPES)
+        _add(repo, str(model), "--gram", str(_gram_file(tmp_path, s)), "-n", f"c{s}")
+    crdt(repo, "strategy", STRATEGY, "-p", "ridge=0.01")
+    git(repo, "commit", "-q", "-am", "three tasks")
+    cache = repo / ".git" / "crdt" / "cache"
+
+    proc = subprocess.run(
+        ["git", "crdt", "resolve", "--workers", "2", "-o", str(tmp_path / "dead")],
+        cwd=repo,
+        env={**os.environ, ENV: "resolve:worker-tensor"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 9 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not (tmp_path / "dead").exists()
+    leftovers = [p for p in cache.rglob("*") if "surgery" in p.name] if cache.exists() else []
+    assert leftovers == []
+
+    outputs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        shutil.rmtree(cache, ignore_errors=True)  # resolve again, not a cache hit
+        crdt(repo, "resolve", "-q", "--workers", workers, "-o", str(out))
+        outputs[workers] = _files(out)
+    assert outputs["1"] == outputs["2"]
+    assert "surgery.safetensors" in outputs["2"]
+    assert not [n for n in outputs["2"] if n.startswith(".")]
+    assert json.loads(outputs["2"]["resolution.json"])["side_output"]["tensors"] == 6
