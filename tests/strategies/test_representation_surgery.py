@@ -10,6 +10,9 @@ in a repository that added the same contributions in another order.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from git_crdt_merge.errors import ResolveError
+from git_crdt_merge.faults import ENV
 from git_crdt_merge.numerics import RandomStream
 from git_crdt_merge.strategies import get_strategy, resolve_params, run_strategy
 
@@ -403,12 +407,6 @@ def test_workers_compute_the_modules_and_a_killed_worker_leaves_nothing(tmp_path
     """With 2 workers the side file is assembled from the workers' data files: the output
     folder has the same bytes as one process's, and holds no data file; a worker killed
     mid-resolve is a one-line error that leaves no side data in the cache."""
-    import os
-    import shutil
-    import subprocess
-
-    from git_crdt_merge.faults import ENV
-
     repo = _repo(tmp_path / "repo")
     crdt(repo, "set-base", str(make_model(tmp_path / "b.safetensors", 0, shapes=SHAPES)), "-q")
     for s in (1, 2, 3):
