@@ -321,7 +321,8 @@ def _knots_basis(
     updates, few contributions) the full SVD of the concatenation, as before."""
     m = mats[0].shape[0]
     n = mats[0].shape[1]
-    concatenated = torch.cat(mats, dim=1)
+    mats64 = [t.to(_F64) for t in mats]  # once: the Gram and the blocks read them
+    concatenated = torch.cat(mats64, dim=1)
     if m > concatenated.shape[1]:
         u, s, vh = numerics.svd(concatenated)
         return u, s, [vh[:, i * n : (i + 1) * n].contiguous() for i in range(len(mats))]
@@ -333,7 +334,13 @@ def _knots_basis(
     s = torch.where(kept, values, 0.0).sqrt()
     divisor = torch.where(kept, s, 1.0).unsqueeze(1)
     zero = kept.logical_not().unsqueeze(1)
-    blocks = [torch.where(zero, 0.0, numerics.matmul(u.T, t) / divisor).contiguous() for t in mats]
+    dropped = not bool(kept.all())
+    blocks = []
+    for t in mats64:
+        block = numerics.matmul(u.T, t).div_(divisor)  # a new tensor: divided in place
+        if dropped:
+            block.masked_fill_(zero, 0.0)
+        blocks.append(block)
     return u, s, blocks
 
 
