@@ -66,20 +66,27 @@ def choose_workers(
     tensors: int,
     device: str,
     cores: int | None = None,
+    per_worker: int = 0,
+    available: int | None = None,
 ) -> int:
     """How many processes resolve this plan.
 
     ``requested`` (``--workers`` or ``crdt.workers``) is used as given; unset, a strategy that
     declares itself ``compute_bound`` gets every core and the others one process (measured:
     for linear and ties, process start and the second process's reads cost more than the
-    arithmetic they share, see ``docs/performance.md``).  Never more workers than tensors;
-    one for CUDA (a device runs one stream)."""
+    arithmetic they share, see ``docs/performance.md``), but no more than ``available`` bytes
+    of memory hold at ``per_worker`` bytes each (a large model on a machine with many cores and
+    little memory gets fewer workers, not an out-of-memory kill; an explicit number is checked
+    by the caller instead).  Never more workers than tensors; one for CUDA (a device runs one
+    stream)."""
     if requested is not None and requested < 1:
         raise ResolveError(f"the number of workers must be at least 1, not {requested}")
     if device != "cpu":
         return 1
     if requested is None:
         requested = (cores or available_cores()) if strategy.compute_bound else 1
+        if per_worker > 0 and available is not None:
+            requested = min(requested, available // per_worker)
     return max(1, min(requested, tensors))
 
 

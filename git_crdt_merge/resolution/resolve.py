@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import faults
 from ..errors import ResolveError, StoreError
@@ -26,6 +26,9 @@ from ..replicated.repo import Repo
 from ..replicated.store import ObjectStore
 from ..vocabulary import COMPUTE_DTYPE_NAMES
 from . import cache
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 @dataclass
@@ -191,11 +194,21 @@ def resolve_to_cache(
         engine.lowrank_bytes(plan, largest, settings.compute_dtype),
     )
     requested = settings.workers if settings.workers is not None else configured_workers(repo)
-    processes = pool.choose_workers(plan.strategy, requested, len(plan.specs), settings.device)
-    if processes > 1:  # each worker holds its own input slots
-        check_memory(
-            plan.largest_input() * processes,
-            len(plan.descriptors) + 1 + int(xor_scratch_needed(inputs)),
+    per_worker = worker_memory(plan, int(xor_scratch_needed(inputs)))
+    have = available_memory()
+    processes = pool.choose_workers(
+        plan.strategy,
+        requested,
+        len(plan.specs),
+        settings.device,
+        per_worker=per_worker,
+        available=have,
+    )
+    if processes > 1 and have is not None and processes * per_worker > have:
+        raise ResolveError(
+            f"{processes} resolve workers need about {processes * per_worker / 1e9:.1f} GB of "
+            f"memory ({per_worker / 1e9:.2f} GB each), {have / 1e9:.1f} GB is available: "
+            f"lower --workers or crdt.workers"
         )
     if on_start is not None:
         on_start(sum(s.nbytes for s in plan.specs))
@@ -258,6 +271,24 @@ def available_memory() -> int | None:
     except (ImportError, OSError, ValueError, IndexError):
         pass
     return min(found) if found else None
+
+
+def worker_memory(plan: Plan, xor_scratch: int) -> int:
+    """Bytes one worker process of a parallel resolve may hold at its peak: its input slots
+    (:func:`memory_needed`), its extra-input slots (Gram matrices, Fisher diagonals) and the
+    strategy's float64 working matrices (``Strategy.float64_scratch``)."""
+    k = len(plan.descriptors)
+    largest = max((math.prod(s.shape) for s in plan.specs), default=0)
+    side = max(
+        (max(s.shape[0], math.prod(s.shape[1:])) for s in plan.specs if len(s.shape) >= 2),
+        default=0,
+    )
+    extras = k * len(plan.strategy.extra_inputs) * plan.largest_extra()
+    return (
+        memory_needed(plan.largest_input(), k + 1 + xor_scratch)
+        + extras
+        + plan.strategy.scratch_bytes(largest, side, k)
+    )
 
 
 def memory_needed(largest: int, inputs: int, extra: int = 0) -> int:

@@ -200,6 +200,7 @@ register(
         summary="RegMean: least-squares merge of linear layers from their inputs' Gram matrices",
         revision=2,  # Cholesky solve in MKL's AVX2 branch (was: LU, COMPATIBLE)
         compute_bound=True,
+        float64_scratch=(3, 0, 3),  # A, a product, the solve's copy; B, B + B^T, its factor
         extra_inputs=("gram",),
     )
 )

@@ -215,9 +215,21 @@ class Strategy:
     # ratio to the IO floor above about 10, docs/performance.md): resolve then uses every core
     # by default (one worker process per core, resolution/pool.py); False keeps one process
     compute_bound: bool = False
+    # float64 working matrices one tensor's merge holds at its peak, beyond the input slots:
+    # (per tensor, per contribution, square), counted in float64 copies of the largest tensor
+    # (per tensor, and again per contribution) and of a d x d matrix for d the largest side of
+    # any 2-D tensor (Gram matrices, out x out modules); see scratch_bytes.  The default number
+    # of worker processes is capped so that every worker's share fits in memory
+    float64_scratch: tuple[int, int, int] = (0, 0, 0)
     # bumped where a new algorithm changes the output bytes (part of the cache key, recorded in
     # resolution.json); every value other than 1 is mirrored in vocabulary.STRATEGY_REVISIONS
     revision: int = 1
+
+    def scratch_bytes(self, largest: int, side: int, contributions: int) -> int:
+        """Bytes of :attr:`float64_scratch` for tensors of at most ``largest`` elements and 2-D
+        sides of at most ``side``, with ``contributions`` inputs."""
+        per_tensor, per_contribution, square = self.float64_scratch
+        return 8 * ((per_tensor + per_contribution * contributions) * largest + square * side**2)
 
     def needed_extras(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The extra-input kinds every contribution must carry under ``params``."""

@@ -447,6 +447,7 @@ register(
         merge=merge_star,
         summary="STAR: spectral truncation of each task matrix, nuclear-norm rescale, average",
         compute_bound=True,
+        float64_scratch=(4, 0, 3),  # w, projections; Gram, eigenvectors (+ a flipped copy)
         revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )
@@ -464,6 +465,7 @@ register(
         merge=merge_adarank,
         summary="AdaRank (data-free): per-task, per-layer rank by spectral energy, then sum",
         compute_bound=True,
+        float64_scratch=(4, 0, 3),  # as star
         revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )
@@ -489,6 +491,7 @@ register(
         merge=merge_svd_knot_tying,
         summary="KnOTS: one SVD of the concatenated updates, merge in the shared basis",
         compute_bound=True,
+        float64_scratch=(2, 2, 3),  # the task matrices and blocks, the Gram and its vectors
         revision=2,  # Gram / range-finder algorithms (was: full SVD)
     )
 )

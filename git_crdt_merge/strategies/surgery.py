@@ -187,5 +187,7 @@ register(
         extra_inputs=("gram",),
         side_output=SURGERY_FILE,
         compute_bound=True,  # float64 products and a solve per task and weight
+        # W_m, W_m - W_t, G W_m^T; the task models' weights; P, C and the solve's out x out
+        float64_scratch=(3, 1, 5),
     )
 )

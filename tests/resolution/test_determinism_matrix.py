@@ -174,6 +174,43 @@ def test_the_default_uses_every_core_only_for_compute_bound_strategies() -> None
     assert choose_workers(surgery, 4, 100, "cpu", cores=8) == 4
 
 
+def test_the_default_number_of_workers_fits_in_memory() -> None:
+    """The default is capped by the memory each worker needs; an explicit number is not (the
+    resolve refuses it in one line when it cannot fit)."""
+    della = get_strategy("della")
+    gib = 1 << 30
+    assert choose_workers(della, None, 100, "cpu", cores=8, per_worker=3 * gib) == 8  # unknown
+    assert choose_workers(della, None, 100, "cpu", 8, per_worker=3 * gib, available=10 * gib) == 3
+    assert choose_workers(della, None, 100, "cpu", 8, per_worker=3 * gib, available=gib) == 1
+    assert choose_workers(della, 4, 100, "cpu", 8, per_worker=3 * gib, available=gib) == 4
+
+
+def test_a_workers_memory_counts_its_slots_extras_and_float64_scratch() -> None:
+    from types import SimpleNamespace
+
+    from git_crdt_merge.resolution.plan import TensorSpec
+    from git_crdt_merge.resolution.resolve import memory_needed, worker_memory
+
+    specs = [TensorSpec("w", "F32", [300, 200]), TensorSpec("b", "F32", [300])]
+    for name in ("linear", "regression_mean", "representation_surgery", "star"):
+        strategy = get_strategy(name)
+        plan = SimpleNamespace(
+            descriptors=[object()] * 3,
+            specs=specs,
+            strategy=strategy,
+            largest_input=lambda: 300 * 200 * 4,
+            largest_extra=lambda: 200 * 200 * 4,
+        )
+        slots = memory_needed(300 * 200 * 4, 3 + 1)
+        extras = 3 * len(strategy.extra_inputs) * 200 * 200 * 4
+        scratch = strategy.scratch_bytes(300 * 200, 300, 3)
+        assert worker_memory(plan, 0) == slots + extras + scratch  # type: ignore[arg-type]
+        # the linear-algebra strategies declare float64 working matrices; linear has none
+        assert (scratch > 0) == (name != "linear")
+    surgery = get_strategy("representation_surgery")
+    assert surgery.scratch_bytes(10, 4, 2) == 8 * ((3 + 2) * 10 + 5 * 16)
+
+
 def test_crdt_workers_is_read_and_a_bad_value_is_a_one_line_error(
     worker_repos: dict[int, Path],
 ) -> None:
