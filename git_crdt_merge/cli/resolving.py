@@ -43,7 +43,8 @@ def resolve(
         typer.Option(
             min=1,
             help="Processes resolving tensors side by side (default: crdt.workers, else all "
-            "cores for compute-bound strategies, 1 for the others); same bytes for any number.",
+            "cores for compute-bound strategies, as many as memory holds, 1 for the others); "
+            "same bytes for any number.",
         ),
     ] = None,
     json_: JsonOpt = False,
