@@ -22,7 +22,9 @@ the calling process assembles the side file in name order (``writer.SideFile.fin
 too has the same bytes for any number of workers.
 
 Workers are forked processes (:func:`_context` says why that is safe).  Memory: each worker
-holds its own input slots, about (K + 2) x the largest tensor.
+holds its own input slots, about (K + 2) x the largest tensor, its extra inputs and its
+strategy's float64 working matrices (``resolve.worker_memory``); the default number of workers
+is capped by what the available memory holds (:func:`choose_workers`).
 A failure leaves nothing behind: the files are written into the cache's work folder, which the
 caller publishes only when everything succeeded (``resolve.resolve_to_cache``); a worker that
 dies (killed, out of memory) is a :class:`ResolveError`, the remaining tensors are cancelled,
